@@ -1,0 +1,159 @@
+//! The records alloctrace's eBPF programs write to the ring buffer, the loss counters they keep, and the
+//! constants both sides of the kernel/user boundary must agree on. Every type is `#[repr(C)]` with explicit
+//! padding; each size is pinned by a const assertion, and userspace decodes them in `tracer::decode`.
+#![no_std]
+
+/// Most user frames one stack record holds: the kernel's default `kernel.perf_event_max_stack`.
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// What a ring-buffer record is. Values are part of the record format: never reuse one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// An allocator call returned: [`AllocEvent`].
+    Alloc = 1,
+    /// A block is being released: [`FreeEvent`].
+    Free = 2,
+    /// The frames of a stack seen for the first time: [`StackEvent`].
+    Stack = 3,
+    /// A traced process replaced its image with `execve`: its address space, and every block in it, is gone.
+    Exec = 4,
+}
+
+impl EventKind {
+    pub const fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            1 => Some(Self::Alloc),
+            2 => Some(Self::Free),
+            3 => Some(Self::Stack),
+            4 => Some(Self::Exec),
+            _ => None,
+        }
+    }
+}
+
+/// The allocator entry point a record comes from. Values are part of the record format: never reuse one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AllocFn {
+    Malloc = 1,
+    Calloc = 2,
+    Realloc = 3,
+    Free = 4,
+}
+
+impl AllocFn {
+    pub const fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            1 => Some(Self::Malloc),
+            2 => Some(Self::Calloc),
+            3 => Some(Self::Realloc),
+            4 => Some(Self::Free),
+            _ => None,
+        }
+    }
+
+    /// The C name of the function, as reports show it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Malloc => "malloc",
+            Self::Calloc => "calloc",
+            Self::Realloc => "realloc",
+            Self::Free => "free",
+        }
+    }
+}
+
+/// Ways the eBPF side can lose data, each an index into the per-CPU `LOSSES` array. Values are part of the
+/// format: never reuse one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loss {
+    /// The ring buffer had no room for a record: that allocation, free or stack never reached userspace.
+    RingBufFull = 0,
+    /// The table of calls between entry and return was full: that allocation was not recorded.
+    InFlightFull = 1,
+    /// `bpf_get_stack` failed: the allocation was recorded without a stack.
+    StackUnavailable = 2,
+}
+
+/// How many [`Loss`] counters there are.
+pub const LOSS_COUNTERS: u32 = 3;
+
+/// First field of every record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] value.
+    pub kind: u32,
+    /// Process id (the kernel's tgid).
+    pub pid: u32,
+    /// Thread id (the kernel's pid).
+    pub tid: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC.
+    pub ts_ns: u64,
+    /// The cgroup v2 id of the task.
+    pub cgroup_id: u64,
+}
+
+/// An allocator call returned `addr` for `size` bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocEvent {
+    pub header: EventHeader,
+    /// An [`AllocFn`] value.
+    pub func: u32,
+    pub _pad: u32,
+    /// The returned pointer: 0 when the call failed (reported for `realloc` only, which then keeps its block).
+    pub addr: u64,
+    /// Bytes requested (`nmemb * size` for calloc).
+    pub size: u64,
+    /// `realloc`'s input pointer, 0 for the other functions.
+    pub old_addr: u64,
+    /// Key of the user stack in [`StackEvent`]s; 0 when no stack could be taken.
+    pub stack_id: u64,
+}
+
+/// A block is being released: `free(addr)`, or `realloc(addr, …)` on entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreeEvent {
+    pub header: EventHeader,
+    /// An [`AllocFn`] value: `Free` or `Realloc`.
+    pub func: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// The frames behind a stack id, sent once per id (again if the kernel's table of sent ids evicted it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackEvent {
+    pub header: EventHeader,
+    pub stack_id: u64,
+    /// How many entries of `frames` are valid.
+    pub depth: u32,
+    pub _pad: u32,
+    /// User instruction pointers, innermost first.
+    pub frames: [u64; MAX_STACK_DEPTH],
+}
+
+/// Per-thread state between an allocator's entry and its return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InFlight {
+    /// An [`AllocFn`] value.
+    pub func: u32,
+    /// Allocator calls nested inside this one (glibc's `realloc(NULL, n)` calls `malloc`): they are not
+    /// recorded on their own.
+    pub nested: u32,
+    pub size: u64,
+    pub old_addr: u64,
+}
+
+const _: () = assert!(size_of::<EventHeader>() == 32);
+const _: () = assert!(size_of::<AllocEvent>() == 72);
+const _: () = assert!(size_of::<FreeEvent>() == 48);
+const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH);
+const _: () = assert!(size_of::<InFlight>() == 24);

@@ -1,0 +1,256 @@
+//! alloctrace's eBPF programs. Uprobes on the allocator family record each allocation (at return, with the user
+//! stack) and each release (at entry) into one ring buffer; a `sched_process_exec` tracepoint tells userspace
+//! when a traced process's address space is replaced. The probes are attached with a pid filter, so only the
+//! traced processes ever run them. Userspace keeps the outstanding-allocation table: the kernel side only keeps
+//! what must live between an allocator's entry and its return, and the ids of stacks it has already sent.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_F_USER_STACK,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns,
+    },
+    macros::{map, tracepoint, uprobe, uretprobe},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+};
+use tracer_common::{
+    AllocEvent, AllocFn, EventHeader, EventKind, FreeEvent, InFlight, LOSS_COUNTERS, Loss,
+    MAX_STACK_DEPTH, StackEvent,
+};
+
+/// Every record for userspace, in the order the probes reserved them.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(32 << 20, 0);
+
+/// Per-thread (pid_tgid) state between an allocator's entry and its return.
+#[map]
+static IN_FLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(65536, 0);
+
+/// Stack ids already sent to userspace. LRU: an evicted id is simply sent again.
+#[map]
+static SENT_STACKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// Per-CPU scratch for building a stack record: too large for the 512-byte BPF stack.
+#[map]
+static STACK_SCRATCH: PerCpuArray<StackEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU counters, one per `tracer_common::Loss`.
+#[map]
+static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_COUNTERS, 0);
+
+/// Processes being traced (tgid → unused): the exec tracepoint fires for every process on the host.
+#[map]
+static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
+const BPF_NOEXIST: u64 = 1;
+
+#[inline(always)]
+fn count_loss(loss: Loss) {
+    if let Some(counter) = LOSSES.get_ptr_mut(loss as u32) {
+        // SAFETY: a per-CPU slot, only touched by programs on this CPU, which do not preempt each other.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn header(kind: EventKind) -> EventHeader {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    EventHeader {
+        kind: kind as u32,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        _pad: 0,
+        // SAFETY: plain helpers without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    }
+}
+
+/// Records the entry of an allocator call. A call made while another allocator call of the same thread is in
+/// flight (glibc's `realloc(NULL, n)` calls `malloc`) only deepens the nesting: the outer call is the one recorded.
+#[inline(always)]
+fn enter(func: AllocFn, size: u64, old_addr: u64) -> bool {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if let Some(in_flight) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
+        // SAFETY: a value of this thread's own key: no other CPU runs this thread now.
+        unsafe { (*in_flight).nested += 1 };
+        return false;
+    }
+    let state = InFlight {
+        func: func as u32,
+        nested: 0,
+        size,
+        old_addr,
+    };
+    if IN_FLIGHT.insert(pid_tgid, state, 0).is_err() {
+        count_loss(Loss::InFlightFull);
+        return false;
+    }
+    true
+}
+
+#[uprobe]
+pub fn malloc_enter(ctx: ProbeContext) -> u32 {
+    let size: u64 = ctx.arg(0).unwrap_or(0);
+    enter(AllocFn::Malloc, size, 0);
+    0
+}
+
+#[uprobe]
+pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+    let count: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    // An overflowing product makes calloc fail, and a failed call records nothing: wrapping is harmless.
+    enter(AllocFn::Calloc, count.wrapping_mul(size), 0);
+    0
+}
+
+#[uprobe]
+pub fn realloc_enter(ctx: ProbeContext) -> u32 {
+    let old_addr: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    // The old block is released before realloc returns, and another thread may be handed the same address by
+    // then: record the release now, in order. Userspace restores the block if realloc fails.
+    if enter(AllocFn::Realloc, size, old_addr) && old_addr != 0 {
+        emit_free(AllocFn::Realloc, old_addr);
+    }
+    0
+}
+
+#[uretprobe]
+pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(in_flight) = IN_FLIGHT.get_ptr_mut(pid_tgid) else {
+        return 0;
+    };
+    // SAFETY: this thread's own entry.
+    let state = unsafe { *in_flight };
+    if state.nested > 0 {
+        // SAFETY: as above.
+        unsafe { (*in_flight).nested -= 1 };
+        return 0;
+    }
+    let _ = IN_FLIGHT.remove(pid_tgid);
+    let addr: u64 = ctx.ret();
+    // A failed malloc or calloc changes nothing; a failed realloc keeps its block, which userspace must restore.
+    if addr == 0 && state.func != AllocFn::Realloc as u32 {
+        return 0;
+    }
+    let stack_id = capture_stack(&ctx);
+    let event = AllocEvent {
+        header: header(EventKind::Alloc),
+        func: state.func,
+        _pad: 0,
+        addr,
+        size: state.size,
+        old_addr: state.old_addr,
+        stack_id,
+    };
+    if EVENTS.output::<AllocEvent>(&event, 0).is_err() {
+        count_loss(Loss::RingBufFull);
+    }
+    0
+}
+
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    let addr: u64 = ctx.arg(0).unwrap_or(0);
+    if addr == 0 {
+        return 0;
+    }
+    // A free made by the allocator itself while one of its calls is in flight (realloc(p, 0) frees p) was
+    // already recorded by that call.
+    if IN_FLIGHT.get_ptr(bpf_get_current_pid_tgid()).is_some() {
+        return 0;
+    }
+    emit_free(AllocFn::Free, addr);
+    0
+}
+
+#[inline(always)]
+fn emit_free(func: AllocFn, addr: u64) {
+    let event = FreeEvent {
+        header: header(EventKind::Free),
+        func: func as u32,
+        _pad: 0,
+        addr,
+    };
+    if EVENTS.output::<FreeEvent>(&event, 0).is_err() {
+        count_loss(Loss::RingBufFull);
+    }
+}
+
+/// Takes the user stack, returns its id (a hash of its frames), and sends the frames the first time an id is
+/// seen. Returns 0 when no stack could be taken. At a return probe the first frame is the exact return address
+/// into the caller, so the allocator's own frames never appear.
+#[inline(always)]
+fn capture_stack(ctx: &RetProbeContext) -> u64 {
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch slot; no other program on this CPU runs until this one returns.
+    let scratch = unsafe { &mut *scratch };
+    // SAFETY: the buffer is `frames`, whose size is passed.
+    let bytes = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            scratch.frames.as_mut_ptr().cast(),
+            (MAX_STACK_DEPTH * 8) as u32,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    if bytes <= 0 {
+        count_loss(Loss::StackUnavailable);
+        return 0;
+    }
+    let depth = (bytes as usize / 8).min(MAX_STACK_DEPTH);
+    let mut id: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in 0..MAX_STACK_DEPTH {
+        if i >= depth {
+            break;
+        }
+        id = (id.rotate_left(5) ^ scratch.frames[i]).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    // 0 means "no stack" in records.
+    let id = id | 1;
+    if SENT_STACKS.insert(id, 0, BPF_NOEXIST).is_ok() {
+        scratch.header = header(EventKind::Stack);
+        scratch.stack_id = id;
+        scratch.depth = depth as u32;
+        if EVENTS.output::<StackEvent>(&*scratch, 0).is_err() {
+            count_loss(Loss::RingBufFull);
+            // Let the next allocation with this stack try again.
+            let _ = SENT_STACKS.remove(id);
+        }
+    }
+    id
+}
+
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: read-only look-up of a plain value.
+    if unsafe { TARGETS.get(pid) }.is_none() {
+        return 0;
+    }
+    if EVENTS
+        .output::<EventHeader>(header(EventKind::Exec), 0)
+        .is_err()
+    {
+        count_loss(Loss::RingBufFull);
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,213 @@
+//! Ring-buffer records (bytes written by `tracer-ebpf`) into [`Event`]s.
+
+use tracer_common::{
+    AllocEvent, AllocFn, EventHeader, EventKind, FreeEvent, MAX_STACK_DEPTH, StackEvent,
+};
+
+/// One decoded record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Alloc {
+        header: EventHeader,
+        func: AllocFn,
+        addr: u64,
+        size: u64,
+        old_addr: u64,
+        stack_id: u64,
+    },
+    Free {
+        header: EventHeader,
+        func: AllocFn,
+        addr: u64,
+    },
+    Stack {
+        header: EventHeader,
+        stack_id: u64,
+        frames: Vec<u64>,
+    },
+    Exec {
+        header: EventHeader,
+    },
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than its {kind:?} layout")]
+    Short { kind: Option<EventKind>, len: usize },
+    #[error("unknown record kind {0}")]
+    UnknownKind(u32),
+    #[error("unknown allocator function {0}")]
+    UnknownFunction(u32),
+}
+
+/// Reads a `T` from the front of `bytes`, which the ring buffer does not align.
+fn read<T: Copy>(bytes: &[u8], kind: Option<EventKind>) -> Result<T, DecodeError> {
+    if bytes.len() < size_of::<T>() {
+        return Err(DecodeError::Short {
+            kind,
+            len: bytes.len(),
+        });
+    }
+    // SAFETY: the length is checked, and `T` is one of tracer-common's plain-integer `repr(C)` records, for which
+    // every bit pattern is valid.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+fn func(value: u32) -> Result<AllocFn, DecodeError> {
+    AllocFn::from_u32(value).ok_or(DecodeError::UnknownFunction(value))
+}
+
+impl TryFrom<&[u8]> for Event {
+    type Error = DecodeError;
+
+    fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
+        let header: EventHeader = read(bytes, None)?;
+        let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
+        Ok(match kind {
+            EventKind::Alloc => {
+                let e: AllocEvent = read(bytes, Some(kind))?;
+                Self::Alloc {
+                    header,
+                    func: func(e.func)?,
+                    addr: e.addr,
+                    size: e.size,
+                    old_addr: e.old_addr,
+                    stack_id: e.stack_id,
+                }
+            }
+            EventKind::Free => {
+                let e: FreeEvent = read(bytes, Some(kind))?;
+                Self::Free {
+                    header,
+                    func: func(e.func)?,
+                    addr: e.addr,
+                }
+            }
+            EventKind::Stack => {
+                let e: StackEvent = read(bytes, Some(kind))?;
+                let depth = (e.depth as usize).min(MAX_STACK_DEPTH);
+                Self::Stack {
+                    header,
+                    stack_id: e.stack_id,
+                    frames: e.frames[..depth].to_vec(),
+                }
+            }
+            EventKind::Exec => Self::Exec { header },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of<T>(value: &T) -> &[u8] {
+        // SAFETY: reading the bytes of a plain `repr(C)` record without padding.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+    }
+
+    fn header(kind: EventKind) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            pid: 4242,
+            tid: 4243,
+            _pad: 0,
+            ts_ns: 123_456_789,
+            cgroup_id: 77,
+        }
+    }
+
+    #[test]
+    fn alloc_round_trips() {
+        let record = AllocEvent {
+            header: header(EventKind::Alloc),
+            func: AllocFn::Calloc as u32,
+            _pad: 0,
+            addr: 0x5555_0000_1000,
+            size: 4096,
+            old_addr: 0,
+            stack_id: 0xabcd,
+        };
+        assert_eq!(
+            Event::try_from(bytes_of(&record)),
+            Ok(Event::Alloc {
+                header: record.header,
+                func: AllocFn::Calloc,
+                addr: 0x5555_0000_1000,
+                size: 4096,
+                old_addr: 0,
+                stack_id: 0xabcd,
+            })
+        );
+    }
+
+    #[test]
+    fn free_and_exec_round_trip() {
+        let record = FreeEvent {
+            header: header(EventKind::Free),
+            func: AllocFn::Realloc as u32,
+            _pad: 0,
+            addr: 0x1000,
+        };
+        assert_eq!(
+            Event::try_from(bytes_of(&record)),
+            Ok(Event::Free {
+                header: record.header,
+                func: AllocFn::Realloc,
+                addr: 0x1000
+            })
+        );
+        let exec = header(EventKind::Exec);
+        assert_eq!(
+            Event::try_from(bytes_of(&exec)),
+            Ok(Event::Exec { header: exec })
+        );
+    }
+
+    #[test]
+    fn stack_keeps_only_its_depth() {
+        let mut frames = [0u64; MAX_STACK_DEPTH];
+        frames[..3].copy_from_slice(&[0x10, 0x20, 0x30]);
+        let record = StackEvent {
+            header: header(EventKind::Stack),
+            stack_id: 9,
+            depth: 3,
+            _pad: 0,
+            frames,
+        };
+        let Ok(Event::Stack {
+            frames, stack_id, ..
+        }) = Event::try_from(bytes_of(&record))
+        else {
+            panic!("not a stack");
+        };
+        assert_eq!((stack_id, frames), (9, vec![0x10, 0x20, 0x30]));
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        let record = AllocEvent {
+            header: header(EventKind::Alloc),
+            ..Default::default()
+        };
+        assert_eq!(
+            Event::try_from(&bytes_of(&record)[..40]),
+            Err(DecodeError::Short {
+                kind: Some(EventKind::Alloc),
+                len: 40
+            })
+        );
+        let unknown = EventHeader {
+            kind: 99,
+            ..Default::default()
+        };
+        assert_eq!(
+            Event::try_from(bytes_of(&unknown)),
+            Err(DecodeError::UnknownKind(99))
+        );
+        assert!(matches!(
+            Event::try_from(&[0u8; 3][..]),
+            Err(DecodeError::Short { kind: None, len: 3 })
+        ));
+    }
+}

@@ -1,0 +1,14 @@
+//! alloctrace: traces the allocations of running processes with eBPF uprobes and names the stacks that hold
+//! memory. The binary (`main.rs`) parses arguments and calls [`trace`]; the modules below are the pipeline:
+//! probes → decode → procs (process registry, symbols) → aggregate → report → output.
+
+pub mod aggregate;
+pub mod cli;
+pub mod decode;
+pub mod output;
+pub mod probes;
+pub mod procs;
+pub mod report;
+pub mod spawn;
+pub mod system;
+pub mod trace;

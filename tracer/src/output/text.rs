@@ -1,0 +1,184 @@
+//! Text output for people: a summary, the losses, then one block per site, most live bytes first.
+
+use std::io::{self, Write};
+
+use crate::{
+    procs::Frame,
+    report::{
+        Exit, Losses,
+        leaks::{LeaksReport, SiteReport},
+    },
+};
+
+/// `1536` → `1.5 KiB`; bytes below 1 KiB stay exact.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// Seconds for people: `0.25 s`, `4.8 s`, `3m 12s`.
+pub fn age(seconds: f64) -> String {
+    if seconds < 1.0 {
+        format!("{seconds:.2} s")
+    } else if seconds < 120.0 {
+        format!("{seconds:.1} s")
+    } else {
+        let whole = seconds as u64;
+        format!("{}m {:02}s", whole / 60, whole % 60)
+    }
+}
+
+fn losses(lost: &Losses) -> String {
+    let parts: Vec<String> = [
+        (lost.events, "records dropped (ring buffer full)"),
+        (
+            lost.untracked_calls,
+            "calls untracked (in-flight table full)",
+        ),
+        (lost.stacks, "allocations without a stack"),
+        (lost.undecodable, "undecodable records"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} {what}"))
+    .collect();
+    if parts.is_empty() {
+        "none".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn frame(f: &Frame) -> String {
+    let module = f.module.as_deref().unwrap_or("?");
+    match &f.function {
+        Some(function) => format!(
+            "{function}+{:#x}  ({module}+{:#x})",
+            f.function_offset, f.offset
+        ),
+        None => format!("{module}+{:#x}", f.offset),
+    }
+}
+
+fn site(out: &mut dyn Write, rank: usize, s: &SiteReport, comm: &str) -> io::Result<()> {
+    writeln!(
+        out,
+        "#{rank} {}: {} live in {} blocks, oldest {}; {} allocated in {} calls; pid {} {comm}",
+        s.kind,
+        bytes(s.live_bytes),
+        s.live_count,
+        age(s.oldest_age_s),
+        bytes(s.total_bytes),
+        s.total_count,
+        s.pid,
+    )?;
+    if s.stack.is_empty() {
+        writeln!(out, "    (stack lost)")?;
+    }
+    for f in &s.stack {
+        writeln!(out, "    {}", frame(f))?;
+    }
+    writeln!(out)
+}
+
+pub fn write_leaks(report: &LeaksReport, out: &mut dyn Write) -> io::Result<()> {
+    writeln!(
+        out,
+        "alloctrace leaks: {} live in {} blocks at {} sites, traced {}{}",
+        bytes(report.live_bytes),
+        report.live_count,
+        report.site_count,
+        age(report.duration_s),
+        if report.min_age_s > 0.0 {
+            format!(", counting blocks older than {}", age(report.min_age_s))
+        } else {
+            String::new()
+        }
+    )?;
+    for p in &report.processes {
+        let exit = match p.exit {
+            None => String::new(),
+            Some(Exit::Code(code)) => format!(" (exited with status {code})"),
+            Some(Exit::Signal(sig)) => format!(" (killed by signal {sig})"),
+            Some(Exit::Exited) => " (exited)".to_owned(),
+        };
+        writeln!(
+            out,
+            "process {} {}: {}{exit}",
+            p.info.pid,
+            p.info.comm,
+            p.info.cmdline.join(" ")
+        )?;
+    }
+    writeln!(out, "lost: {}", losses(&report.lost))?;
+    if !report.complete {
+        writeln!(
+            out,
+            "WARNING: data was lost during this trace; live bytes and counts below are lower bounds."
+        )?;
+    }
+    writeln!(out)?;
+    if report.sites.is_empty() {
+        writeln!(out, "No live allocations.")?;
+    }
+    for (rank, s) in report.sites.iter().enumerate() {
+        let comm = report
+            .processes
+            .iter()
+            .find(|p| p.info.pid == s.pid)
+            .map_or("", |p| p.info.comm.as_str());
+        site(out, rank + 1, s, comm)?;
+    }
+    if report.site_count > report.sites.len() {
+        writeln!(
+            out,
+            "({} more sites not shown: raise --top)",
+            report.site_count - report.sites.len()
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(8 << 20), "8.0 MiB");
+        assert_eq!(bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn ages_read_like_people_write_them() {
+        assert_eq!(age(0.25), "0.25 s");
+        assert_eq!(age(4.81), "4.8 s");
+        assert_eq!(age(192.0), "3m 12s");
+    }
+
+    #[test]
+    fn losses_are_spelled_out() {
+        assert_eq!(losses(&Losses::default()), "none");
+        let lost = Losses {
+            events: 3,
+            stacks: 1,
+            ..Losses::default()
+        };
+        assert_eq!(
+            losses(&lost),
+            "3 records dropped (ring buffer full), 1 allocations without a stack"
+        );
+    }
+}

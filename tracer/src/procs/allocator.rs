@@ -1,0 +1,221 @@
+//! Which object a process's `malloc` calls bind to, and where in that file each allocator function starts:
+//! the places uprobes go. Never a hard-coded path: for a running process the objects come from its
+//! `/proc/PID/maps`; for a command about to start, from its dynamic loader's own `--list` resolution.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use tracer_common::AllocFn;
+
+use super::{Registry, maps::FileId, module::Module};
+
+/// The functions every allocator must provide for alloctrace to account for it.
+pub const TRACED: [AllocFn; 4] = [
+    AllocFn::Malloc,
+    AllocFn::Calloc,
+    AllocFn::Realloc,
+    AllocFn::Free,
+];
+
+/// An allocator object and the file offsets of its entry points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocator {
+    /// The path uprobes are attached through (it may be a `/proc/PID/map_files` link).
+    pub attach_path: PathBuf,
+    /// The object's path as reports show it.
+    pub path: String,
+    pub file: Option<FileId>,
+    /// `(function, file offset)` for each of [`TRACED`].
+    pub entry_points: Vec<(AllocFn, u64)>,
+}
+
+impl Allocator {
+    /// `Some` when `module` defines every traced function.
+    fn from_module(
+        module: &Module,
+        attach_path: PathBuf,
+        file: Option<FileId>,
+        exported_only: bool,
+    ) -> Option<Self> {
+        let entry_points = TRACED
+            .iter()
+            .map(|&func| {
+                let address = if exported_only {
+                    module.exported_function(func.name())
+                } else {
+                    module.defined_function(func.name())
+                }?;
+                Some((func, module.file_offset_of_address(address)?))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self {
+            attach_path,
+            path: module.path.clone(),
+            file,
+            entry_points,
+        })
+    }
+}
+
+/// Objects in the order the dynamic linker searches them for a symbol: the executable (whose own definitions
+/// win even when it exports nothing, as in a static binary), then preloaded and needed libraries, with the C
+/// library last so that an allocator linked or preloaded in front of it (jemalloc, tcmalloc, mimalloc) wins.
+fn pick(candidates: Vec<(Arc<Module>, PathBuf, Option<FileId>)>) -> Option<Allocator> {
+    let is_libc = |path: &str| {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-musl")
+    };
+    let (libc, others): (Vec<_>, Vec<_>) = candidates
+        .into_iter()
+        .enumerate()
+        .partition(|(_, (m, ..))| is_libc(&m.path));
+    others
+        .into_iter()
+        .chain(libc)
+        .find_map(|(position, (module, attach_path, file))| {
+            Allocator::from_module(&module, attach_path, file, position != 0)
+        })
+}
+
+/// The allocator a running process uses.
+pub fn for_pid(registry: &mut Registry, pid: u32) -> anyhow::Result<Allocator> {
+    registry.refresh(pid);
+    let maps = registry
+        .maps(pid)
+        .cloned()
+        .with_context(|| format!("cannot read the memory map of process {pid}"))?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let mut files: Vec<_> = maps.files().into_iter().cloned().collect();
+    // The executable first: its definitions take precedence over every library's.
+    if let Some(pos) = files
+        .iter()
+        .position(|m| exe.as_deref() == Some(Path::new(&m.path)))
+    {
+        let exe = files.remove(pos);
+        files.insert(0, exe);
+    }
+    let candidates = files
+        .iter()
+        .filter_map(|mapping| {
+            let module = registry.module(pid, mapping)?;
+            Some((module, super::open_path(pid, mapping), mapping.file))
+        })
+        .collect();
+    pick(candidates).ok_or_else(|| {
+        anyhow!("process {pid} maps no object that defines malloc, calloc, realloc and free (a static binary that was stripped?)")
+    })
+}
+
+/// The allocator a command will use once started: its executable, and the libraries its dynamic loader
+/// resolves for it (`ld.so --list`, which loads no program code), in the loader's order.
+pub fn for_command(exe: &Path) -> anyhow::Result<Allocator> {
+    let exe_module = load(exe)?;
+    let data = std::fs::read(exe).with_context(|| format!("cannot read {}", exe.display()))?;
+    let interpreter = interpreter(&data);
+    let mut candidates = vec![(exe_module, exe.to_path_buf(), super::file_id(exe))];
+    if let Some(interpreter) = interpreter {
+        let output = Command::new(&interpreter)
+            .arg("--list")
+            .arg(exe)
+            .output()
+            .with_context(|| format!("cannot run the dynamic loader {interpreter}"))?;
+        if !output.status.success() {
+            bail!(
+                "the dynamic loader cannot resolve the libraries of {}: {}",
+                exe.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        for path in listed_libraries(&String::from_utf8_lossy(&output.stdout)) {
+            let path = PathBuf::from(path);
+            if let Ok(module) = load(&path) {
+                let file = super::file_id(&path);
+                candidates.push((module, path, file));
+            }
+        }
+    }
+    pick(candidates).ok_or_else(|| {
+        anyhow!(
+            "{} uses no object that defines malloc, calloc, realloc and free (a static binary that was stripped?)",
+            exe.display()
+        )
+    })
+}
+
+fn load(path: &Path) -> anyhow::Result<Arc<Module>> {
+    Ok(Arc::new(Module::load(path, &path.to_string_lossy())?))
+}
+
+/// The `PT_INTERP` path of an ELF executable: `None` for a static one.
+fn interpreter(data: &[u8]) -> Option<String> {
+    use object::read::elf::{ElfFile64, ProgramHeader as _};
+    let elf = ElfFile64::<object::Endianness>::parse(data).ok()?;
+    let endian = elf.endian();
+    elf.elf_program_headers().iter().find_map(|ph| {
+        (ph.p_type(endian) == object::elf::PT_INTERP)
+            .then(|| ph.data(endian, data).ok())
+            .flatten()
+            .map(|bytes| {
+                String::from_utf8_lossy(bytes.split(|&b| b == 0).next().unwrap_or(&[])).into_owned()
+            })
+    })
+}
+
+/// Library paths in `ld.so --list` output, in order: lines `name => /path (0x…)` and `/path (0x…)`.
+fn listed_libraries(listing: &str) -> Vec<&str> {
+    listing
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let path = line.split_once("=> ").map_or(line, |(_, rest)| rest);
+            let path = path.rsplit_once(" (").map_or(path, |(p, _)| p).trim();
+            path.starts_with('/').then_some(path)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_loader_listing() {
+        let listing = "\tlinux-vdso.so.1 (0x00007ffd6c5f2000)\n\
+                       \tlibjemalloc.so.2 => /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (0x00007f0c1a000000)\n\
+                       \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f0c19e00000)\n\
+                       \tlibmissing.so => not found\n\
+                       \t/lib64/ld-linux-x86-64.so.2 (0x00007f0c1a3f0000)\n";
+        assert_eq!(
+            listed_libraries(listing),
+            [
+                "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dynamic_command_uses_libc() {
+        let allocator = for_command(Path::new("/bin/true")).unwrap();
+        assert!(allocator.path.contains("libc.so"), "{}", allocator.path);
+        assert_eq!(allocator.entry_points.len(), TRACED.len());
+    }
+
+    #[test]
+    fn a_running_process_uses_libc() {
+        let mut registry = Registry::default();
+        let allocator = for_pid(&mut registry, std::process::id()).unwrap();
+        assert!(allocator.path.contains("libc.so"), "{}", allocator.path);
+        let (_, free) = allocator
+            .entry_points
+            .iter()
+            .find(|(f, _)| *f == AllocFn::Free)
+            .unwrap();
+        assert_ne!(*free, 0);
+    }
+}

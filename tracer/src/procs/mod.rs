@@ -1,0 +1,225 @@
+//! The process registry: for each traced process its identity (comm, command line), the last address-space
+//! snapshot read from `/proc`, and the ELF objects it maps, loaded once per file (device + inode) and shared by
+//! every process that maps them. Stack frames are named here, while the process is alive, so that a report made
+//! after it exits still names them.
+
+pub mod allocator;
+pub mod maps;
+pub mod module;
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use maps::{FileId, Mapping, Maps};
+use module::Module;
+use serde::Serialize;
+
+/// One stack frame as reports show it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Frame {
+    /// The function's symbol, when the object has one for this address.
+    pub function: Option<String>,
+    /// The object's path, as the process mapped it.
+    pub module: Option<String>,
+    /// The return address inside the module, as an ELF address (what `addr2line -e MODULE` takes), or the
+    /// raw address when no module maps it.
+    #[serde(serialize_with = "hex")]
+    pub offset: u64,
+    /// Offset from the start of `function`.
+    #[serde(skip)]
+    pub function_offset: u64,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub lang: &'static str,
+}
+
+fn hex<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format!("{value:#x}"))
+}
+
+/// What a report says about a process.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub comm: String,
+    pub cmdline: Vec<String>,
+    /// Always null until container attribution exists; present so readers can rely on the field.
+    pub container: Option<()>,
+}
+
+impl ProcessInfo {
+    /// Reads comm and command line; `None` once the process is gone.
+    pub fn from_pid(pid: u32) -> Option<Self> {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        Some(Self {
+            pid,
+            comm: comm.trim_end().to_owned(),
+            cmdline: cmdline
+                .split(|&b| b == 0)
+                .filter(|arg| !arg.is_empty())
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect(),
+            container: None,
+        })
+    }
+}
+
+struct Process {
+    info: ProcessInfo,
+    maps: Maps,
+}
+
+/// Traced processes and the objects they map.
+#[derive(Default)]
+pub struct Registry {
+    processes: HashMap<u32, Process>,
+    /// `None` records an object that could not be read, so it is not tried again for every frame.
+    modules: HashMap<FileId, Option<Arc<Module>>>,
+}
+
+impl Registry {
+    /// Starts tracking `pid`, or refreshes what is known of it. Keeps the last snapshot when the process is gone.
+    pub fn refresh(&mut self, pid: u32) {
+        let info = ProcessInfo::from_pid(pid);
+        let maps = Maps::from_pid(pid).ok().filter(|m| !m.mappings.is_empty());
+        match self.processes.get_mut(&pid) {
+            Some(process) => {
+                if let Some(info) = info {
+                    process.info = info;
+                }
+                if let Some(maps) = maps {
+                    process.maps = maps;
+                }
+            }
+            None => {
+                let info = info.unwrap_or(ProcessInfo {
+                    pid,
+                    ..Default::default()
+                });
+                let maps = maps.unwrap_or_default();
+                self.processes.insert(pid, Process { info, maps });
+            }
+        }
+    }
+
+    /// Replaces what is known of a process's identity (a spawned command before it first runs).
+    pub fn set_info(&mut self, info: ProcessInfo) {
+        let pid = info.pid;
+        self.refresh(pid);
+        if let Some(process) = self.processes.get_mut(&pid) {
+            process.info = info;
+        }
+    }
+
+    pub fn info(&self, pid: u32) -> Option<&ProcessInfo> {
+        self.processes.get(&pid).map(|p| &p.info)
+    }
+
+    pub fn maps(&self, pid: u32) -> Option<&Maps> {
+        self.processes.get(&pid).map(|p| &p.maps)
+    }
+
+    /// The object behind a mapping, loaded once per file.
+    pub fn module(&mut self, pid: u32, mapping: &Mapping) -> Option<Arc<Module>> {
+        let id = mapping.file?;
+        self.modules
+            .entry(id)
+            .or_insert_with(|| {
+                let open_path = open_path(pid, mapping);
+                Module::load(&open_path, &mapping.path).ok().map(Arc::new)
+            })
+            .clone()
+    }
+
+    /// Names the frames of a user stack taken at an allocator's return: the first frame is the exact return
+    /// address into the allocator's caller; later frames come from the frame-pointer chain, which code built
+    /// without frame pointers fills with noise. The stack ends at the first frame that is not in executable
+    /// code. The snapshot of the address space is refreshed once when a frame falls outside it (a library
+    /// loaded since).
+    pub fn symbolize(&mut self, pid: u32, frames: &[u64]) -> Vec<Frame> {
+        let outside = |maps: Option<&Maps>, ip: u64| maps.and_then(|m| m.find(ip)).is_none();
+        if frames.iter().any(|&ip| outside(self.maps(pid), ip)) {
+            self.refresh(pid);
+        }
+        let mut named = Vec::with_capacity(frames.len());
+        for (depth, &ip) in frames.iter().enumerate() {
+            let mapping = self.maps(pid).and_then(|m| m.find(ip)).cloned();
+            let executable = mapping.as_ref().is_some_and(|m| m.executable);
+            if depth > 0 && !executable {
+                break;
+            }
+            named.push(self.name_frame(pid, ip, mapping.as_ref()));
+        }
+        named
+    }
+
+    fn name_frame(&mut self, pid: u32, ip: u64, mapping: Option<&Mapping>) -> Frame {
+        let unnamed = Frame {
+            function: None,
+            module: mapping.map(|m| m.path.clone()),
+            offset: ip,
+            function_offset: 0,
+            file: None,
+            line: None,
+            lang: "native",
+        };
+        let Some(mapping) = mapping else {
+            return unnamed;
+        };
+        let Some(module) = self.module(pid, mapping) else {
+            return Frame {
+                offset: ip - mapping.start + mapping.file_offset,
+                ..unnamed
+            };
+        };
+        let file_offset = ip - mapping.start + mapping.file_offset;
+        let Some(address) = module.address_of_file_offset(file_offset) else {
+            return Frame {
+                offset: file_offset,
+                ..unnamed
+            };
+        };
+        // A return address can sit just past its function's end (a call to a function that never returns):
+        // look up the call instruction's last byte.
+        let (function, function_offset) = match module.function_at(address.saturating_sub(1)) {
+            Some((name, offset)) => (Some(name.to_owned()), offset + 1),
+            None => (None, 0),
+        };
+        Frame {
+            function,
+            offset: address,
+            function_offset,
+            ..unnamed
+        }
+    }
+}
+
+/// Where alloctrace can open a mapped file: the path itself when it is the same file in alloctrace's own
+/// mount namespace, else the process's `map_files` link (containers, deleted files).
+pub fn open_path(pid: u32, mapping: &Mapping) -> PathBuf {
+    let same_file = mapping
+        .file
+        .is_some_and(|id| file_id(Path::new(&mapping.path)) == Some(id));
+    if same_file {
+        PathBuf::from(&mapping.path)
+    } else {
+        mapping.map_file_path(pid)
+    }
+}
+
+/// The device and inode of a path, as `/proc/PID/maps` prints them.
+pub fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(path).ok()?;
+    let dev = meta.dev();
+    Some(FileId {
+        dev_major: libc::major(dev),
+        dev_minor: libc::minor(dev),
+        inode: meta.ino(),
+    })
+}
