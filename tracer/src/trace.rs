@@ -175,10 +175,12 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
             bail!("process {pid} exited before probes were attached");
         }
         watch_exit(pid, fd, exits_tx.clone())?;
+        eprintln!("alloctrace: tracing pid {pid} through {}", allocator.path);
         targets.push(pid);
     }
 
     let mut child_events: Option<UnboundedReceiver<ChildEvent>> = None;
+    let mut child_pid: Option<u32> = None;
     if !args.command.is_empty() {
         let program = spawn::resolve_program(&args.command[0])?;
         let image = spawn::executable_image(&program)?;
@@ -200,7 +202,9 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
                 .collect(),
             container: None,
         });
+        eprintln!("alloctrace: tracing pid {pid} through {}", allocator.path);
         child_events = Some(child.release());
+        child_pid = Some(pid);
         targets.push(pid);
     }
 
@@ -234,14 +238,14 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
                 ChildEvent::Exiting(release) => {
                     // Held at its exit with its memory still mapped: name what it allocated last.
                     drain(ring.get_mut(), &mut state);
-                    if let Some(&pid) = targets.last() {
+                    if let Some(pid) = child_pid {
                         state.registry.refresh(pid);
                     }
                     drop(release);
                 }
                 ChildEvent::Exited(exit) => {
                     drain(ring.get_mut(), &mut state);
-                    if let Some(&pid) = targets.last() {
+                    if let Some(pid) = child_pid {
                         exit_status.insert(pid, exit);
                     }
                     running -= 1;
@@ -289,6 +293,12 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
     };
     output::write_leaks(&report, args.format, &mut out)?;
     out.flush()?;
+    // A command alloctrace started lives as long as its trace: ended first (--duration, Ctrl-C), it is stopped
+    // now that the report shows what it held.
+    if let Some(pid) = child_pid.filter(|pid| !exit_status.contains_key(pid)) {
+        // SAFETY: signalling our own child, not yet reaped, so its pid cannot have been reused.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    }
     Ok(())
 }
 

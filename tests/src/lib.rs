@@ -1,0 +1,151 @@
+//! Helpers for alloctrace's integration tests: the binary under test, workloads built from source by the
+//! test, and reading reports. The tests load real eBPF programs, so they need root: each says so and fails
+//! when it is missing, rather than pass without running.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::OnceLock,
+};
+
+use serde_json::Value;
+
+/// The `alloctrace` binary: `ALLOCTRACE` (set by `cargo xtask test`), else the workspace's release build.
+pub fn alloctrace() -> PathBuf {
+    let path = std::env::var_os("ALLOCTRACE").map_or_else(
+        || workspace().join("target/release/alloctrace"),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} does not exist: run the integration tests with `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_path_buf()
+}
+
+/// Fails the test, saying why, when it does not run as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test loads eBPF programs and needs root: run `cargo xtask test` as root"
+    );
+}
+
+/// `tests/workloads/NAME.c`, compiled once per test run with frame pointers (so stacks are complete), into
+/// the target folder.
+pub fn workload(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let dir = workspace().join("target/workloads");
+        std::fs::create_dir_all(&dir).expect("create target/workloads");
+        dir
+    });
+    let source = workspace().join(format!("tests/workloads/{name}.c"));
+    let binary = dir.join(format!("{name}-{}", std::process::id()));
+    if !binary.exists() {
+        let out = Command::new("cc")
+            .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+            .arg(&binary)
+            .arg(&source)
+            .output()
+            .expect("a C compiler (cc) is needed to build the test workloads");
+        assert!(
+            out.status.success(),
+            "cc failed on {}: {}",
+            source.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    binary
+}
+
+/// Parses a JSON report, failing with the tracer's output when it is not one.
+pub fn json_report(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "alloctrace failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not a JSON report ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The site of `kind` whose innermost frame is `function`.
+pub fn site<'a>(report: &'a Value, kind: &str, function: &str) -> &'a Value {
+    let sites = report["sites"].as_array().expect("sites is an array");
+    let found: Vec<&Value> = sites
+        .iter()
+        .filter(|s| s["kind"] == kind && s["stack"][0]["function"] == function)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} site in {function}, found {}: {report:#}",
+        found.len()
+    );
+    found[0]
+}
+
+/// `(live_bytes, live_count)` of a site.
+pub fn live(site: &Value) -> (u64, u64) {
+    (
+        site["live_bytes"].as_u64().expect("live_bytes"),
+        site["live_count"].as_u64().expect("live_count"),
+    )
+}
+
+/// The sites of the `sites` workload with live memory, and what each must hold: (kind, function, bytes, count).
+pub const SITES_EXPECTED: [(&str, &str, u64, u64); 5] = [
+    ("malloc", "large_site", 8 << 20, 1),
+    ("malloc", "leak_site", 100_000, 100),
+    ("malloc", "half_freed_site", 51_200, 25),
+    ("calloc", "calloc_site", 10_000, 10),
+    ("realloc", "realloc_site", 5_000, 1),
+];
+
+/// Checks every site of the `sites` workload to the byte.
+pub fn assert_sites_exact(report: &Value, pid: u64) {
+    for (kind, function, bytes, count) in SITES_EXPECTED {
+        let s = site(report, kind, function);
+        assert_eq!(live(s), (bytes, count), "{kind} site in {function}: {s:#}");
+        assert_eq!(s["pid"], pid);
+        let stack: Vec<&str> = s["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f["function"].as_str())
+            .collect();
+        assert!(
+            stack.starts_with(&[function, "main"]),
+            "{function}'s stack should be {function} < main: {stack:?}"
+        );
+    }
+    let half = site(report, "malloc", "half_freed_site");
+    assert_eq!(
+        (half["total_bytes"].as_u64(), half["total_count"].as_u64()),
+        (Some(102_400), Some(50))
+    );
+    let sites = report["sites"].as_array().unwrap();
+    assert!(
+        !sites
+            .iter()
+            .any(|s| s["stack"][0]["function"] == "freed_site"),
+        "freed_site holds nothing and must not be reported: {report:#}"
+    );
+    assert_eq!(report["lost"]["events"], 0, "{report:#}");
+}

@@ -1,0 +1,260 @@
+//! `alloctrace leaks` on real processes, with real probes: a C program whose allocations are known to the
+//! byte, traced from its start and by pid; a target that exits mid-trace; errors; the JSON contract; and the
+//! bundled Python demo.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Command, Stdio},
+};
+
+use alloctrace_tests::{
+    alloctrace, assert_sites_exact, json_report, require_root, site, workload, workspace,
+};
+
+#[test]
+fn spawned_command_is_reported_to_the_byte() {
+    require_root();
+    let sites = workload("sites");
+    let out = Command::new(alloctrace())
+        .args(["leaks", "--format", "json", "--top", "100", "--"])
+        .arg(&sites)
+        .output()
+        .unwrap();
+    let report = json_report(&out);
+    let pid = report["processes"][0]["pid"].as_u64().unwrap();
+    assert_sites_exact(&report, pid);
+    assert_eq!(
+        report["processes"][0]["exit"],
+        serde_json::json!({"code": 0})
+    );
+}
+
+/// Starts the `sites` workload waiting on stdin, attaches by pid, then lets it allocate.
+fn traced_by_pid(extra: &[&str], linger: bool) -> (serde_json::Value, std::process::Child) {
+    require_root();
+    let mut args = vec!["--wait"];
+    if linger {
+        args.push("--linger");
+    }
+    let mut target = Command::new(workload("sites"))
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut target_out = BufReader::new(target.stdout.take().unwrap());
+    let mut line = String::new();
+    target_out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let mut tracer = Command::new(alloctrace())
+        .args(["leaks", "--format", "json", "--top", "100", "--pid"])
+        .arg(target.id().to_string())
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Allocate only once the tracer says its probes are in place.
+    let mut tracer_err = BufReader::new(tracer.stderr.take().unwrap());
+    let mut notice = String::new();
+    tracer_err.read_line(&mut notice).unwrap();
+    assert!(notice.starts_with("alloctrace: tracing pid"), "{notice}");
+    writeln!(target.stdin.as_mut().unwrap()).unwrap();
+    if linger {
+        line.clear();
+        target_out.read_line(&mut line).unwrap();
+        assert_eq!(line, "allocated\n");
+    }
+    let out = tracer.wait_with_output().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut tracer_err, &mut rest).unwrap();
+    assert!(out.status.success(), "alloctrace failed: {rest}");
+    (json_report(&out), target)
+}
+
+#[test]
+fn target_that_exits_mid_trace_is_reported_to_the_byte() {
+    let (report, mut target) = traced_by_pid(&[], false);
+    target.wait().unwrap();
+    assert_sites_exact(&report, target.id().into());
+    assert_eq!(report["processes"][0]["exit"], "exited");
+}
+
+#[test]
+fn running_target_is_reported_when_the_duration_ends() {
+    let (report, mut target) = traced_by_pid(&["--duration", "2s"], true);
+    assert_sites_exact(&report, target.id().into());
+    assert!(report["processes"][0]["exit"].is_null(), "{report:#}");
+    assert_eq!(
+        report["processes"][0]["comm"],
+        "sites-".to_owned() + &std::process::id().to_string()[..]
+    );
+    drop(target.stdin.take());
+    target.wait().unwrap();
+}
+
+#[test]
+fn json_report_keeps_its_contract() {
+    require_root();
+    let sites = workload("sites");
+    let out = Command::new(alloctrace())
+        .args(["leaks", "--format", "json", "--"])
+        .arg(&sites)
+        .output()
+        .unwrap();
+    let report = json_report(&out);
+    assert_eq!(report["schema"], 1);
+    assert_eq!(report["command"], "leaks");
+    assert!(report["duration_s"].as_f64().unwrap() > 0.0);
+    for counter in ["events", "untracked_calls", "stacks", "undecodable"] {
+        assert!(
+            report["lost"][counter].is_u64(),
+            "lost.{counter}: {report:#}"
+        );
+    }
+    let process = &report["processes"][0];
+    assert!(process["pid"].is_u64());
+    assert_eq!(process["cmdline"][0], sites.to_str().unwrap());
+    assert!(process["comm"].is_string());
+    assert!(process["container"].is_null());
+    let listed = report["sites"].as_array().unwrap();
+    // The workload's five sites with live memory, all within the default --top of 10.
+    assert_eq!(
+        (listed.len(), report["site_count"].as_u64()),
+        (5, Some(5)),
+        "{report:#}"
+    );
+    let live: Vec<u64> = listed
+        .iter()
+        .map(|s| s["live_bytes"].as_u64().unwrap())
+        .collect();
+    assert!(
+        live.windows(2).all(|w| w[0] >= w[1]),
+        "sorted by live_bytes: {live:?}"
+    );
+    for s in listed {
+        for key in [
+            "pid",
+            "live_bytes",
+            "live_count",
+            "total_bytes",
+            "total_count",
+        ] {
+            assert!(s[key].is_u64(), "{key}: {s:#}");
+        }
+        assert!(s["kind"].is_string() && s["oldest_age_s"].is_f64());
+    }
+    let frame = &site(&report, "malloc", "leak_site")["stack"][0];
+    assert_eq!(frame["module"], sites.to_str().unwrap());
+    assert!(frame["offset"].as_str().unwrap().starts_with("0x"));
+    assert!(frame["file"].is_null() && frame["line"].is_null());
+    assert_eq!(frame["lang"], "native");
+}
+
+#[test]
+fn text_report_shows_sites_in_human_units() {
+    require_root();
+    let out = Command::new(alloctrace())
+        .args(["leaks", "--top", "2", "--"])
+        .arg(workload("sites"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("#1 malloc: 8.0 MiB live in 1 blocks"),
+        "{text}"
+    );
+    assert!(
+        text.contains("#2 malloc: 97.7 KiB live in 100 blocks"),
+        "{text}"
+    );
+    assert!(text.contains("    leak_site+0x"), "{text}");
+    assert!(text.contains("lost: none"), "{text}");
+    assert!(text.contains("more sites not shown"), "{text}");
+}
+
+/// Runs alloctrace expecting an error: exit status 2 and one line on stderr.
+fn expect_error(command: &mut Command, message: &str) {
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains(message),
+        "expected {message:?} in: {stderr}"
+    );
+}
+
+#[test]
+fn missing_pid_is_one_clear_error() {
+    require_root();
+    // A pid that existed and is gone: reaped just now.
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let pid = gone.id().to_string();
+    expect_error(
+        Command::new(alloctrace()).args(["leaks", "-p", &pid]),
+        &format!("no process with pid {pid}"),
+    );
+}
+
+#[test]
+fn missing_command_is_one_clear_error() {
+    require_root();
+    expect_error(
+        Command::new(alloctrace()).args(["leaks", "--", "no-such-command-anywhere"]),
+        "command not found: no-such-command-anywhere",
+    );
+}
+
+#[test]
+fn not_root_is_one_clear_error() {
+    require_root();
+    expect_error(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(alloctrace())
+            .args(["leaks", "--", "true"]),
+        "alloctrace needs root",
+    );
+}
+
+#[test]
+fn demo_leak_comes_first() {
+    require_root();
+    let demo = workspace().join("tracer/demo/etl_task.py");
+    let out = Command::new(alloctrace())
+        .args([
+            "leaks",
+            "--format",
+            "json",
+            "--duration",
+            "3s",
+            "--",
+            "/usr/bin/python3",
+        ])
+        .arg(&demo)
+        .output()
+        .unwrap();
+    let report = json_report(&out);
+    let first = &report["sites"][0];
+    // Each cached partition is one bytes object: 64 KiB of payload plus CPython's 33-byte header.
+    let (bytes, count) = (
+        first["live_bytes"].as_u64().unwrap(),
+        first["live_count"].as_u64().unwrap(),
+    );
+    assert!(
+        count >= 100,
+        "the cache should hold hundreds of partitions after 3 s: {first:#}"
+    );
+    assert_eq!(
+        bytes,
+        count * (65_536 + 33),
+        "every block of the first site is a cached partition: {first:#}"
+    );
+    assert!(
+        report["processes"][0]["exit"].is_null(),
+        "the demo is still running when the trace ends"
+    );
+}

@@ -1,0 +1,32 @@
+//! `cargo xtask test`: setup, the unit tests (no root), then the integration tests in `tests/`, which load real
+//! probes into this kernel and so run as root. They find the binary through `ALLOCTRACE`.
+
+use std::process::Command;
+
+use crate::{as_root, build, check, root};
+
+pub fn run(filter: Option<String>) -> anyhow::Result<()> {
+    let alloctrace = build::run()?;
+    check(
+        Command::new("cargo")
+            .args([
+                "test",
+                "--release",
+                "--package",
+                "tracer",
+                "--package",
+                "tracer-common",
+                "--package",
+                "xtask",
+            ])
+            .current_dir(root()),
+    )?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut integration = as_root(cargo)?;
+    integration
+        .args(["test", "--release", "--package", "alloctrace-tests", "--"])
+        .args(filter)
+        .env("ALLOCTRACE", &alloctrace)
+        .current_dir(root());
+    check(&mut integration)
+}
