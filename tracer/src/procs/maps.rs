@@ -19,7 +19,6 @@ pub struct FileId {
 pub struct Mapping {
     pub start: u64,
     pub end: u64,
-    pub readable: bool,
     pub executable: bool,
     /// Offset in the file of the byte at `start`.
     pub file_offset: u64,
@@ -105,7 +104,6 @@ fn parse_line(line: &str) -> Option<Mapping> {
     Some(Mapping {
         start: u64::from_str_radix(start, 16).ok()?,
         end: u64::from_str_radix(end, 16).ok()?,
-        readable: perms.first() == Some(&b'r'),
         executable: perms.get(2) == Some(&b'x'),
         file_offset,
         file: file.flatten(),

@@ -107,13 +107,10 @@ impl Registry {
         }
     }
 
-    /// Replaces what is known of a process's identity (a spawned command before it first runs).
+    /// Records the identity of a spawned command before it execs: its address space is read once it runs.
     pub fn set_info(&mut self, info: ProcessInfo) {
-        let pid = info.pid;
-        self.refresh(pid);
-        if let Some(process) = self.processes.get_mut(&pid) {
-            process.info = info;
-        }
+        let maps = Maps::default();
+        self.processes.insert(info.pid, Process { info, maps });
     }
 
     pub fn info(&self, pid: u32) -> Option<&ProcessInfo> {
