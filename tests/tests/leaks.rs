@@ -211,13 +211,18 @@ fn missing_command_is_one_clear_error() {
 #[test]
 fn not_root_is_one_clear_error() {
     require_root();
+    // A copy the unprivileged user can reach: the checkout may sit under a folder only root can enter.
+    let copy = std::env::temp_dir().join(format!("alloctrace-not-root-{}", std::process::id()));
+    std::fs::copy(alloctrace(), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     expect_error(
         Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(alloctrace())
+            .arg(&copy)
             .args(["leaks", "--", "true"]),
         "alloctrace needs root",
     );
+    std::fs::remove_file(&copy).unwrap();
 }
 
 #[test]
