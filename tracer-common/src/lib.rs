@@ -40,15 +40,41 @@ pub enum AllocFn {
     Calloc = 2,
     Realloc = 3,
     Free = 4,
+    Reallocarray = 5,
+    PosixMemalign = 6,
+    AlignedAlloc = 7,
+    Memalign = 8,
+    Valloc = 9,
+    Pvalloc = 10,
 }
 
 impl AllocFn {
+    /// Every function, in the order their probes are attached (and so the name kept where two share an address).
+    pub const ALL: [Self; 10] = [
+        Self::Malloc,
+        Self::Calloc,
+        Self::Realloc,
+        Self::Free,
+        Self::Reallocarray,
+        Self::PosixMemalign,
+        Self::AlignedAlloc,
+        Self::Memalign,
+        Self::Valloc,
+        Self::Pvalloc,
+    ];
+
     pub const fn from_u32(value: u32) -> Option<Self> {
         match value {
             1 => Some(Self::Malloc),
             2 => Some(Self::Calloc),
             3 => Some(Self::Realloc),
             4 => Some(Self::Free),
+            5 => Some(Self::Reallocarray),
+            6 => Some(Self::PosixMemalign),
+            7 => Some(Self::AlignedAlloc),
+            8 => Some(Self::Memalign),
+            9 => Some(Self::Valloc),
+            10 => Some(Self::Pvalloc),
             _ => None,
         }
     }
@@ -60,7 +86,18 @@ impl AllocFn {
             Self::Calloc => "calloc",
             Self::Realloc => "realloc",
             Self::Free => "free",
+            Self::Reallocarray => "reallocarray",
+            Self::PosixMemalign => "posix_memalign",
+            Self::AlignedAlloc => "aligned_alloc",
+            Self::Memalign => "memalign",
+            Self::Valloc => "valloc",
+            Self::Pvalloc => "pvalloc",
         }
+    }
+
+    /// Functions that release their input block (`realloc`'s first argument).
+    pub const fn reallocates(self) -> bool {
+        matches!(self, Self::Realloc | Self::Reallocarray)
     }
 }
 
@@ -109,7 +146,7 @@ pub struct AllocEvent {
     pub addr: u64,
     /// Bytes requested (`nmemb * size` for calloc).
     pub size: u64,
-    /// `realloc`'s input pointer, 0 for the other functions.
+    /// `realloc`'s and `reallocarray`'s input pointer, 0 for the other functions.
     pub old_addr: u64,
     /// Key of the user stack in [`StackEvent`]s; 0 when no stack could be taken.
     pub stack_id: u64,
@@ -149,6 +186,7 @@ pub struct InFlight {
     /// recorded on their own.
     pub nested: u32,
     pub size: u64,
+    /// `realloc`'s input block, or where `posix_memalign` stores its result.
     pub old_addr: u64,
 }
 

@@ -8,9 +8,10 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_F_USER_STACK,
+    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns,
+        bpf_probe_read_user,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -46,6 +47,25 @@ static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_COUNTERS, 0
 static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 
 const BPF_NOEXIST: u64 = 1;
+
+/// Userspace is woken only once this much is waiting (it also drains the ring on a short timer): a wake-up
+/// per record costs more than everything else a probe does.
+const WAKEUP_BYTES: u64 = 1 << 20;
+
+/// Writes a record to the ring buffer; false, and counted as lost, when there is no room.
+#[inline(always)]
+fn output<T>(record: &T) -> bool {
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    let written = EVENTS.output::<T>(record, flags as u64).is_ok();
+    if !written {
+        count_loss(Loss::RingBufFull);
+    }
+    written
+}
 
 #[inline(always)]
 fn count_loss(loss: Loss) {
@@ -94,30 +114,78 @@ fn enter(func: AllocFn, size: u64, old_addr: u64) -> bool {
 
 #[uprobe]
 pub fn malloc_enter(ctx: ProbeContext) -> u32 {
-    let size: u64 = ctx.arg(0).unwrap_or(0);
-    enter(AllocFn::Malloc, size, 0);
+    enter(AllocFn::Malloc, arg(&ctx, 0), 0);
     0
 }
 
 #[uprobe]
 pub fn calloc_enter(ctx: ProbeContext) -> u32 {
-    let count: u64 = ctx.arg(0).unwrap_or(0);
-    let size: u64 = ctx.arg(1).unwrap_or(0);
     // An overflowing product makes calloc fail, and a failed call records nothing: wrapping is harmless.
-    enter(AllocFn::Calloc, count.wrapping_mul(size), 0);
+    enter(AllocFn::Calloc, arg(&ctx, 0).wrapping_mul(arg(&ctx, 1)), 0);
     0
 }
 
 #[uprobe]
 pub fn realloc_enter(ctx: ProbeContext) -> u32 {
-    let old_addr: u64 = ctx.arg(0).unwrap_or(0);
-    let size: u64 = ctx.arg(1).unwrap_or(0);
-    // The old block is released before realloc returns, and another thread may be handed the same address by
-    // then: record the release now, in order. Userspace restores the block if realloc fails.
-    if enter(AllocFn::Realloc, size, old_addr) && old_addr != 0 {
-        emit_free(AllocFn::Realloc, old_addr);
-    }
+    reallocate(AllocFn::Realloc, arg(&ctx, 0), arg(&ctx, 1));
     0
+}
+
+#[uprobe]
+pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
+    // Overflow makes reallocarray fail with the block kept, which a failed call records correctly.
+    reallocate(
+        AllocFn::Reallocarray,
+        arg(&ctx, 0),
+        arg(&ctx, 1).wrapping_mul(arg(&ctx, 2)),
+    );
+    0
+}
+
+#[uprobe]
+pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
+    // The block comes back through the pointer in the first argument: kept to be read at return.
+    enter(AllocFn::PosixMemalign, arg(&ctx, 2), arg(&ctx, 0));
+    0
+}
+
+#[uprobe]
+pub fn aligned_alloc_enter(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::AlignedAlloc, arg(&ctx, 1), 0);
+    0
+}
+
+#[uprobe]
+pub fn memalign_enter(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Memalign, arg(&ctx, 1), 0);
+    0
+}
+
+#[uprobe]
+pub fn valloc_enter(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Valloc, arg(&ctx, 0), 0);
+    0
+}
+
+#[uprobe]
+pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
+    enter(AllocFn::Pvalloc, arg(&ctx, 0), 0);
+    0
+}
+
+#[inline(always)]
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg(n).unwrap_or(0)
+}
+
+/// realloc and reallocarray release their input block before they return, and another thread may be handed
+/// the same address by then: the release is recorded now, in order. Userspace restores the block if the call
+/// fails.
+#[inline(always)]
+fn reallocate(func: AllocFn, old_addr: u64, size: u64) {
+    if enter(func, size, old_addr) && old_addr != 0 {
+        emit_free(func, old_addr);
+    }
 }
 
 #[uretprobe]
@@ -134,9 +202,22 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         return 0;
     }
     let _ = IN_FLIGHT.remove(pid_tgid);
-    let addr: u64 = ctx.ret();
-    // A failed malloc or calloc changes nothing; a failed realloc keeps its block, which userspace must restore.
-    if addr == 0 && state.func != AllocFn::Realloc as u32 {
+    let returned: u64 = ctx.ret();
+    let (addr, old_addr) = if state.func == AllocFn::PosixMemalign as u32 {
+        // posix_memalign returns an error number, and stores the block only on success.
+        if returned != 0 {
+            return 0;
+        }
+        // SAFETY: reading the caller's result pointer, which posix_memalign has just written.
+        let addr = unsafe { bpf_probe_read_user(state.old_addr as *const u64) }.unwrap_or(0);
+        (addr, 0)
+    } else {
+        (returned, state.old_addr)
+    };
+    // A failed allocation changes nothing, except for realloc, whose released block userspace must restore.
+    let reallocates =
+        state.func == AllocFn::Realloc as u32 || state.func == AllocFn::Reallocarray as u32;
+    if addr == 0 && !reallocates {
         return 0;
     }
     let stack_id = capture_stack(&ctx);
@@ -146,12 +227,10 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         _pad: 0,
         addr,
         size: state.size,
-        old_addr: state.old_addr,
+        old_addr,
         stack_id,
     };
-    if EVENTS.output::<AllocEvent>(&event, 0).is_err() {
-        count_loss(Loss::RingBufFull);
-    }
+    let _ = output(&event);
     0
 }
 
@@ -178,9 +257,7 @@ fn emit_free(func: AllocFn, addr: u64) {
         _pad: 0,
         addr,
     };
-    if EVENTS.output::<FreeEvent>(&event, 0).is_err() {
-        count_loss(Loss::RingBufFull);
-    }
+    let _ = output(&event);
 }
 
 /// Takes the user stack, returns its id (a hash of its frames), and sends the frames the first time an id is
@@ -216,12 +293,13 @@ fn capture_stack(ctx: &RetProbeContext) -> u64 {
     }
     // 0 means "no stack" in records.
     let id = id | 1;
-    if SENT_STACKS.insert(id, 0, BPF_NOEXIST).is_ok() {
+    // Look up before inserting: a failed insert into an LRU map still takes a node from its free list.
+    // SAFETY: read-only look-up of a plain value.
+    if unsafe { SENT_STACKS.get(id) }.is_none() && SENT_STACKS.insert(id, 0, BPF_NOEXIST).is_ok() {
         scratch.header = header(EventKind::Stack);
         scratch.stack_id = id;
         scratch.depth = depth as u32;
-        if EVENTS.output::<StackEvent>(&*scratch, 0).is_err() {
-            count_loss(Loss::RingBufFull);
+        if !output(&*scratch) {
             // Let the next allocation with this stack try again.
             let _ = SENT_STACKS.remove(id);
         }

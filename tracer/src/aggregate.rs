@@ -96,7 +96,7 @@ impl LiveTable {
         size: u64,
         site: SiteId,
     ) {
-        if func == AllocFn::Realloc {
+        if func.reallocates() {
             // The released block is gone for good: the call succeeded.
             self.realloc_released.remove(&header.tid);
         }
@@ -129,7 +129,7 @@ impl LiveTable {
         if block.is_none() {
             self.unknown_frees += 1;
         }
-        if func == AllocFn::Realloc {
+        if func.reallocates() {
             self.realloc_released
                 .insert(tid, block.map(|block| ((pid, addr), block)));
         }

@@ -16,15 +16,23 @@ use tracer_common::{AllocFn, LOSS_COUNTERS, Loss};
 
 use crate::procs::allocator::Allocator;
 
-/// The programs that go on an allocator function: entry, and return when the function returns a block.
-fn programs(func: AllocFn) -> (&'static str, Option<&'static str>) {
+/// The entry program of an allocator function. Every function but `free` also gets `alloc_exit` on return.
+fn entry_program(func: AllocFn) -> &'static str {
     match func {
-        AllocFn::Malloc => ("malloc_enter", Some("alloc_exit")),
-        AllocFn::Calloc => ("calloc_enter", Some("alloc_exit")),
-        AllocFn::Realloc => ("realloc_enter", Some("alloc_exit")),
-        AllocFn::Free => ("free_enter", None),
+        AllocFn::Malloc => "malloc_enter",
+        AllocFn::Calloc => "calloc_enter",
+        AllocFn::Realloc => "realloc_enter",
+        AllocFn::Free => "free_enter",
+        AllocFn::Reallocarray => "reallocarray_enter",
+        AllocFn::PosixMemalign => "posix_memalign_enter",
+        AllocFn::AlignedAlloc => "aligned_alloc_enter",
+        AllocFn::Memalign => "memalign_enter",
+        AllocFn::Valloc => "valloc_enter",
+        AllocFn::Pvalloc => "pvalloc_enter",
     }
 }
+
+const EXIT_PROGRAM: &str = "alloc_exit";
 
 pub struct Probes {
     ebpf: Ebpf,
@@ -37,13 +45,8 @@ impl Probes {
             "/tracer"
         )))
         .context("cannot load alloctrace's eBPF object")?;
-        for name in [
-            "malloc_enter",
-            "calloc_enter",
-            "realloc_enter",
-            "free_enter",
-            "alloc_exit",
-        ] {
+        let names = AllocFn::ALL.map(entry_program);
+        for name in names.iter().copied().chain([EXIT_PROGRAM]) {
             let program: &mut UProbe = program(&mut ebpf, name)?.try_into()?;
             program
                 .load()
@@ -61,9 +64,14 @@ impl Probes {
     pub fn attach(&mut self, pid: u32, allocator: &Allocator) -> anyhow::Result<()> {
         let scope =
             UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0 is not a process")?);
-        for &(func, offset) in &allocator.entry_points {
-            let (entry, exit) = programs(func);
-            for name in std::iter::once(entry).chain(exit) {
+        for point in &allocator.probes {
+            let entry = (
+                entry_program(point.func),
+                point.file_offset + point.entry_offset,
+            );
+            let exit = (point.func != AllocFn::Free).then_some((EXIT_PROGRAM, point.file_offset));
+            for (name, offset) in std::iter::once(entry).chain(exit) {
+                let func = point.func;
                 let program: &mut UProbe = program(&mut self.ebpf, name)?.try_into()?;
                 program
                     .attach(

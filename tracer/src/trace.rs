@@ -32,6 +32,9 @@ use crate::{
     system,
 };
 
+/// How often the ring buffer is drained when the probes have not asked for it.
+const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What the session has learnt from the events so far.
 #[derive(Default)]
 struct State {
@@ -215,6 +218,8 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let start_ns = system::monotonic_ns();
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    // The probes wake this loop only when a lot is waiting; the timer bounds how stale the table gets.
+    let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
     let mut running = targets.len();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -226,6 +231,7 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
                 drain(guard.get_inner_mut(), &mut state);
                 guard.clear_ready();
             }
+            _ = drain_timer.tick() => drain(ring.get_mut(), &mut state),
             Some(pid) = exits.recv() => {
                 drain(ring.get_mut(), &mut state);
                 exit_status.entry(pid).or_insert(Exit::Exited);

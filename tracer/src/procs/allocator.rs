@@ -11,53 +11,103 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use tracer_common::AllocFn;
 
-use super::{Registry, maps::FileId, module::Module};
+use serde::Serialize;
 
-/// The functions every allocator must provide for alloctrace to account for it.
-pub const TRACED: [AllocFn; 4] = [
+use super::{Registry, maps::FileId, module::Module, prologue};
+
+/// The functions an allocator must provide for alloctrace to account for it; the rest of [`AllocFn::ALL`] is
+/// probed where the object defines it.
+const REQUIRED: [AllocFn; 4] = [
     AllocFn::Malloc,
     AllocFn::Calloc,
     AllocFn::Realloc,
     AllocFn::Free,
 ];
 
-/// An allocator object and the file offsets of its entry points.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One allocator function and where its probes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ProbePoint {
+    #[serde(rename = "function", serialize_with = "func_name")]
+    pub func: AllocFn,
+    /// The function's ELF address.
+    #[serde(serialize_with = "crate::procs::hex")]
+    pub address: u64,
+    /// The file offset of the function's first byte: where return probes go.
+    #[serde(serialize_with = "crate::procs::hex")]
+    pub file_offset: u64,
+    /// Bytes past the start where the entry probe goes (see [`super::prologue`]).
+    pub entry_offset: u64,
+}
+
+fn func_name<S: serde::Serializer>(func: &AllocFn, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(func.name())
+}
+
+/// An allocator object and its probe points.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Allocator {
     /// The path uprobes are attached through (it may be a `/proc/PID/map_files` link).
+    #[serde(skip)]
     pub attach_path: PathBuf,
     /// The object's path as reports show it.
     pub path: String,
+    #[serde(skip)]
     pub file: Option<FileId>,
-    /// `(function, file offset)` for each of [`TRACED`].
-    pub entry_points: Vec<(AllocFn, u64)>,
+    pub probes: Vec<ProbePoint>,
 }
 
 impl Allocator {
-    /// `Some` when `module` defines every traced function.
+    /// `Some` when `module` defines every required function. Functions that share an address with one listed
+    /// before them (glibc's `aligned_alloc` is `memalign`) are probed once, under the first name.
     fn from_module(
         module: &Module,
         attach_path: PathBuf,
         file: Option<FileId>,
         exported_only: bool,
     ) -> Option<Self> {
-        let entry_points = TRACED
-            .iter()
-            .map(|&func| {
-                let address = if exported_only {
-                    module.exported_function(func.name())
-                } else {
-                    module.defined_function(func.name())
-                }?;
-                Some((func, module.file_offset_of_address(address)?))
+        let find = |func: AllocFn| {
+            let address = if exported_only {
+                module.exported_function(func.name())
+            } else {
+                module.defined_function(func.name())
+            }?;
+            Some(ProbePoint {
+                func,
+                address,
+                file_offset: module.file_offset_of_address(address)?,
+                entry_offset: 0,
             })
-            .collect::<Option<Vec<_>>>()?;
+        };
+        if !REQUIRED.iter().all(|&func| find(func).is_some()) {
+            return None;
+        }
+        let mut probes: Vec<ProbePoint> = Vec::new();
+        for point in AllocFn::ALL.into_iter().filter_map(find) {
+            if !probes.iter().any(|p| p.address == point.address) {
+                probes.push(point);
+            }
+        }
         Some(Self {
             attach_path,
             path: module.path.clone(),
             file,
-            entry_points,
+            probes,
         })
+    }
+
+    /// Moves entry-only probes to their cheapest correct instruction, reading the functions' first bytes.
+    fn place_probes(mut self) -> anyhow::Result<Self> {
+        let data = std::fs::read(&self.attach_path)
+            .with_context(|| format!("cannot read {}", self.path))?;
+        for point in &mut self.probes {
+            if point.func == AllocFn::Free {
+                let start = point.file_offset as usize;
+                let code = data.get(start..).unwrap_or_default();
+                point.entry_offset =
+                    prologue::free_probe_offset(&code[..code.len().min(prologue::WINDOW)]);
+            }
+        }
+        Ok(self)
     }
 }
 
@@ -105,9 +155,11 @@ pub fn for_pid(registry: &mut Registry, pid: u32) -> anyhow::Result<Allocator> {
             Some((module, super::open_path(pid, mapping), mapping.file))
         })
         .collect();
-    pick(candidates).ok_or_else(|| {
-        anyhow!("process {pid} maps no object that defines malloc, calloc, realloc and free (a static binary that was stripped?)")
-    })
+    pick(candidates)
+        .ok_or_else(|| {
+            anyhow!("process {pid} maps no object that defines malloc, calloc, realloc and free (a static binary that was stripped?)")
+        })?
+        .place_probes()
 }
 
 /// The allocator a command will use once started: its executable, and the libraries its dynamic loader
@@ -138,12 +190,14 @@ pub fn for_command(exe: &Path) -> anyhow::Result<Allocator> {
             }
         }
     }
-    pick(candidates).ok_or_else(|| {
-        anyhow!(
-            "{} uses no object that defines malloc, calloc, realloc and free (a static binary that was stripped?)",
-            exe.display()
-        )
-    })
+    pick(candidates)
+        .ok_or_else(|| {
+            anyhow!(
+                "{} uses no object that defines malloc, calloc, realloc and free (a static binary that was stripped?)",
+                exe.display()
+            )
+        })?
+        .place_probes()
 }
 
 fn load(path: &Path) -> anyhow::Result<Arc<Module>> {
@@ -203,7 +257,22 @@ mod tests {
     fn a_dynamic_command_uses_libc() {
         let allocator = for_command(Path::new("/bin/true")).unwrap();
         assert!(allocator.path.contains("libc.so"), "{}", allocator.path);
-        assert_eq!(allocator.entry_points.len(), TRACED.len());
+        let names: Vec<&str> = allocator.probes.iter().map(|p| p.func.name()).collect();
+        // glibc 2.36's aligned_alloc is memalign: one probe, under the first name.
+        assert_eq!(
+            names,
+            [
+                "malloc",
+                "calloc",
+                "realloc",
+                "free",
+                "reallocarray",
+                "posix_memalign",
+                "aligned_alloc",
+                "valloc",
+                "pvalloc"
+            ]
+        );
     }
 
     #[test]
@@ -211,11 +280,12 @@ mod tests {
         let mut registry = Registry::default();
         let allocator = for_pid(&mut registry, std::process::id()).unwrap();
         assert!(allocator.path.contains("libc.so"), "{}", allocator.path);
-        let (_, free) = allocator
-            .entry_points
+        let free = allocator
+            .probes
             .iter()
-            .find(|(f, _)| *f == AllocFn::Free)
+            .find(|p| p.func == AllocFn::Free)
             .unwrap();
-        assert_ne!(*free, 0);
+        assert_ne!(free.file_offset, 0);
+        assert_ne!(free.entry_offset, 0, "free is probed past its NULL check");
     }
 }

@@ -6,6 +6,7 @@
 pub mod allocator;
 pub mod maps;
 pub mod module;
+pub mod prologue;
 
 use std::{
     collections::HashMap,
@@ -37,7 +38,7 @@ pub struct Frame {
     pub lang: &'static str,
 }
 
-fn hex<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn hex<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&format!("{value:#x}"))
 }
 
