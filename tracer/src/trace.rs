@@ -26,7 +26,7 @@ use crate::{
     procs::{ProcessInfo, Registry, allocator},
     report::{
         Exit, Losses,
-        leaks::{self, LeaksInput, ProcessReport},
+        leaks::{self, AllocatorReport, LeaksInput, ProcessReport},
     },
     spawn::{self, ChildEvent},
     system,
@@ -162,6 +162,7 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
     let (exits_tx, mut exits) = unbounded_channel();
     let mut targets: Vec<u32> = Vec::new();
     let mut exit_status: HashMap<u32, Exit> = HashMap::new();
+    let mut allocators: Vec<AllocatorReport> = Vec::new();
 
     for &pid in &args.pids {
         if pid == std::process::id() {
@@ -179,6 +180,7 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
         }
         watch_exit(pid, fd, exits_tx.clone())?;
         eprintln!("alloctrace: tracing pid {pid} through {}", allocator.path);
+        allocators.push(AllocatorReport { pid, allocator });
         targets.push(pid);
     }
 
@@ -206,6 +208,7 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
             container: None,
         });
         eprintln!("alloctrace: tracing pid {pid} through {}", allocator.path);
+        allocators.push(AllocatorReport { pid, allocator });
         child_events = Some(child.release());
         child_pid = Some(pid);
         targets.push(pid);
@@ -285,6 +288,7 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
         table: &state.table,
         sites: &state.sites,
         processes,
+        allocators,
         lost,
         duration_s: started.elapsed().as_secs_f64(),
         now_ns: now_ns.max(start_ns),

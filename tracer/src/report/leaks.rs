@@ -5,7 +5,7 @@ use serde::Serialize;
 use super::{Exit, Losses};
 use crate::{
     aggregate::{LiveTable, Sites},
-    procs::{Frame, ProcessInfo},
+    procs::{Frame, ProcessInfo, allocator::Allocator},
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -26,7 +26,16 @@ pub struct LeaksReport {
     /// Frees of blocks allocated before the trace began: normal for `--pid`, not a loss.
     pub frees_of_untraced_blocks: u64,
     pub processes: Vec<ProcessReport>,
+    /// Where the probes of each traced process went.
+    pub allocators: Vec<AllocatorReport>,
     pub sites: Vec<SiteReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AllocatorReport {
+    pub pid: u32,
+    #[serde(flatten)]
+    pub allocator: Allocator,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -56,6 +65,7 @@ pub struct LeaksInput<'a> {
     pub table: &'a LiveTable,
     pub sites: &'a Sites,
     pub processes: Vec<ProcessReport>,
+    pub allocators: Vec<AllocatorReport>,
     pub lost: Losses,
     pub duration_s: f64,
     /// `bpf_ktime_get_ns` time the report is made at.
@@ -111,6 +121,7 @@ pub fn build(input: LeaksInput<'_>) -> LeaksReport {
         site_count,
         frees_of_untraced_blocks: input.table.unknown_frees,
         processes: input.processes,
+        allocators: input.allocators,
         sites,
     }
 }
@@ -163,6 +174,7 @@ mod tests {
             table: &table,
             sites: &sites,
             processes: vec![],
+            allocators: vec![],
             lost: Losses::default(),
             duration_s: 3.0,
             now_ns: 3_000_000_000,
