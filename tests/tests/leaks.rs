@@ -118,12 +118,10 @@ fn json_report_keeps_its_contract() {
     assert!(process["comm"].is_string());
     assert!(process["container"].is_null());
     let listed = report["sites"].as_array().unwrap();
-    // The workload's five sites with live memory, all within the default --top of 10.
-    assert_eq!(
-        (listed.len(), report["site_count"].as_u64()),
-        (5, Some(5)),
-        "{report:#}"
-    );
+    // The workload's six sites and the dynamic loader's own mappings, within the default --top of 10.
+    let site_count = report["site_count"].as_u64().unwrap() as usize;
+    assert!(site_count >= 6, "{report:#}");
+    assert_eq!(listed.len(), site_count.min(10), "{report:#}");
     let live: Vec<u64> = listed
         .iter()
         .map(|s| s["live_bytes"].as_u64().unwrap())
@@ -162,11 +160,11 @@ fn text_report_shows_sites_in_human_units() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        text.contains("#1 malloc: 8.0 MiB live in 1 blocks"),
+        text.contains("#1 malloc [lingering]: 8.0 MiB live in 1 blocks"),
         "{text}"
     );
     assert!(
-        text.contains("#2 malloc: 97.7 KiB live in 100 blocks"),
+        text.contains("#2 malloc [steady]: 97.7 KiB live in 100 blocks"),
         "{text}"
     );
     assert!(text.contains("    leak_site+0x"), "{text}");

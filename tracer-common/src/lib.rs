@@ -17,7 +17,10 @@ pub enum EventKind {
     /// The frames of a stack seen for the first time: [`StackEvent`].
     Stack = 3,
     /// A traced process replaced its image with `execve`: its address space, and every block in it, is gone.
+    /// Also sent for a process whose new name matches a `--comm` filter.
     Exec = 4,
+    /// A traced process forked: [`ForkEvent`].
+    Fork = 5,
 }
 
 impl EventKind {
@@ -27,6 +30,7 @@ impl EventKind {
             2 => Some(Self::Free),
             3 => Some(Self::Stack),
             4 => Some(Self::Exec),
+            5 => Some(Self::Fork),
             _ => None,
         }
     }
@@ -46,11 +50,19 @@ pub enum AllocFn {
     Memalign = 8,
     Valloc = 9,
     Pvalloc = 10,
+    /// Anonymous memory from the `mmap` system call, made outside any allocator call.
+    Mmap = 11,
+    Munmap = 12,
+    /// `mremap`: releases the old range on entry, maps the new one on return.
+    Mremap = 13,
+    /// The program break moved (`brk`); `addr` is the new break.
+    Brk = 14,
 }
 
 impl AllocFn {
-    /// Every function, in the order their probes are attached (and so the name kept where two share an address).
-    pub const ALL: [Self; 10] = [
+    /// The allocator functions, in the order their probes are attached (and so the name kept where two share
+    /// an address).
+    pub const ALLOCATOR: [Self; 10] = [
         Self::Malloc,
         Self::Calloc,
         Self::Realloc,
@@ -75,6 +87,10 @@ impl AllocFn {
             8 => Some(Self::Memalign),
             9 => Some(Self::Valloc),
             10 => Some(Self::Pvalloc),
+            11 => Some(Self::Mmap),
+            12 => Some(Self::Munmap),
+            13 => Some(Self::Mremap),
+            14 => Some(Self::Brk),
             _ => None,
         }
     }
@@ -92,12 +108,21 @@ impl AllocFn {
             Self::Memalign => "memalign",
             Self::Valloc => "valloc",
             Self::Pvalloc => "pvalloc",
+            Self::Mmap => "mmap",
+            Self::Munmap => "munmap",
+            Self::Mremap => "mremap",
+            Self::Brk => "brk",
         }
     }
 
     /// Functions that release their input block (`realloc`'s first argument).
     pub const fn reallocates(self) -> bool {
         matches!(self, Self::Realloc | Self::Reallocarray)
+    }
+
+    /// System calls that map and unmap address ranges rather than hand out heap blocks.
+    pub const fn maps_pages(self) -> bool {
+        matches!(self, Self::Mmap | Self::Munmap | Self::Mremap | Self::Brk)
     }
 }
 
@@ -141,26 +166,43 @@ pub struct AllocEvent {
     pub header: EventHeader,
     /// An [`AllocFn`] value.
     pub func: u32,
-    pub _pad: u32,
-    /// The returned pointer: 0 when the call failed (reported for `realloc` only, which then keeps its block).
+    /// [`ALLOC_BY_ALLOCATOR`] and future bits.
+    pub flags: u32,
+    /// The returned pointer: 0 when the call failed (reported for `realloc` and `mremap` only, which then keep
+    /// their block). For `brk`, the new break.
     pub addr: u64,
     /// Bytes requested (`nmemb * size` for calloc).
     pub size: u64,
-    /// `realloc`'s and `reallocarray`'s input pointer, 0 for the other functions.
+    /// `realloc`'s, `reallocarray`'s and `mremap`'s input address, 0 for the other functions.
     pub old_addr: u64,
     /// Key of the user stack in [`StackEvent`]s; 0 when no stack could be taken.
     pub stack_id: u64,
 }
 
-/// A block is being released: `free(addr)`, or `realloc(addr, …)` on entry.
+/// Set in [`AllocEvent::flags`] when a `brk` was made by the allocator itself (inside one of its calls): the
+/// break moved, but the memory belongs to the allocator's blocks, already counted.
+pub const ALLOC_BY_ALLOCATOR: u32 = 1;
+
+/// A block or range is being released: `free(addr)`, `realloc(addr, …)` on entry, `munmap`, `mremap` on entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FreeEvent {
     pub header: EventHeader,
-    /// An [`AllocFn`] value: `Free` or `Realloc`.
+    /// An [`AllocFn`] value.
     pub func: u32,
     pub _pad: u32,
     pub addr: u64,
+    /// Length of the range, for `munmap` and `mremap`; 0 for heap blocks.
+    pub size: u64,
+}
+
+/// A traced process forked `child_pid`, which is traced from then on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkEvent {
+    pub header: EventHeader,
+    pub child_pid: u32,
+    pub _pad: u32,
 }
 
 /// The frames behind a stack id, sent once per id (again if the kernel's table of sent ids evicted it).
@@ -171,9 +213,22 @@ pub struct StackEvent {
     pub stack_id: u64,
     /// How many entries of `frames` are valid.
     pub depth: u32,
-    pub _pad: u32,
+    /// 1 when `frames[1]` is the word on top of the user stack at a system call: the caller's return address
+    /// if the libc wrapper is a leaf (as `mmap` and `munmap` are), else noise for userspace to drop.
+    pub guessed_caller: u32,
     /// User instruction pointers, innermost first.
     pub frames: [u64; MAX_STACK_DEPTH],
+}
+
+/// Per-thread state between a system call's entry and its exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallInFlight {
+    /// An [`AllocFn`] value: `Mmap` or `Mremap`.
+    pub func: u32,
+    pub _pad: u32,
+    pub len: u64,
+    pub old_addr: u64,
 }
 
 /// Per-thread state between an allocator's entry and its return.
@@ -192,6 +247,8 @@ pub struct InFlight {
 
 const _: () = assert!(size_of::<EventHeader>() == 32);
 const _: () = assert!(size_of::<AllocEvent>() == 72);
-const _: () = assert!(size_of::<FreeEvent>() == 48);
+const _: () = assert!(size_of::<FreeEvent>() == 56);
+const _: () = assert!(size_of::<ForkEvent>() == 40);
 const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH);
 const _: () = assert!(size_of::<InFlight>() == 24);
+const _: () = assert!(size_of::<SyscallInFlight>() == 24);

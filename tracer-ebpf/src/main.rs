@@ -1,8 +1,10 @@
 //! alloctrace's eBPF programs. Uprobes on the allocator family record each allocation (at return, with the user
-//! stack) and each release (at entry) into one ring buffer; a `sched_process_exec` tracepoint tells userspace
-//! when a traced process's address space is replaced. The probes are attached with a pid filter, so only the
-//! traced processes ever run them. Userspace keeps the outstanding-allocation table: the kernel side only keeps
-//! what must live between an allocator's entry and its return, and the ids of stacks it has already sent.
+//! stack) and each release (at entry) into one ring buffer; they are attached with a pid filter, so only the
+//! traced processes ever run them. Tracepoints, which fire host-wide and so check `TARGETS` first, add what is
+//! not malloc'd (anonymous `mmap`/`mremap`/`munmap` and `brk`, skipped inside an allocator call, whose blocks
+//! already account for them), and follow processes: `fork` marks children, `exec` says an address space was
+//! replaced or a `--comm` name started. Userspace keeps the outstanding-allocation table: the kernel side only
+//! keeps what must live between an entry and its return, and the ids of stacks it has already sent.
 #![no_std]
 #![no_main]
 
@@ -10,16 +12,17 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns,
-        bpf_probe_read_user,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task_btf, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user, bpf_task_pt_regs,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use tracer_common::{
-    AllocEvent, AllocFn, EventHeader, EventKind, FreeEvent, InFlight, LOSS_COUNTERS, Loss,
-    MAX_STACK_DEPTH, StackEvent,
+    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ForkEvent, FreeEvent,
+    InFlight, LOSS_COUNTERS, Loss, MAX_STACK_DEPTH, StackEvent, SyscallInFlight,
 };
 
 /// Every record for userspace, in the order the probes reserved them.
@@ -42,9 +45,31 @@ static STACK_SCRATCH: PerCpuArray<StackEvent> = PerCpuArray::with_max_entries(1,
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_COUNTERS, 0);
 
-/// Processes being traced (tgid → unused): the exec tracepoint fires for every process on the host.
+/// Processes being traced (tgid → unused): tracepoints fire for every process on the host.
 #[map]
-static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
+
+/// Process names (`--comm`, NUL-padded to 16 bytes) whose processes are traced from their exec on.
+#[map]
+static COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0);
+
+/// Per-thread state between an `mmap`/`mremap` system call's entry and exit.
+#[map]
+static SYSCALLS: HashMap<u64, SyscallInFlight> = HashMap::with_max_entries(65536, 0);
+
+/// Offset of `child_pid` in the `sched_process_fork` record: its layout changed across kernels, so userspace
+/// reads it from tracefs and sets it at load time.
+#[unsafe(no_mangle)]
+static FORK_CHILD_PID_OFFSET: u32 = 20;
+
+/// Offsets in the `syscalls:*` records: the first argument of an entry, and the return value of an exit.
+const SYSCALL_ARG0: usize = 16;
+const SYSCALL_RET: usize = 16;
+const MAP_ANONYMOUS: u64 = 0x20;
+/// Returns from `-4095` to `-1` are error numbers.
+const MAX_ERRNO: u64 = 4095;
+/// Offset of `sp` in x86-64's `struct pt_regs`.
+const PT_REGS_SP: usize = 152;
 
 const BPF_NOEXIST: u64 = 1;
 
@@ -184,7 +209,7 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
 #[inline(always)]
 fn reallocate(func: AllocFn, old_addr: u64, size: u64) {
     if enter(func, size, old_addr) && old_addr != 0 {
-        emit_free(func, old_addr);
+        emit_release(func, old_addr, 0);
     }
 }
 
@@ -220,11 +245,11 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     if addr == 0 && !reallocates {
         return 0;
     }
-    let stack_id = capture_stack(&ctx);
+    let stack_id = capture_stack(ctx.as_ptr(), None);
     let event = AllocEvent {
         header: header(EventKind::Alloc),
         func: state.func,
-        _pad: 0,
+        flags: 0,
         addr,
         size: state.size,
         old_addr,
@@ -245,37 +270,41 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     if IN_FLIGHT.get_ptr(bpf_get_current_pid_tgid()).is_some() {
         return 0;
     }
-    emit_free(AllocFn::Free, addr);
+    emit_release(AllocFn::Free, addr, 0);
     0
 }
 
 #[inline(always)]
-fn emit_free(func: AllocFn, addr: u64) {
+fn emit_release(func: AllocFn, addr: u64, size: u64) {
     let event = FreeEvent {
         header: header(EventKind::Free),
         func: func as u32,
         _pad: 0,
         addr,
+        size,
     };
     let _ = output(&event);
 }
 
 /// Takes the user stack, returns its id (a hash of its frames), and sends the frames the first time an id is
 /// seen. Returns 0 when no stack could be taken. At a return probe the first frame is the exact return address
-/// into the caller, so the allocator's own frames never appear.
+/// into the caller, so the allocator's own frames never appear. At a system call the first frame is inside the
+/// libc wrapper, which keeps no frame pointer: `guessed_caller`, the word on top of the user stack, is put
+/// second (userspace drops it when it is not a return address).
 #[inline(always)]
-fn capture_stack(ctx: &RetProbeContext) -> u64 {
+fn capture_stack(ctx: *mut core::ffi::c_void, guessed_caller: Option<u64>) -> u64 {
     let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
     // SAFETY: this CPU's scratch slot; no other program on this CPU runs until this one returns.
     let scratch = unsafe { &mut *scratch };
-    // SAFETY: the buffer is `frames`, whose size is passed.
+    let skip = usize::from(guessed_caller.is_some());
+    // SAFETY: the buffer is `frames` past the first `skip` entries, and its remaining size is passed.
     let bytes = unsafe {
         bpf_get_stack(
-            ctx.as_ptr(),
-            scratch.frames.as_mut_ptr().cast(),
-            (MAX_STACK_DEPTH * 8) as u32,
+            ctx,
+            scratch.frames.as_mut_ptr().add(skip).cast(),
+            ((MAX_STACK_DEPTH - skip) * 8) as u32,
             BPF_F_USER_STACK as u64,
         )
     };
@@ -283,7 +312,12 @@ fn capture_stack(ctx: &RetProbeContext) -> u64 {
         count_loss(Loss::StackUnavailable);
         return 0;
     }
-    let depth = (bytes as usize / 8).min(MAX_STACK_DEPTH);
+    let mut depth = (bytes as usize / 8).min(MAX_STACK_DEPTH - skip);
+    if let Some(caller) = guessed_caller {
+        scratch.frames[0] = scratch.frames[1];
+        scratch.frames[1] = caller;
+        depth += 1;
+    }
     let mut id: u64 = 0xcbf2_9ce4_8422_2325;
     for i in 0..MAX_STACK_DEPTH {
         if i >= depth {
@@ -299,6 +333,7 @@ fn capture_stack(ctx: &RetProbeContext) -> u64 {
         scratch.header = header(EventKind::Stack);
         scratch.stack_id = id;
         scratch.depth = depth as u32;
+        scratch.guessed_caller = skip as u32;
         if !output(&*scratch) {
             // Let the next allocation with this stack try again.
             let _ = SENT_STACKS.remove(id);
@@ -307,19 +342,209 @@ fn capture_stack(ctx: &RetProbeContext) -> u64 {
     id
 }
 
-#[tracepoint]
-pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+#[inline(always)]
+fn is_target() -> bool {
     // SAFETY: read-only look-up of a plain value.
-    if unsafe { TARGETS.get(pid) }.is_none() {
+    unsafe { TARGETS.get(current_tgid()) }.is_some()
+}
+
+/// True while one of the allocator's own calls runs on this thread: what it maps is its blocks' memory.
+#[inline(always)]
+fn in_allocator() -> bool {
+    IN_FLIGHT.get_ptr(bpf_get_current_pid_tgid()).is_some()
+}
+
+#[inline(always)]
+fn field(ctx: &TracePointContext, offset: usize) -> u64 {
+    // SAFETY: reading a field of the tracepoint record at an offset its format file gives.
+    unsafe { ctx.read_at::<u64>(offset) }.unwrap_or(0)
+}
+
+/// The word on top of the user stack: at a leaf libc wrapper's `syscall`, the return address into its caller.
+#[inline(always)]
+fn word_on_user_stack() -> u64 {
+    // SAFETY: bpf_task_pt_regs of the current task gives its saved user registers; both reads are checked.
+    unsafe {
+        let task = bpf_get_current_task_btf();
+        let regs = bpf_task_pt_regs(task) as *const u8;
+        let Ok(sp) = bpf_probe_read_kernel(regs.add(PT_REGS_SP) as *const u64) else {
+            return 0;
+        };
+        bpf_probe_read_user(sp as *const u64).unwrap_or(0)
+    }
+}
+
+/// Sends a range being mapped (or the break having moved) with its stack.
+#[inline(always)]
+fn emit_mapping(
+    ctx: &TracePointContext,
+    func: AllocFn,
+    addr: u64,
+    size: u64,
+    old_addr: u64,
+    flags: u32,
+) {
+    let stack_id = if flags & ALLOC_BY_ALLOCATOR == 0 {
+        capture_stack(ctx.as_ptr(), Some(word_on_user_stack()))
+    } else {
+        0
+    };
+    let event = AllocEvent {
+        header: header(EventKind::Alloc),
+        func: func as u32,
+        flags,
+        addr,
+        size,
+        old_addr,
+        stack_id,
+    };
+    let _ = output(&event);
+}
+
+#[tracepoint]
+pub fn mmap_enter(ctx: TracePointContext) -> u32 {
+    if !is_target() || in_allocator() {
         return 0;
     }
-    if EVENTS
-        .output::<EventHeader>(header(EventKind::Exec), 0)
+    // mmap(addr, len, prot, flags, fd, off): only anonymous memory; files are page cache, not the heap.
+    let len = field(&ctx, SYSCALL_ARG0 + 8);
+    let flags = field(&ctx, SYSCALL_ARG0 + 24);
+    if flags & MAP_ANONYMOUS == 0 {
+        return 0;
+    }
+    let state = SyscallInFlight {
+        func: AllocFn::Mmap as u32,
+        _pad: 0,
+        len,
+        old_addr: 0,
+    };
+    if SYSCALLS
+        .insert(bpf_get_current_pid_tgid(), state, 0)
         .is_err()
     {
-        count_loss(Loss::RingBufFull);
+        count_loss(Loss::InFlightFull);
     }
+    0
+}
+
+#[tracepoint]
+pub fn mremap_enter(ctx: TracePointContext) -> u32 {
+    if !is_target() || in_allocator() {
+        return 0;
+    }
+    // mremap(old, old_len, new_len, flags, new_addr): the old range goes now, in order with other threads.
+    let old_addr = field(&ctx, SYSCALL_ARG0);
+    let old_len = field(&ctx, SYSCALL_ARG0 + 8);
+    let state = SyscallInFlight {
+        func: AllocFn::Mremap as u32,
+        _pad: 0,
+        len: field(&ctx, SYSCALL_ARG0 + 16),
+        old_addr,
+    };
+    if SYSCALLS
+        .insert(bpf_get_current_pid_tgid(), state, 0)
+        .is_err()
+    {
+        count_loss(Loss::InFlightFull);
+        return 0;
+    }
+    emit_release(AllocFn::Mremap, old_addr, old_len);
+    0
+}
+
+/// The exit of `mmap` and `mremap`.
+#[tracepoint]
+pub fn map_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: this thread's own entry, copied out.
+    let Some(state) = (unsafe { SYSCALLS.get(pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = SYSCALLS.remove(pid_tgid);
+    let ret = field(&ctx, SYSCALL_RET);
+    let failed = ret > u64::MAX - MAX_ERRNO;
+    if state.func == AllocFn::Mremap as u32 {
+        // A failed mremap keeps the old range, which userspace restores on a 0 address.
+        let addr = if failed { 0 } else { ret };
+        emit_mapping(&ctx, AllocFn::Mremap, addr, state.len, state.old_addr, 0);
+    } else if !failed {
+        emit_mapping(&ctx, AllocFn::Mmap, ret, state.len, 0, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn munmap_enter(ctx: TracePointContext) -> u32 {
+    if !is_target() {
+        return 0;
+    }
+    // Sent even from inside the allocator: userspace removes only ranges it recorded as mapped.
+    emit_release(
+        AllocFn::Munmap,
+        field(&ctx, SYSCALL_ARG0),
+        field(&ctx, SYSCALL_ARG0 + 8),
+    );
+    0
+}
+
+#[tracepoint]
+pub fn brk_exit(ctx: TracePointContext) -> u32 {
+    if !is_target() {
+        return 0;
+    }
+    // Every move of the break is sent, so userspace always knows where it is; moves made by the allocator
+    // are marked, their memory being its blocks'.
+    let flags = if in_allocator() {
+        ALLOC_BY_ALLOCATOR
+    } else {
+        0
+    };
+    emit_mapping(&ctx, AllocFn::Brk, field(&ctx, SYSCALL_RET), 0, 0, flags);
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    if !is_target() {
+        return 0;
+    }
+    // SAFETY: a plain global, set at load time.
+    let offset = unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) } as usize;
+    // SAFETY: reading a field of the tracepoint record at the offset its format file gives.
+    let child_pid = unsafe { ctx.read_at::<u32>(offset) }.unwrap_or(0);
+    if child_pid == 0 {
+        return 0;
+    }
+    // Threads come through here too: userspace tells them apart. Marking the child now means its own
+    // system calls and forks are seen from its first instruction.
+    let _ = TARGETS.insert(child_pid, 0, 0);
+    let event = ForkEvent {
+        header: header(EventKind::Fork),
+        child_pid,
+        _pad: 0,
+    };
+    let _ = output(&event);
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    if !is_target() {
+        let Ok(comm) = bpf_get_current_comm() else {
+            return 0;
+        };
+        // SAFETY: read-only look-up of a plain value.
+        if unsafe { COMMS.get(comm) }.is_none() {
+            return 0;
+        }
+        let _ = TARGETS.insert(current_tgid(), 0, 0);
+    }
+    let _ = output(&header(EventKind::Exec));
     0
 }
 

@@ -1,4 +1,4 @@
-//! Command-line arguments, as clap parses them, and the validated options the tracer runs with.
+//! Command-line arguments, as clap parses them.
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
@@ -19,40 +19,86 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Trace allocations and report the sites holding the most memory when the trace ends.
+    /// Trace allocations and report the sites holding the most memory when the trace ends, each with a verdict:
+    /// leak, lingering, churn or steady.
     Leaks(LeaksArgs),
+    /// Trace allocations and list the large objects still alive when the trace ends.
+    Large(LargeArgs),
 }
 
+/// What to trace, and for how long. Children of traced processes are followed.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("target").required(true).args(["pids", "command"])))]
-pub struct LeaksArgs {
+#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["pids", "comms", "command"])))]
+pub struct TargetArgs {
     /// Trace this running process (repeatable).
     #[arg(short = 'p', long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
 
+    /// Trace every process with this name (the kernel's 15-character comm), running or started later
+    /// (repeatable).
+    #[arg(long = "comm", value_name = "NAME")]
+    pub comms: Vec<String>,
+
     /// Report after this long (e.g. `30s`, `5m`; a bare number is seconds). Ctrl-C also ends the trace, and so
-    /// does the exit of every traced process.
+    /// does the exit of every traced process (unless --comm waits for more).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
-    /// Count only blocks at least this old as live.
-    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "0s")]
-    pub min_age: Duration,
+    /// Start COMMAND and trace it from its first instruction; its exit ends the trace.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
 
-    /// How many sites to show.
-    #[arg(long, value_name = "N", default_value_t = 10)]
-    pub top: usize,
-
+#[derive(Debug, Args)]
+pub struct OutputArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
     /// Write the report to FILE instead of standard output.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
+}
 
-    /// Start COMMAND and trace it from its first instruction; its exit ends the trace.
-    #[arg(last = true, value_name = "COMMAND")]
-    pub command: Vec<OsString>,
+#[derive(Debug, Args)]
+pub struct LeaksArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// Count only blocks at least this old as live.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "0s")]
+    pub min_age: Duration,
+
+    /// Blocks at least this large that stay alive make a site `lingering` (e.g. `1MiB`, `512KiB`, `4096`).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1MiB")]
+    pub min_size: u64,
+
+    /// How many sites to show.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LargeArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// Only objects at least this large (e.g. `1MiB`, `512KiB`, `4096`).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1MiB")]
+    pub min_size: u64,
+
+    /// Only objects at least this old.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "0s")]
+    pub min_age: Duration,
+
+    /// How many objects to show.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub top: usize,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// `1.5` (seconds), `250ms`, `30s`, `5m`, `1h 30m`.
@@ -61,6 +107,31 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"));
     }
     humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// `4096`, `512K`, `512KiB`, `1M`, `1MiB`, `2G`, `2GiB` (binary units; `B` optional, case ignored).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let lower = text.trim().to_ascii_lowercase();
+    let digits = lower.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &lower[digits.len()..];
+    let shift = match unit {
+        "" | "b" => 0,
+        "k" | "kb" | "ki" | "kib" => 10,
+        "m" | "mb" | "mi" | "mib" => 20,
+        "g" | "gb" | "gi" | "gib" => 30,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use B, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    let value: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 #[cfg(test)]
@@ -77,17 +148,43 @@ mod tests {
     }
 
     #[test]
-    fn a_target_is_required_and_only_one_kind() {
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("2gib"), Ok(2 << 30));
+        assert!(parse_size("1 parsec").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999GiB").is_err());
+    }
+
+    #[test]
+    fn a_target_is_required_and_kinds_combine() {
         assert!(Cli::try_parse_from(["alloctrace", "leaks"]).is_err());
-        assert!(Cli::try_parse_from(["alloctrace", "leaks", "-p", "1", "--", "true"]).is_err());
-        let cli =
-            Cli::try_parse_from(["alloctrace", "leaks", "-p", "1", "--pid", "2", "--top", "3"])
-                .unwrap();
-        let Command::Leaks(args) = cli.command;
-        assert_eq!((args.pids, args.top), (vec![1, 2], 3));
         let cli = Cli::try_parse_from([
             "alloctrace",
             "leaks",
+            "-p",
+            "1",
+            "--pid",
+            "2",
+            "--comm",
+            "python3",
+        ])
+        .unwrap();
+        let Command::Leaks(args) = cli.command else {
+            panic!("leaks");
+        };
+        assert_eq!(
+            (args.target.pids, args.target.comms),
+            (vec![1, 2], vec!["python3".to_owned()])
+        );
+        assert_eq!(args.min_size, 1 << 20);
+        let cli = Cli::try_parse_from([
+            "alloctrace",
+            "large",
+            "--min-size",
+            "4MiB",
             "--format",
             "json",
             "--",
@@ -96,8 +193,10 @@ mod tests {
             "x",
         ])
         .unwrap();
-        let Command::Leaks(args) = cli.command;
-        assert_eq!(args.command, ["python3", "-c", "x"]);
-        assert_eq!(args.format, Format::Json);
+        let Command::Large(args) = cli.command else {
+            panic!("large");
+        };
+        assert_eq!(args.target.command, ["python3", "-c", "x"]);
+        assert_eq!((args.min_size, args.output.format), (4 << 20, Format::Json));
     }
 }

@@ -1,7 +1,8 @@
 //! Ring-buffer records (bytes written by `tracer-ebpf`) into [`Event`]s.
 
 use tracer_common::{
-    AllocEvent, AllocFn, EventHeader, EventKind, FreeEvent, MAX_STACK_DEPTH, StackEvent,
+    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ForkEvent, FreeEvent,
+    MAX_STACK_DEPTH, StackEvent,
 };
 
 /// One decoded record.
@@ -14,19 +15,29 @@ pub enum Event {
         size: u64,
         old_addr: u64,
         stack_id: u64,
+        /// A `brk` made inside an allocator call.
+        by_allocator: bool,
     },
     Free {
         header: EventHeader,
         func: AllocFn,
         addr: u64,
+        /// Length of an unmapped range; 0 for heap blocks.
+        size: u64,
     },
     Stack {
         header: EventHeader,
         stack_id: u64,
         frames: Vec<u64>,
+        /// `frames[1]` is a guess at the caller of a system call's libc wrapper.
+        guessed_caller: bool,
     },
     Exec {
         header: EventHeader,
+    },
+    Fork {
+        header: EventHeader,
+        child_pid: u32,
     },
 }
 
@@ -73,6 +84,7 @@ impl TryFrom<&[u8]> for Event {
                     size: e.size,
                     old_addr: e.old_addr,
                     stack_id: e.stack_id,
+                    by_allocator: e.flags & ALLOC_BY_ALLOCATOR != 0,
                 }
             }
             EventKind::Free => {
@@ -81,6 +93,7 @@ impl TryFrom<&[u8]> for Event {
                     header,
                     func: func(e.func)?,
                     addr: e.addr,
+                    size: e.size,
                 }
             }
             EventKind::Stack => {
@@ -90,9 +103,17 @@ impl TryFrom<&[u8]> for Event {
                     header,
                     stack_id: e.stack_id,
                     frames: e.frames[..depth].to_vec(),
+                    guessed_caller: e.guessed_caller != 0,
                 }
             }
             EventKind::Exec => Self::Exec { header },
+            EventKind::Fork => {
+                let e: ForkEvent = read(bytes, Some(kind))?;
+                Self::Fork {
+                    header,
+                    child_pid: e.child_pid,
+                }
+            }
         })
     }
 }
@@ -122,7 +143,7 @@ mod tests {
         let record = AllocEvent {
             header: header(EventKind::Alloc),
             func: AllocFn::Calloc as u32,
-            _pad: 0,
+            flags: 0,
             addr: 0x5555_0000_1000,
             size: 4096,
             old_addr: 0,
@@ -137,6 +158,40 @@ mod tests {
                 size: 4096,
                 old_addr: 0,
                 stack_id: 0xabcd,
+                by_allocator: false,
+            })
+        );
+    }
+
+    #[test]
+    fn brk_by_the_allocator_and_fork_round_trip() {
+        let record = AllocEvent {
+            header: header(EventKind::Alloc),
+            func: AllocFn::Brk as u32,
+            flags: ALLOC_BY_ALLOCATOR,
+            addr: 0x60_0000,
+            ..Default::default()
+        };
+        let Ok(Event::Alloc {
+            func,
+            by_allocator,
+            addr,
+            ..
+        }) = Event::try_from(bytes_of(&record))
+        else {
+            panic!("not an allocation");
+        };
+        assert_eq!((func, by_allocator, addr), (AllocFn::Brk, true, 0x60_0000));
+        let fork = ForkEvent {
+            header: header(EventKind::Fork),
+            child_pid: 99,
+            _pad: 0,
+        };
+        assert_eq!(
+            Event::try_from(bytes_of(&fork)),
+            Ok(Event::Fork {
+                header: fork.header,
+                child_pid: 99
             })
         );
     }
@@ -145,16 +200,18 @@ mod tests {
     fn free_and_exec_round_trip() {
         let record = FreeEvent {
             header: header(EventKind::Free),
-            func: AllocFn::Realloc as u32,
+            func: AllocFn::Munmap as u32,
             _pad: 0,
             addr: 0x1000,
+            size: 8192,
         };
         assert_eq!(
             Event::try_from(bytes_of(&record)),
             Ok(Event::Free {
                 header: record.header,
-                func: AllocFn::Realloc,
-                addr: 0x1000
+                func: AllocFn::Munmap,
+                addr: 0x1000,
+                size: 8192,
             })
         );
         let exec = header(EventKind::Exec);
@@ -172,16 +229,22 @@ mod tests {
             header: header(EventKind::Stack),
             stack_id: 9,
             depth: 3,
-            _pad: 0,
+            guessed_caller: 1,
             frames,
         };
         let Ok(Event::Stack {
-            frames, stack_id, ..
+            frames,
+            stack_id,
+            guessed_caller,
+            ..
         }) = Event::try_from(bytes_of(&record))
         else {
             panic!("not a stack");
         };
-        assert_eq!((stack_id, frames), (9, vec![0x10, 0x20, 0x30]));
+        assert_eq!(
+            (stack_id, frames, guessed_caller),
+            (9, vec![0x10, 0x20, 0x30], true)
+        );
     }
 
     #[test]

@@ -3,7 +3,56 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use tracer::cli::{Cli, Command};
+use tracer::{
+    cli::{Cli, Command},
+    output::{self, Report},
+    report::{
+        large::{self, LargeOptions},
+        leaks::{self, LeaksOptions},
+    },
+    trace,
+};
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Leaks(args) => {
+            let trace = trace::run(&args.target).await?;
+            let report = leaks::build(
+                &trace,
+                &LeaksOptions {
+                    min_age_ns: args.min_age.as_nanos() as u64,
+                    min_size: args.min_size,
+                    top: args.top,
+                },
+            );
+            let written = output::write_to(
+                Report::Leaks(&report),
+                args.output.format,
+                args.output.output.as_deref(),
+            );
+            trace.stop_unfinished_command();
+            written
+        }
+        Command::Large(args) => {
+            let trace = trace::run(&args.target).await?;
+            let report = large::build(
+                &trace,
+                &LargeOptions {
+                    min_size: args.min_size,
+                    min_age_ns: args.min_age.as_nanos() as u64,
+                    top: args.top,
+                },
+            );
+            let written = output::write_to(
+                Report::Large(&report),
+                args.output.format,
+                args.output.output.as_deref(),
+            );
+            trace.stop_unfinished_command();
+            written
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -17,12 +66,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Leaks(args) => tracer::trace::leaks(args).await,
-        }
-    });
-    match result {
+    match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {

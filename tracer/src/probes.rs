@@ -1,12 +1,13 @@
 //! Loads the eBPF programs and attaches them: allocator uprobes per traced process (with a pid filter, so no
-//! other process on the host hits a breakpoint), and the exec tracepoint. Reads the kernel-side loss counters.
+//! other process on the host hits a breakpoint), and the tracepoints for mapped memory and for following
+//! processes. Each tracepoint's kernel requirement is in [`TRACEPOINTS`]. Reads the kernel-side loss counters.
 
 use std::num::NonZeroU32;
 
 use anyhow::Context as _;
 use aya::{
-    Ebpf,
-    maps::{MapData, PerCpuArray, RingBuf},
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeScope},
@@ -14,11 +15,11 @@ use aya::{
 };
 use tracer_common::{AllocFn, LOSS_COUNTERS, Loss};
 
-use crate::procs::allocator::Allocator;
+use crate::{procs::allocator::Allocator, system};
 
 /// The entry program of an allocator function. Every function but `free` also gets `alloc_exit` on return.
-fn entry_program(func: AllocFn) -> &'static str {
-    match func {
+fn entry_program(func: AllocFn) -> Option<&'static str> {
+    Some(match func {
         AllocFn::Malloc => "malloc_enter",
         AllocFn::Calloc => "calloc_enter",
         AllocFn::Realloc => "realloc_enter",
@@ -29,10 +30,23 @@ fn entry_program(func: AllocFn) -> &'static str {
         AllocFn::Memalign => "memalign_enter",
         AllocFn::Valloc => "valloc_enter",
         AllocFn::Pvalloc => "pvalloc_enter",
-    }
+        AllocFn::Mmap | AllocFn::Munmap | AllocFn::Mremap | AllocFn::Brk => return None,
+    })
 }
 
 const EXIT_PROGRAM: &str = "alloc_exit";
+
+/// Tracepoints: (program, category, event). All exist since Linux 4.x wherever tracepoints are built in.
+const TRACEPOINTS: [(&str, &str, &str); 8] = [
+    ("mmap_enter", "syscalls", "sys_enter_mmap"),
+    ("map_exit", "syscalls", "sys_exit_mmap"),
+    ("mremap_enter", "syscalls", "sys_enter_mremap"),
+    ("map_exit", "syscalls", "sys_exit_mremap"),
+    ("munmap_enter", "syscalls", "sys_enter_munmap"),
+    ("brk_exit", "syscalls", "sys_exit_brk"),
+    ("sched_process_fork", "sched", "sched_process_fork"),
+    ("sched_process_exec", "sched", "sched_process_exec"),
+];
 
 pub struct Probes {
     ebpf: Ebpf,
@@ -40,23 +54,33 @@ pub struct Probes {
 
 impl Probes {
     pub fn load() -> anyhow::Result<Self> {
-        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
-            env!("OUT_DIR"),
-            "/tracer"
-        )))
-        .context("cannot load alloctrace's eBPF object")?;
-        let names = AllocFn::ALL.map(entry_program);
-        for name in names.iter().copied().chain([EXIT_PROGRAM]) {
+        let child_pid_offset =
+            system::tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("FORK_CHILD_PID_OFFSET", &child_pid_offset, true)
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/tracer"
+            )))
+            .context("cannot load alloctrace's eBPF object")?;
+        let entries = AllocFn::ALLOCATOR.map(entry_program);
+        for name in entries.into_iter().flatten().chain([EXIT_PROGRAM]) {
             let program: &mut UProbe = program(&mut ebpf, name)?.try_into()?;
             program
                 .load()
                 .with_context(|| format!("the kernel refused the eBPF program {name}"))?;
         }
-        let exec: &mut TracePoint = program(&mut ebpf, "sched_process_exec")?.try_into()?;
-        exec.load()
-            .context("the kernel refused the eBPF program sched_process_exec")?;
-        exec.attach("sched", "sched_process_exec")
-            .context("cannot attach to the tracepoint sched:sched_process_exec")?;
+        for (name, category, event) in TRACEPOINTS {
+            let program: &mut TracePoint = program(&mut ebpf, name)?.try_into()?;
+            if program.fd().is_err() {
+                program
+                    .load()
+                    .with_context(|| format!("the kernel refused the eBPF program {name}"))?;
+            }
+            program
+                .attach(category, event)
+                .with_context(|| format!("cannot attach to the tracepoint {category}:{event}"))?;
+        }
         Ok(Self { ebpf })
     }
 
@@ -65,10 +89,10 @@ impl Probes {
         let scope =
             UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0 is not a process")?);
         for point in &allocator.probes {
-            let entry = (
-                entry_program(point.func),
-                point.file_offset + point.entry_offset,
-            );
+            let Some(entry) = entry_program(point.func) else {
+                continue;
+            };
+            let entry = (entry, point.file_offset + point.entry_offset);
             let exit = (point.func != AllocFn::Free).then_some((EXIT_PROGRAM, point.file_offset));
             for (name, offset) in std::iter::once(entry).chain(exit) {
                 let func = point.func;
@@ -88,12 +112,38 @@ impl Probes {
                     })?;
             }
         }
-        let mut targets: aya::maps::HashMap<_, u32, u8> =
-            aya::maps::HashMap::try_from(self.ebpf.map_mut("TARGETS").context("no TARGETS map")?)?;
+        self.add_target(pid)
+    }
+
+    /// Marks `pid` as traced for the tracepoints (its mappings, forks and execs).
+    pub fn add_target(&mut self, pid: u32) -> anyhow::Result<()> {
+        let mut targets: BpfHashMap<_, u32, u8> =
+            BpfHashMap::try_from(self.ebpf.map_mut("TARGETS").context("no TARGETS map")?)?;
         targets
             .insert(pid, 0, 0)
-            .with_context(|| format!("cannot add pid {pid} to the traced set"))?;
-        Ok(())
+            .with_context(|| format!("cannot add pid {pid} to the traced set"))
+    }
+
+    /// Forgets a thread the fork tracepoint marked: only processes are targets.
+    pub fn remove_target(&mut self, tid: u32) -> anyhow::Result<()> {
+        let mut targets: BpfHashMap<_, u32, u8> =
+            BpfHashMap::try_from(self.ebpf.map_mut("TARGETS").context("no TARGETS map")?)?;
+        targets
+            .remove(&tid)
+            .with_context(|| format!("cannot remove thread {tid} from the traced set"))
+    }
+
+    /// Traces every process that execs with this name (the kernel's 15-character `comm`).
+    pub fn add_comm(&mut self, comm: &str) -> anyhow::Result<()> {
+        let mut key = [0u8; 16];
+        let bytes = comm.as_bytes();
+        let len = bytes.len().min(15);
+        key[..len].copy_from_slice(&bytes[..len]);
+        let mut comms: BpfHashMap<_, [u8; 16], u8> =
+            BpfHashMap::try_from(self.ebpf.map_mut("COMMS").context("no COMMS map")?)?;
+        comms
+            .insert(key, 0, 0)
+            .with_context(|| format!("cannot add the process name {comm:?}"))
     }
 
     pub fn take_ring_buffer(&mut self) -> anyhow::Result<RingBuf<MapData>> {

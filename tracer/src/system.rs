@@ -3,7 +3,7 @@
 
 use std::{ffi::CString, path::Path};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
 /// Where tracefs is mounted on current systems, and where the kernel documents mounting it.
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -27,10 +27,16 @@ pub fn require_uprobes() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where tracefs is mounted, if it is.
+fn tracefs() -> Option<&'static str> {
+    [TRACEFS, "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .find(|root| Path::new(root).join("events").is_dir())
+}
+
 /// Tracepoints are found through tracefs, which a fresh host may not mount: mount it, or say how.
 pub fn ensure_tracefs() -> anyhow::Result<()> {
-    let mounted = |root: &str| Path::new(root).join("events").is_dir();
-    if mounted(TRACEFS) || mounted("/sys/kernel/debug/tracing") {
+    if tracefs().is_some() {
         return Ok(());
     }
     let target = CString::new(TRACEFS).expect("no NUL in a constant");
@@ -46,13 +52,37 @@ pub fn ensure_tracefs() -> anyhow::Result<()> {
             std::ptr::null(),
         )
     };
-    if rc != 0 || !mounted(TRACEFS) {
+    if rc != 0 || tracefs().is_none() {
         let err = std::io::Error::last_os_error();
         bail!(
             "tracefs is not mounted and mounting it failed ({err}): run `mount -t tracefs nodev {TRACEFS}`"
         );
     }
     Ok(())
+}
+
+/// The offset of `field` in a tracepoint's records, from its `format` file.
+pub fn tracepoint_field_offset(category: &str, event: &str, field: &str) -> anyhow::Result<u32> {
+    let root = tracefs().context("tracefs is not mounted")?;
+    let path = format!("{root}/events/{category}/{event}/format");
+    let format = std::fs::read_to_string(&path).with_context(|| {
+        format!("cannot read {path}: this kernel lacks the tracepoint {category}:{event}")
+    })?;
+    field_offset(&format, field).with_context(|| format!("{path} has no field {field}"))
+}
+
+/// `field:pid_t child_pid; offset:20; size:4;…` (tab-separated) → 20.
+fn field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let declaration = line.trim().strip_prefix("field:")?.split(';').next()?;
+        let name = declaration.rsplit([' ', '*']).next()?;
+        let name = name.split('[').next()?;
+        if name != field {
+            return None;
+        }
+        let offset = line.split("offset:").nth(1)?.split(';').next()?;
+        offset.trim().parse().ok()
+    })
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so ages compare with event times.
@@ -64,4 +94,23 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: a valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_field_offsets_of_a_format_file() {
+        let format = include_str!("../test_data/sched_process_fork.format");
+        assert_eq!(field_offset(format, "child_pid"), Some(20));
+        assert_eq!(field_offset(format, "parent_pid"), Some(12));
+        assert_eq!(field_offset(format, "parent_comm"), Some(8));
+        assert_eq!(field_offset(format, "common_pid"), Some(4));
+        assert_eq!(field_offset(format, "no_such_field"), None);
+        // Before Linux 6.x the names were fixed arrays.
+        let old = "\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(field_offset(old, "parent_comm"), Some(8));
+        assert_eq!(field_offset(old, "child_pid"), Some(44));
+    }
 }

@@ -1,15 +1,14 @@
-//! A tracing session: attaches to the targets, consumes the ring buffer until the trace ends (duration, Ctrl-C,
-//! or every target gone), and turns what it gathered into a report.
+//! A tracing session: finds and attaches to the targets (pids, names, a command, and the children they fork),
+//! consumes the ring buffer until the trace ends (duration, Ctrl-C, or every target gone), and hands the
+//! gathered ledger to the report builders.
 
 use std::{
-    collections::HashMap,
-    fs::File,
-    io::Write as _,
+    collections::{HashMap, HashSet},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
@@ -18,35 +17,68 @@ use tokio::{
 use tracer_common::{AllocFn, Loss};
 
 use crate::{
-    aggregate::{LiveTable, Site, SiteId, Sites},
-    cli::LeaksArgs,
+    aggregate::{Ledger, Site, SiteId, Sites},
+    cli::TargetArgs,
     decode::Event,
-    output,
     probes::Probes,
-    procs::{ProcessInfo, Registry, allocator},
-    report::{
-        Exit, Losses,
-        leaks::{self, AllocatorReport, LeaksInput, ProcessReport},
+    procs::{
+        ProcessInfo, Registry,
+        allocator::{self, Allocator},
+        maps::FileId,
     },
+    report::{AllocatorReport, Exit, Losses, ProcessReport},
     spawn::{self, ChildEvent},
     system,
 };
 
 /// How often the ring buffer is drained when the probes have not asked for it.
-const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What a finished trace gathered: the input of every report.
+pub struct Trace {
+    pub ledger: Ledger,
+    pub sites: Sites,
+    pub processes: Vec<ProcessReport>,
+    pub allocators: Vec<AllocatorReport>,
+    pub lost: Losses,
+    pub duration_s: f64,
+    /// `[start, end]` of the trace in `bpf_ktime_get_ns` time.
+    pub window: (u64, u64),
+    /// The command alloctrace started, when it was still running as the trace ended.
+    unfinished_command: Option<u32>,
+}
+
+impl Trace {
+    /// A command alloctrace started lives as long as its trace: when the trace ended first (--duration,
+    /// Ctrl-C), it is stopped, once the report shows what it held.
+    pub fn stop_unfinished_command(&self) {
+        if let Some(pid) = self.unfinished_command {
+            // SAFETY: signalling our own child, not yet reaped, so its pid cannot have been reused.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+}
 
 /// What the session has learnt from the events so far.
 #[derive(Default)]
 struct State {
     registry: Registry,
     sites: Sites,
-    table: LiveTable,
-    /// Frames of every stack id received.
-    stacks: HashMap<u64, Vec<u64>>,
+    ledger: Ledger,
+    /// Frames of every stack id received, and whether `frames[1]` is a guessed caller.
+    stacks: HashMap<u64, (Vec<u64>, bool)>,
     /// Site of each (pid, function, stack id) already seen.
     site_of_stack: HashMap<(u32, AllocFn, u64), SiteId>,
     stackless: u64,
     undecodable: u64,
+    /// Processes that forked or exec'd, for the session to attach to.
+    discovered: Vec<Discovery>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Discovery {
+    Forked { parent: u32, child: u32 },
+    Execed(u32),
 }
 
 impl State {
@@ -60,9 +92,12 @@ impl State {
         };
         match event {
             Event::Stack {
-                stack_id, frames, ..
+                stack_id,
+                frames,
+                guessed_caller,
+                ..
             } => {
-                self.stacks.insert(stack_id, frames);
+                self.stacks.insert(stack_id, (frames, guessed_caller));
             }
             Event::Alloc {
                 header,
@@ -70,22 +105,47 @@ impl State {
                 addr,
                 size,
                 stack_id,
+                by_allocator,
                 ..
-            } => {
-                if addr == 0 {
-                    self.table.realloc_returned_null(header.tid, size);
-                    return;
+            } => match func {
+                AllocFn::Brk => {
+                    let site = (!by_allocator).then(|| self.site(header.pid, func, stack_id));
+                    self.ledger.break_moved(&header, addr, site);
                 }
-                let site = self.site(header.pid, func, stack_id);
-                self.table.allocated(&header, func, addr, size, site);
-            }
-            Event::Free { header, func, addr } => {
-                self.table.freed(header.pid, header.tid, func, addr);
+                AllocFn::Mremap => {
+                    let site = self.site(header.pid, func, stack_id);
+                    self.ledger.remapped(&header, addr, size, site);
+                }
+                _ if addr == 0 => self.ledger.realloc_returned_null(header.tid, size),
+                _ => {
+                    let site = self.site(header.pid, func, stack_id);
+                    self.ledger.allocated(&header, func, addr, size, site);
+                }
+            },
+            Event::Free {
+                header,
+                func,
+                addr,
+                size,
+            } => {
+                if func.maps_pages() {
+                    self.ledger
+                        .unmapped(header.pid, header.tid, func, addr, size);
+                } else {
+                    self.ledger.freed(header.pid, header.tid, func, addr);
+                }
             }
             Event::Exec { header } => {
-                self.table.exec(header.pid);
+                self.ledger.exec(header.pid);
                 self.site_of_stack.retain(|&(pid, ..), _| pid != header.pid);
                 self.registry.refresh(header.pid);
+                self.discovered.push(Discovery::Execed(header.pid));
+            }
+            Event::Fork { header, child_pid } => {
+                self.discovered.push(Discovery::Forked {
+                    parent: header.pid,
+                    child: child_pid,
+                });
             }
         }
     }
@@ -95,7 +155,7 @@ impl State {
         if let Some(&site) = self.site_of_stack.get(&(pid, func, stack_id)) {
             return site;
         }
-        let Some(frames) = self.stacks.get(&stack_id) else {
+        let Some((frames, guessed_caller)) = self.stacks.get(&stack_id) else {
             // No stack: the kernel could not take it, or its record was lost. Not cached, so that the stack is
             // used once it arrives.
             self.stackless += 1;
@@ -105,7 +165,7 @@ impl State {
                 frames: Vec::new(),
             });
         };
-        let frames = self.registry.symbolize(pid, frames);
+        let frames = self.registry.symbolize(pid, frames, *guessed_caller);
         let site = self.sites.intern(Site { pid, func, frames });
         self.site_of_stack.insert((pid, func, stack_id), site);
         site
@@ -153,35 +213,149 @@ fn watch_exit(pid: u32, fd: OwnedFd, exits: UnboundedSender<u32>) -> anyhow::Res
     Ok(())
 }
 
-pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
+/// True when `pid` is a process (a thread-group leader), not a thread.
+fn is_process(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))
+            .is_some_and(|tgid| tgid.trim() == pid.to_string())
+    })
+}
+
+/// Running processes named `comm`.
+fn processes_named(comm: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let wanted: String = comm.chars().take(15).collect();
+    let own = std::process::id();
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != own)
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim_end() == wanted)
+        })
+        .collect()
+}
+
+/// The session's targets and how they are doing.
+struct Targets {
+    probes: Probes,
+    exits_tx: UnboundedSender<u32>,
+    /// Every process traced, in the order it was found.
+    order: Vec<u32>,
+    /// The allocator files probed for each process.
+    probed: HashMap<u32, HashSet<Option<FileId>>>,
+    exited: HashMap<u32, Exit>,
+    allocators: Vec<AllocatorReport>,
+}
+
+impl Targets {
+    fn running(&self) -> usize {
+        self.order.len() - self.exited.len()
+    }
+
+    /// Attaches the allocator probes for `pid` (once per allocator file) and records it as a target.
+    fn attach(&mut self, pid: u32, allocator: Allocator) -> anyhow::Result<()> {
+        let probed = self.probed.entry(pid).or_default();
+        if !probed.insert(allocator.file) {
+            return Ok(());
+        }
+        self.probes.attach(pid, &allocator)?;
+        eprintln!("alloctrace: tracing pid {pid} through {}", allocator.path);
+        self.allocators.push(AllocatorReport { pid, allocator });
+        Ok(())
+    }
+
+    /// Starts watching a new target's exit.
+    fn track(&mut self, pid: u32) -> anyhow::Result<()> {
+        if self.order.contains(&pid) {
+            return Ok(());
+        }
+        self.order.push(pid);
+        match pidfd(pid) {
+            Ok(fd) if !has_exited(&fd) => watch_exit(pid, fd, self.exits_tx.clone()),
+            // Gone already: it still counts, with what it did while traced.
+            _ => {
+                self.exited.insert(pid, Exit::Exited);
+                Ok(())
+            }
+        }
+    }
+
+    /// A process found after the start (a fork of a target, or a `--comm` match): trace it, or say why not.
+    fn follow(&mut self, registry: &mut Registry, discovery: Discovery) {
+        let (pid, allocator) = match discovery {
+            Discovery::Forked { parent, child } => {
+                if !is_process(child) {
+                    // A thread: its process is traced already.
+                    let _ = self.probes.remove_target(child);
+                    return;
+                }
+                // A fork has its parent's address space, and so its allocator.
+                let allocator = self
+                    .allocators
+                    .iter()
+                    .rev()
+                    .find(|a| a.pid == parent)
+                    .map(|a| Ok(a.allocator.clone()))
+                    .unwrap_or_else(|| allocator::for_pid(registry, child));
+                (child, allocator)
+            }
+            Discovery::Execed(pid) => (pid, allocator::for_pid(registry, pid)),
+        };
+        registry.refresh(pid);
+        let result = allocator
+            .and_then(|allocator| self.attach(pid, allocator))
+            .and_then(|()| self.track(pid));
+        if let Err(err) = result {
+            // It may have exited already; the trace goes on for the others.
+            eprintln!("alloctrace: not tracing pid {pid}: {err:#}");
+        }
+    }
+}
+
+/// Runs a trace to its end.
+pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
     system::require_root()?;
     system::require_uprobes()?;
     system::ensure_tracefs()?;
-    let mut probes = Probes::load()?;
-    let mut state = State::default();
     let (exits_tx, mut exits) = unbounded_channel();
-    let mut targets: Vec<u32> = Vec::new();
-    let mut exit_status: HashMap<u32, Exit> = HashMap::new();
-    let mut allocators: Vec<AllocatorReport> = Vec::new();
+    let mut targets = Targets {
+        probes: Probes::load()?,
+        exits_tx,
+        order: Vec::new(),
+        probed: HashMap::new(),
+        exited: HashMap::new(),
+        allocators: Vec::new(),
+    };
+    let mut state = State::default();
 
-    for &pid in &args.pids {
+    for comm in &args.comms {
+        targets.probes.add_comm(comm)?;
+    }
+    let named = args.comms.iter().flat_map(|c| processes_named(c));
+    for pid in args.pids.iter().copied().chain(named) {
         if pid == std::process::id() {
             bail!("alloctrace cannot trace itself (pid {pid})");
         }
         let fd = pidfd(pid).map_err(|e| match e.raw_os_error() {
-            Some(libc::ESRCH) => anyhow::anyhow!("no process with pid {pid}"),
-            _ => anyhow::anyhow!("cannot watch pid {pid}: {e}"),
+            Some(libc::ESRCH) => anyhow!("no process with pid {pid}"),
+            _ => anyhow!("cannot watch pid {pid}: {e}"),
         })?;
         let allocator = allocator::for_pid(&mut state.registry, pid)
             .with_context(|| format!("cannot find the allocator of pid {pid}"))?;
-        probes.attach(pid, &allocator)?;
+        targets.attach(pid, allocator)?;
         if has_exited(&fd) {
             bail!("process {pid} exited before probes were attached");
         }
-        watch_exit(pid, fd, exits_tx.clone())?;
-        eprintln!("alloctrace: tracing pid {pid} through {}", allocator.path);
-        allocators.push(AllocatorReport { pid, allocator });
-        targets.push(pid);
+        if let Some(heap_end) = state.registry.heap_end(pid) {
+            state.ledger.set_break(pid, heap_end);
+        }
+        targets.order.push(pid);
+        watch_exit(pid, fd, targets.exits_tx.clone())?;
     }
 
     let mut child_events: Option<UnboundedReceiver<ChildEvent>> = None;
@@ -192,7 +366,7 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
         let allocator = allocator::for_command(&image)?;
         let child = spawn::spawn(&program, &args.command)?;
         let pid = child.pid;
-        probes.attach(pid, &allocator)?;
+        targets.attach(pid, allocator)?;
         let comm: String = program
             .file_name()
             .map(|n| n.to_string_lossy().chars().take(15).collect())
@@ -207,27 +381,26 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
                 .collect(),
             container: None,
         });
-        eprintln!("alloctrace: tracing pid {pid} through {}", allocator.path);
-        allocators.push(AllocatorReport { pid, allocator });
+        targets.order.push(pid);
         child_events = Some(child.release());
         child_pid = Some(pid);
-        targets.push(pid);
     }
 
     // SAFETY: the AsyncFd owns the ring buffer, whose map descriptor stays open, and the same, while it lives.
-    let mut ring = unsafe { AsyncFd::register(probes.take_ring_buffer()?) }
+    let mut ring = unsafe { AsyncFd::register(targets.probes.take_ring_buffer()?) }
         .map_err(std::io::Error::from)
         .context("cannot poll the ring buffer")?;
     let started = Instant::now();
     let start_ns = system::monotonic_ns();
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
-    // The probes wake this loop only when a lot is waiting; the timer bounds how stale the table gets.
+    // The probes wake this loop only when a lot is waiting; the timer bounds how stale the ledger gets.
     let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
-    let mut running = targets.len();
+    // With --comm, processes may still come: only the duration or Ctrl-C end the trace.
+    let waits_for_more = !args.comms.is_empty();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
 
-    while running > 0 {
+    while waits_for_more || targets.running() > 0 {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("cannot poll the ring buffer")?;
@@ -237,8 +410,7 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
             _ = drain_timer.tick() => drain(ring.get_mut(), &mut state),
             Some(pid) = exits.recv() => {
                 drain(ring.get_mut(), &mut state);
-                exit_status.entry(pid).or_insert(Exit::Exited);
-                running -= 1;
+                targets.exited.entry(pid).or_insert(Exit::Exited);
             }
             Some(event) = recv(&mut child_events) => match event {
                 ChildEvent::ExecFailed(err) => {
@@ -255,19 +427,28 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
                 ChildEvent::Exited(exit) => {
                     drain(ring.get_mut(), &mut state);
                     if let Some(pid) = child_pid {
-                        exit_status.insert(pid, exit);
+                        targets.exited.insert(pid, exit);
                     }
-                    running -= 1;
                 }
             },
             _ = sleep_until(deadline) => break,
             _ = &mut ctrl_c => break,
         }
+        for discovery in std::mem::take(&mut state.discovered) {
+            match discovery {
+                // A target's new image may use another allocator; a --comm match is new.
+                Discovery::Execed(pid) if targets.order.contains(&pid) || waits_for_more => {
+                    targets.follow(&mut state.registry, discovery);
+                }
+                Discovery::Forked { .. } => targets.follow(&mut state.registry, discovery),
+                Discovery::Execed(_) => {}
+            }
+        }
     }
     drain(ring.get_mut(), &mut state);
-    let now_ns = system::monotonic_ns();
+    let end_ns = system::monotonic_ns().max(start_ns);
 
-    let kernel = probes.losses()?;
+    let kernel = targets.probes.losses()?;
     let lost = Losses {
         events: kernel[Loss::RingBufFull as usize],
         untracked_calls: kernel[Loss::InFlightFull as usize],
@@ -275,41 +456,26 @@ pub async fn leaks(args: LeaksArgs) -> anyhow::Result<()> {
         undecodable: state.undecodable,
     };
     let processes = targets
+        .order
         .iter()
         .map(|&pid| ProcessReport {
             info: state.registry.info(pid).cloned().unwrap_or(ProcessInfo {
                 pid,
                 ..Default::default()
             }),
-            exit: exit_status.get(&pid).copied(),
+            exit: targets.exited.get(&pid).copied(),
         })
         .collect();
-    let report = leaks::build(LeaksInput {
-        table: &state.table,
-        sites: &state.sites,
+    Ok(Trace {
+        unfinished_command: child_pid.filter(|pid| !targets.exited.contains_key(pid)),
+        ledger: state.ledger,
+        sites: state.sites,
         processes,
-        allocators,
+        allocators: targets.allocators,
         lost,
         duration_s: started.elapsed().as_secs_f64(),
-        now_ns: now_ns.max(start_ns),
-        min_age_ns: args.min_age.as_nanos() as u64,
-        top: args.top,
-    });
-    let mut out: Box<dyn std::io::Write> = match &args.output {
-        Some(path) => Box::new(
-            File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-        ),
-        None => Box::new(std::io::stdout().lock()),
-    };
-    output::write_leaks(&report, args.format, &mut out)?;
-    out.flush()?;
-    // A command alloctrace started lives as long as its trace: ended first (--duration, Ctrl-C), it is stopped
-    // now that the report shows what it held.
-    if let Some(pid) = child_pid.filter(|pid| !exit_status.contains_key(pid)) {
-        // SAFETY: signalling our own child, not yet reaped, so its pid cannot have been reused.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-    }
-    Ok(())
+        window: (start_ns, end_ns),
+    })
 }
 
 async fn recv<T>(receiver: &mut Option<UnboundedReceiver<T>>) -> Option<T> {

@@ -3,11 +3,16 @@
 pub mod json;
 pub mod text;
 
-use std::io::{self, Write};
+use std::{
+    fs::File,
+    io::{self, Write},
+    path::Path,
+};
 
+use anyhow::Context as _;
 use clap::ValueEnum;
 
-use crate::report::leaks::LeaksReport;
+use crate::report::{large::LargeReport, leaks::LeaksReport};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -17,9 +22,30 @@ pub enum Format {
     Json,
 }
 
-pub fn write_leaks(report: &LeaksReport, format: Format, out: &mut dyn Write) -> io::Result<()> {
-    match format {
-        Format::Text => text::write_leaks(report, out),
-        Format::Json => json::write(report, out),
+/// A report every format can render.
+pub enum Report<'a> {
+    Leaks(&'a LeaksReport),
+    Large(&'a LargeReport),
+}
+
+pub fn write(report: Report<'_>, format: Format, out: &mut dyn Write) -> io::Result<()> {
+    match (format, report) {
+        (Format::Text, Report::Leaks(r)) => text::write_leaks(r, out),
+        (Format::Text, Report::Large(r)) => text::write_large(r, out),
+        (Format::Json, Report::Leaks(r)) => json::write(r, out),
+        (Format::Json, Report::Large(r)) => json::write(r, out),
     }
+}
+
+/// Writes to `path`, or to standard output.
+pub fn write_to(report: Report<'_>, format: Format, path: Option<&Path>) -> anyhow::Result<()> {
+    let mut out: Box<dyn Write> = match path {
+        Some(path) => Box::new(
+            File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+        ),
+        None => Box::new(io::stdout().lock()),
+    };
+    write(report, format, &mut out)?;
+    out.flush()?;
+    Ok(())
 }

@@ -5,7 +5,8 @@ use std::io::{self, Write};
 use crate::{
     procs::Frame,
     report::{
-        Exit, Losses,
+        Exit, Header, Losses,
+        large::LargeReport,
         leaks::{LeaksReport, SiteReport},
     },
 };
@@ -69,11 +70,22 @@ fn frame(f: &Frame) -> String {
     }
 }
 
+fn stack(out: &mut dyn Write, frames: &[Frame]) -> io::Result<()> {
+    if frames.is_empty() {
+        writeln!(out, "    (stack lost)")?;
+    }
+    for f in frames {
+        writeln!(out, "    {}", frame(f))?;
+    }
+    Ok(())
+}
+
 fn site(out: &mut dyn Write, rank: usize, s: &SiteReport, comm: &str) -> io::Result<()> {
     writeln!(
         out,
-        "#{rank} {}: {} live in {} blocks, oldest {}; {} allocated in {} calls; pid {} {comm}",
+        "#{rank} {} [{}]: {} live in {} blocks, oldest {}; {} allocated in {} calls; pid {} {comm}",
         s.kind,
+        s.verdict.name(),
         bytes(s.live_bytes),
         s.live_count,
         age(s.oldest_age_s),
@@ -81,30 +93,25 @@ fn site(out: &mut dyn Write, rank: usize, s: &SiteReport, comm: &str) -> io::Res
         s.total_count,
         s.pid,
     )?;
-    if s.stack.is_empty() {
-        writeln!(out, "    (stack lost)")?;
-    }
-    for f in &s.stack {
-        writeln!(out, "    {}", frame(f))?;
-    }
+    let h = &s.size_histogram;
+    writeln!(
+        out,
+        "    sizes p50 {} p90 {} p99 {} max {}; {:.1} allocs/s, {:.1} frees/s",
+        bytes(h.p50),
+        bytes(h.p90),
+        bytes(h.p99),
+        bytes(h.max),
+        s.alloc_rate_per_s,
+        s.free_rate_per_s,
+    )?;
+    writeln!(out, "    {}: {}", s.verdict.name(), s.verdict_reason)?;
+    stack(out, &s.stack)?;
     writeln!(out)
 }
 
-pub fn write_leaks(report: &LeaksReport, out: &mut dyn Write) -> io::Result<()> {
-    writeln!(
-        out,
-        "alloctrace leaks: {} live in {} blocks at {} sites, traced {}{}",
-        bytes(report.live_bytes),
-        report.live_count,
-        report.site_count,
-        age(report.duration_s),
-        if report.min_age_s > 0.0 {
-            format!(", counting blocks older than {}", age(report.min_age_s))
-        } else {
-            String::new()
-        }
-    )?;
-    for p in &report.processes {
+/// The lines every report starts with: processes, losses, and a warning when data was lost.
+fn header(out: &mut dyn Write, h: &Header) -> io::Result<()> {
+    for p in &h.processes {
         let exit = match p.exit {
             None => String::new(),
             Some(Exit::Code(code)) => format!(" (exited with status {code})"),
@@ -119,30 +126,85 @@ pub fn write_leaks(report: &LeaksReport, out: &mut dyn Write) -> io::Result<()> 
             p.info.cmdline.join(" ")
         )?;
     }
-    writeln!(out, "lost: {}", losses(&report.lost))?;
-    if !report.complete {
+    writeln!(out, "lost: {}", losses(&h.lost))?;
+    if !h.complete {
         writeln!(
             out,
-            "WARNING: data was lost during this trace; live bytes and counts below are lower bounds."
+            "WARNING: data was lost during this trace; the numbers below are lower bounds."
         )?;
     }
-    writeln!(out)?;
+    writeln!(out)
+}
+
+pub fn write_leaks(report: &LeaksReport, out: &mut dyn Write) -> io::Result<()> {
+    writeln!(
+        out,
+        "alloctrace leaks: {} live in {} blocks at {} sites, traced {}{}",
+        bytes(report.live_bytes),
+        report.live_count,
+        report.site_count,
+        age(report.header.duration_s),
+        if report.min_age_s > 0.0 {
+            format!(", counting blocks older than {}", age(report.min_age_s))
+        } else {
+            String::new()
+        }
+    )?;
+    header(out, &report.header)?;
     if report.sites.is_empty() {
         writeln!(out, "No live allocations.")?;
     }
     for (rank, s) in report.sites.iter().enumerate() {
-        let comm = report
-            .processes
-            .iter()
-            .find(|p| p.info.pid == s.pid)
-            .map_or("", |p| p.info.comm.as_str());
-        site(out, rank + 1, s, comm)?;
+        site(out, rank + 1, s, report.header.comm(s.pid))?;
     }
     if report.site_count > report.sites.len() {
         writeln!(
             out,
             "({} more sites not shown: raise --top)",
             report.site_count - report.sites.len()
+        )?;
+    }
+    Ok(())
+}
+
+pub fn write_large(report: &LargeReport, out: &mut dyn Write) -> io::Result<()> {
+    writeln!(
+        out,
+        "alloctrace large: {} objects of at least {} hold {}, traced {}{}",
+        report.object_count,
+        bytes(report.min_size),
+        bytes(report.object_bytes),
+        age(report.header.duration_s),
+        if report.min_age_s > 0.0 {
+            format!(", older than {}", age(report.min_age_s))
+        } else {
+            String::new()
+        }
+    )?;
+    header(out, &report.header)?;
+    if report.objects.is_empty() {
+        writeln!(out, "No large objects alive.")?;
+    }
+    for (rank, o) in report.objects.iter().enumerate() {
+        writeln!(
+            out,
+            "#{} {} at {:#x}, alive {}, from {}; pid {} {}",
+            rank + 1,
+            bytes(o.size),
+            o.address,
+            age(o.age_s),
+            o.kind,
+            o.pid,
+            report.header.comm(o.pid),
+        )?;
+        stack(out, &o.stack)?;
+        writeln!(out)?;
+    }
+    if report.object_count > report.objects.len() {
+        writeln!(
+            out,
+            "({} more objects not shown: raise --top)",
+            report.object_count - report.objects.len()
         )?;
     }
     Ok(())

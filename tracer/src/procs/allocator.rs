@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::{Registry, maps::FileId, module::Module, prologue};
 
-/// The functions an allocator must provide for alloctrace to account for it; the rest of [`AllocFn::ALL`] is
+/// The functions an allocator must provide for alloctrace to account for it; the rest of [`AllocFn::ALLOCATOR`] is
 /// probed where the object defines it.
 const REQUIRED: [AllocFn; 4] = [
     AllocFn::Malloc,
@@ -82,7 +82,7 @@ impl Allocator {
             return None;
         }
         let mut probes: Vec<ProbePoint> = Vec::new();
-        for point in AllocFn::ALL.into_iter().filter_map(find) {
+        for point in AllocFn::ALLOCATOR.into_iter().filter_map(find) {
             if !probes.iter().any(|p| p.address == point.address) {
                 probes.push(point);
             }

@@ -134,15 +134,35 @@ impl Registry {
             .clone()
     }
 
-    /// Names the frames of a user stack taken at an allocator's return: the first frame is the exact return
-    /// address into the allocator's caller; later frames come from the frame-pointer chain, which code built
-    /// without frame pointers fills with noise. The stack ends at the first frame that is not in executable
-    /// code. The snapshot of the address space is refreshed once when a frame falls outside it (a library
-    /// loaded since).
-    pub fn symbolize(&mut self, pid: u32, frames: &[u64]) -> Vec<Frame> {
+    /// The end of the `[heap]` mapping: where the program break is, to a page.
+    pub fn heap_end(&self, pid: u32) -> Option<u64> {
+        self.maps(pid)?
+            .mappings
+            .iter()
+            .find(|m| m.path == "[heap]")
+            .map(|m| m.end)
+    }
+
+    /// Names the frames of a user stack. At an allocator's return the first frame is the exact return address
+    /// into its caller; at a system call it is inside the libc wrapper, and `guessed_caller` says the second is
+    /// the word that was on top of the stack, kept only if it points into executable code. Later frames come
+    /// from the frame-pointer chain, which code built without frame pointers fills with noise: the stack ends
+    /// at the first frame that is not in executable code. The snapshot of the address space is refreshed once
+    /// when a frame falls outside it (a library loaded since).
+    pub fn symbolize(&mut self, pid: u32, frames: &[u64], guessed_caller: bool) -> Vec<Frame> {
         let outside = |maps: Option<&Maps>, ip: u64| maps.and_then(|m| m.find(ip)).is_none();
         if frames.iter().any(|&ip| outside(self.maps(pid), ip)) {
             self.refresh(pid);
+        }
+        let executable = |registry: &Self, ip: u64| {
+            registry
+                .maps(pid)
+                .and_then(|m| m.find(ip))
+                .is_some_and(|m| m.executable)
+        };
+        let mut frames = frames.to_vec();
+        if guessed_caller && frames.len() > 1 && !executable(self, frames[1]) {
+            frames.remove(1);
         }
         let mut named = Vec::with_capacity(frames.len());
         for (depth, &ip) in frames.iter().enumerate() {

@@ -1,127 +1,193 @@
-//! The `leaks` report: sites ranked by the memory they still hold.
+//! The `leaks` report: sites ranked by the memory they still hold, each with its size histogram, rates and
+//! verdict.
+
+use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::{Exit, Losses};
+use super::{
+    Header, kind, stack,
+    verdict::{self, Evidence, Verdict},
+};
 use crate::{
-    aggregate::{LiveTable, Sites},
-    procs::{Frame, ProcessInfo, allocator::Allocator},
+    aggregate::{SiteId, SiteStats},
+    procs::Frame,
+    trace::Trace,
 };
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LeaksReport {
-    pub schema: u32,
-    pub command: &'static str,
-    pub duration_s: f64,
+    #[serde(flatten)]
+    pub header: Header,
     /// Only blocks at least this old count as live.
     pub min_age_s: f64,
-    pub lost: Losses,
-    /// False when any data was lost: the numbers below are then lower bounds.
-    pub complete: bool,
     /// Outstanding memory in all sites (before `--top`).
     pub live_bytes: u64,
     pub live_count: u64,
-    /// Sites holding memory (before `--top`).
+    /// Sites listed before `--top` cut the list.
     pub site_count: usize,
-    /// Frees of blocks allocated before the trace began: normal for `--pid`, not a loss.
-    pub frees_of_untraced_blocks: u64,
-    pub processes: Vec<ProcessReport>,
-    /// Where the probes of each traced process went.
-    pub allocators: Vec<AllocatorReport>,
     pub sites: Vec<SiteReport>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct AllocatorReport {
-    pub pid: u32,
-    #[serde(flatten)]
-    pub allocator: Allocator,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ProcessReport {
-    #[serde(flatten)]
-    pub info: ProcessInfo,
-    /// How it ended, if it did during the trace.
-    pub exit: Option<Exit>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SiteReport {
     pub pid: u32,
-    /// The allocator function called.
+    /// The allocator function or system call.
     pub kind: &'static str,
     pub live_bytes: u64,
     pub live_count: u64,
     pub total_bytes: u64,
     pub total_count: u64,
+    pub freed_bytes: u64,
+    pub freed_count: u64,
+    pub alloc_rate_per_s: f64,
+    pub free_rate_per_s: f64,
     pub oldest_age_s: f64,
+    pub size_histogram: SizeHistogram,
+    pub verdict: Verdict,
+    pub verdict_reason: String,
     /// Innermost first.
     pub stack: Vec<Frame>,
 }
 
-/// What a report is built from.
-pub struct LeaksInput<'a> {
-    pub table: &'a LiveTable,
-    pub sites: &'a Sites,
-    pub processes: Vec<ProcessReport>,
-    pub allocators: Vec<AllocatorReport>,
-    pub lost: Losses,
-    pub duration_s: f64,
-    /// `bpf_ktime_get_ns` time the report is made at.
-    pub now_ns: u64,
+/// Sizes a site allocated: exact extremes, percentiles to 2 significant digits (the low end of the histogram
+/// bucket, so that sizes allocated again and again read exactly), and counts per power-of-two bucket (`le` is
+/// the bucket's upper bound).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SizeHistogram {
+    pub count: u64,
+    pub min: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub max: u64,
+    pub buckets: Vec<Bucket>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Bucket {
+    pub le: u64,
+    pub count: u64,
+}
+
+impl SizeHistogram {
+    pub fn new(stats: &SiteStats) -> Self {
+        let h = &stats.sizes;
+        if h.is_empty() {
+            return Self::default();
+        }
+        let percentile = |q| {
+            h.lowest_equivalent(h.value_at_quantile(q))
+                .clamp(stats.smallest, stats.largest)
+        };
+        let buckets = h
+            .iter_log(1, 2.0)
+            .filter(|v| v.count_since_last_iteration() > 0)
+            .map(|v| Bucket {
+                le: v.value_iterated_to(),
+                count: v.count_since_last_iteration(),
+            })
+            .collect();
+        Self {
+            count: h.len(),
+            min: stats.smallest,
+            p50: percentile(0.5),
+            p90: percentile(0.9),
+            p99: percentile(0.99),
+            max: stats.largest,
+            buckets,
+        }
+    }
+}
+
+pub struct LeaksOptions {
     pub min_age_ns: u64,
+    pub min_size: u64,
     pub top: usize,
 }
 
-pub fn build(input: LeaksInput<'_>) -> LeaksReport {
-    let born_by = input.now_ns.saturating_sub(input.min_age_ns);
-    let mut sites: Vec<SiteReport> = input
-        .table
-        .live_by_site(born_by)
-        .into_iter()
-        .map(|(id, live)| {
-            let site = input.sites.get(id);
-            let totals = input.table.totals(id);
-            SiteReport {
-                pid: site.pid,
-                kind: site.func.name(),
-                live_bytes: live.bytes,
-                live_count: live.count,
-                total_bytes: totals.bytes,
-                total_count: totals.count,
-                oldest_age_s: input.now_ns.saturating_sub(live.oldest_ns) as f64 / 1e9,
-                stack: site.frames.clone(),
+pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
+    let end = trace.window.1;
+    let ns_to_s = |ns: u64| ns as f64 / 1e9;
+    let live = trace
+        .ledger
+        .live_by_site(end.saturating_sub(options.min_age_ns), trace.window);
+    let mut lingering: HashMap<SiteId, (u64, f64)> = HashMap::new();
+    for object in trace.ledger.objects() {
+        let age = end.saturating_sub(object.ts_ns);
+        if object.size >= options.min_size && age >= options.min_age_ns {
+            let entry = lingering.entry(object.site).or_insert((0, 0.0));
+            if object.size > entry.0 {
+                *entry = (object.size, ns_to_s(age));
             }
-        })
-        .collect();
+        }
+    }
+    let duration = trace.duration_s.max(1e-9);
+    let mut sites: Vec<SiteReport> = Vec::new();
+    for (site, stats) in trace.ledger.sites() {
+        let site_live = live.get(&site).copied().unwrap_or_default();
+        let (verdict, verdict_reason) = verdict::judge(&Evidence {
+            live: &site_live,
+            stats,
+            duration_s: trace.duration_s,
+            lingering: lingering.get(&site).copied(),
+        });
+        // Sites that hold nothing matter only when they churn.
+        if site_live.count == 0 && verdict != Verdict::Churn {
+            continue;
+        }
+        let named = trace.sites.get(site);
+        sites.push(SiteReport {
+            pid: named.pid,
+            kind: kind(named),
+            live_bytes: site_live.bytes,
+            live_count: site_live.count,
+            total_bytes: stats.allocated.bytes,
+            total_count: stats.allocated.count,
+            freed_bytes: stats.freed.bytes,
+            freed_count: stats.freed.count,
+            alloc_rate_per_s: stats.allocated.count as f64 / duration,
+            free_rate_per_s: stats.freed.count as f64 / duration,
+            oldest_age_s: if site_live.count == 0 {
+                0.0
+            } else {
+                ns_to_s(end.saturating_sub(site_live.oldest_ns))
+            },
+            size_histogram: SizeHistogram::new(stats),
+            verdict,
+            verdict_reason,
+            stack: stack(trace, site),
+        });
+    }
     // Most live bytes first; ties broken so that the order never depends on hashing.
     sites.sort_by(|a, b| {
-        (b.live_bytes, b.live_count, a.pid, a.kind, &a.stack).cmp(&(
-            a.live_bytes,
-            a.live_count,
-            b.pid,
-            b.kind,
-            &b.stack,
-        ))
+        (
+            b.live_bytes,
+            b.live_count,
+            b.total_count,
+            a.pid,
+            a.kind,
+            &a.stack,
+        )
+            .cmp(&(
+                a.live_bytes,
+                a.live_count,
+                a.total_count,
+                b.pid,
+                b.kind,
+                &b.stack,
+            ))
     });
     let live_bytes = sites.iter().map(|s| s.live_bytes).sum();
     let live_count = sites.iter().map(|s| s.live_count).sum();
     let site_count = sites.len();
-    sites.truncate(input.top);
+    sites.truncate(options.top);
     LeaksReport {
-        schema: 1,
-        command: "leaks",
-        duration_s: input.duration_s,
-        min_age_s: input.min_age_ns as f64 / 1e9,
-        lost: input.lost,
-        complete: input.lost.total() == 0,
+        header: Header::new("leaks", trace),
+        min_age_s: ns_to_s(options.min_age_ns),
         live_bytes,
         live_count,
         site_count,
-        frees_of_untraced_blocks: input.table.unknown_frees,
-        processes: input.processes,
-        allocators: input.allocators,
         sites,
     }
 }
@@ -129,77 +195,26 @@ pub fn build(input: LeaksInput<'_>) -> LeaksReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::Site;
-    use tracer_common::AllocFn;
-
-    fn at(ts_ns: u64) -> tracer_common::EventHeader {
-        tracer_common::EventHeader {
-            pid: 1,
-            tid: 1,
-            ts_ns,
-            ..Default::default()
-        }
-    }
-
-    fn frame(function: &str) -> Frame {
-        Frame {
-            function: Some(function.to_owned()),
-            module: Some("/app".to_owned()),
-            offset: 0x1139,
-            function_offset: 4,
-            file: None,
-            line: None,
-            lang: "native",
-        }
-    }
 
     #[test]
-    fn ranks_sites_by_live_bytes_and_applies_top_and_min_age() {
-        let mut sites = Sites::default();
-        let mut table = LiveTable::default();
-        let small = sites.intern(Site {
-            pid: 1,
-            func: AllocFn::Malloc,
-            frames: vec![frame("small")],
-        });
-        let big = sites.intern(Site {
-            pid: 1,
-            func: AllocFn::Calloc,
-            frames: vec![frame("big")],
-        });
-        table.allocated(&at(1_000_000_000), AllocFn::Malloc, 0x10, 100, small);
-        table.allocated(&at(2_000_000_000), AllocFn::Calloc, 0x20, 5000, big);
-        table.allocated(&at(2_900_000_000), AllocFn::Calloc, 0x30, 5000, big);
-        let input = |min_age_ns, top| LeaksInput {
-            table: &table,
-            sites: &sites,
-            processes: vec![],
-            allocators: vec![],
-            lost: Losses::default(),
-            duration_s: 3.0,
-            now_ns: 3_000_000_000,
-            min_age_ns,
-            top,
-        };
-        let report = build(input(0, 10));
-        assert_eq!(report.site_count, 2);
-        assert_eq!((report.live_bytes, report.live_count), (10_100, 3));
-        assert_eq!(report.sites[0].kind, "calloc");
+    fn histogram_summarizes_sizes_in_power_of_two_buckets() {
+        let mut stats = SiteStats::default();
+        for size in [1000, 1000, 1000, 64, 8 << 20] {
+            stats.sizes.record(size).unwrap();
+            stats.smallest = stats.smallest.min(size);
+            stats.largest = stats.largest.max(size);
+        }
+        let s = SizeHistogram::new(&stats);
         assert_eq!(
-            (report.sites[0].live_bytes, report.sites[0].live_count),
-            (10_000, 2)
+            (s.count, s.min, s.p50, s.p90, s.max),
+            (5, 64, 1000, 8 << 20, 8 << 20)
         );
-        assert!((report.sites[0].oldest_age_s - 1.0).abs() < 1e-9);
-        assert!(report.complete);
-
-        let aged = build(input(500_000_000, 10));
-        assert_eq!(aged.sites[0].live_bytes, 5000);
-        assert_eq!(build(input(0, 1)).sites.len(), 1);
-
-        let json = serde_json::to_value(&report).unwrap();
-        assert_eq!(json["sites"][0]["stack"][0]["offset"], "0x1139");
-        assert_eq!(json["sites"][0]["stack"][0]["lang"], "native");
-        assert!(json["sites"][0]["stack"][0]["file"].is_null());
-        assert_eq!(json["lost"]["events"], 0);
+        let counts: Vec<(u64, u64)> = s.buckets.iter().map(|b| (b.le, b.count)).collect();
+        assert_eq!(counts.iter().map(|c| c.1).sum::<u64>(), 5);
+        assert!(counts.contains(&(1023, 3)), "{counts:?}");
+        assert_eq!(
+            SizeHistogram::new(&SiteStats::default()),
+            SizeHistogram::default()
+        );
     }
 }

@@ -1,15 +1,23 @@
 //! Reports: what a trace found, as plain data that every output format renders the same way.
 
+pub mod large;
 pub mod leaks;
+pub mod verdict;
 
 use serde::Serialize;
+
+use crate::{
+    aggregate::{Site, SiteId},
+    procs::{Frame, ProcessInfo, allocator::Allocator},
+    trace::Trace,
+};
 
 /// Data lost on the way from the probes to the report, one counter per way it can be lost.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Losses {
     /// Records the ring buffer had no room for: allocations or frees never seen.
     pub events: u64,
-    /// Allocator calls not recorded because the kernel's table of calls in flight was full.
+    /// Calls not recorded because the kernel's table of calls in flight was full.
     pub untracked_calls: u64,
     /// Allocations recorded without their stack (the kernel could not take it, or its record was lost).
     pub stacks: u64,
@@ -31,4 +39,68 @@ pub enum Exit {
     Signal(i32),
     /// It exited, but it was not alloctrace's child, so its status is not known.
     Exited,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessReport {
+    #[serde(flatten)]
+    pub info: ProcessInfo,
+    /// How it ended, if it did during the trace.
+    pub exit: Option<Exit>,
+}
+
+/// Where a process's probes went.
+#[derive(Clone, Debug, Serialize)]
+pub struct AllocatorReport {
+    pub pid: u32,
+    #[serde(flatten)]
+    pub allocator: Allocator,
+}
+
+/// What every report says about the trace itself.
+#[derive(Clone, Debug, Serialize)]
+pub struct Header {
+    pub schema: u32,
+    pub command: &'static str,
+    pub duration_s: f64,
+    pub lost: Losses,
+    /// False when any data was lost: the numbers are then lower bounds.
+    pub complete: bool,
+    /// Frees of blocks allocated before the trace began: normal for `--pid`, not a loss.
+    pub frees_of_untraced_blocks: u64,
+    pub processes: Vec<ProcessReport>,
+    pub allocators: Vec<AllocatorReport>,
+}
+
+impl Header {
+    pub fn new(command: &'static str, trace: &Trace) -> Self {
+        Self {
+            schema: 1,
+            command,
+            duration_s: trace.duration_s,
+            lost: trace.lost,
+            complete: trace.lost.total() == 0,
+            frees_of_untraced_blocks: trace.ledger.unknown_frees,
+            processes: trace.processes.clone(),
+            allocators: trace.allocators.clone(),
+        }
+    }
+
+    /// The name of a traced process, for text reports.
+    pub fn comm(&self, pid: u32) -> &str {
+        self.processes
+            .iter()
+            .find(|p| p.info.pid == pid)
+            .map_or("", |p| p.info.comm.as_str())
+    }
+}
+
+/// The name reports give a site's kind: the allocator function or system call.
+pub fn kind(site: &Site) -> &'static str {
+    site.func.name()
+}
+
+/// A site's stack, as reports show it.
+pub fn stack(trace: &Trace, site: SiteId) -> Vec<Frame> {
+    trace.sites.get(site).frames.clone()
 }

@@ -1,0 +1,66 @@
+//! The `large` report: large objects still alive when the trace ends, biggest first, each with its size, age,
+//! address and stack.
+
+use serde::Serialize;
+
+use super::{Header, kind, stack};
+use crate::{procs::Frame, trace::Trace};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LargeReport {
+    #[serde(flatten)]
+    pub header: Header,
+    pub min_size: u64,
+    pub min_age_s: f64,
+    /// Objects listed before `--top` cut the list, and their bytes.
+    pub object_count: usize,
+    pub object_bytes: u64,
+    pub objects: Vec<LargeObject>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LargeObject {
+    pub pid: u32,
+    pub kind: &'static str,
+    #[serde(serialize_with = "crate::procs::hex")]
+    pub address: u64,
+    pub size: u64,
+    pub age_s: f64,
+    /// Innermost first.
+    pub stack: Vec<Frame>,
+}
+
+pub struct LargeOptions {
+    pub min_size: u64,
+    pub min_age_ns: u64,
+    pub top: usize,
+}
+
+pub fn build(trace: &Trace, options: &LargeOptions) -> LargeReport {
+    let end = trace.window.1;
+    let mut objects: Vec<LargeObject> = trace
+        .ledger
+        .objects()
+        .filter(|o| o.size >= options.min_size && end.saturating_sub(o.ts_ns) >= options.min_age_ns)
+        .map(|o| LargeObject {
+            pid: o.pid,
+            kind: kind(trace.sites.get(o.site)),
+            address: o.addr,
+            size: o.size,
+            age_s: end.saturating_sub(o.ts_ns) as f64 / 1e9,
+            stack: stack(trace, o.site),
+        })
+        .collect();
+    objects.sort_by(|a, b| (b.size, a.pid, a.address).cmp(&(a.size, b.pid, b.address)));
+    let object_count = objects.len();
+    let object_bytes = objects.iter().map(|o| o.size).sum();
+    objects.truncate(options.top);
+    LargeReport {
+        header: Header::new("large", trace),
+        min_size: options.min_size,
+        min_age_s: options.min_age_ns as f64 / 1e9,
+        object_count,
+        object_bytes,
+        objects,
+    }
+}
