@@ -54,7 +54,7 @@ pub fn workload(name: &str) -> PathBuf {
     let binary = dir.join(format!("{name}-{}", std::process::id()));
     if !binary.exists() {
         let out = Command::new("cc")
-            .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+            .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
             .arg(&binary)
             .arg(&source)
             .output()
@@ -99,6 +99,32 @@ pub fn site<'a>(report: &'a Value, kind: &str, function: &str) -> &'a Value {
         found.len()
     );
     found[0]
+}
+
+/// The sites whose stack passes through `function`, of any kind: mapped memory's first frame is the libc
+/// wrapper of the system call.
+pub fn sites_through<'a>(report: &'a Value, function: &str) -> Vec<&'a Value> {
+    report["sites"]
+        .as_array()
+        .expect("sites is an array")
+        .iter()
+        .filter(|s| {
+            s["stack"]
+                .as_array()
+                .is_some_and(|frames| frames.iter().any(|f| f["function"] == function))
+        })
+        .collect()
+}
+
+/// Runs `alloctrace ARGS -- COMMAND…` with JSON output and returns the report.
+pub fn trace_json(args: &[&str], command: &[&std::ffi::OsStr]) -> Value {
+    let out = Command::new(alloctrace())
+        .args(args)
+        .args(["--format", "json", "--"])
+        .args(command)
+        .output()
+        .expect("run alloctrace");
+    json_report(&out)
 }
 
 /// `(live_bytes, live_count)` of a site.

@@ -85,7 +85,18 @@ fn output<T>(record: &T) -> bool {
     } else {
         BPF_RB_NO_WAKEUP
     };
-    let written = EVENTS.output::<T>(record, flags as u64).is_ok();
+    write(record, flags as u64)
+}
+
+/// Writes a record userspace must act on at once (a new process to attach to), waking it.
+#[inline(always)]
+fn output_now<T>(record: &T) -> bool {
+    write(record, BPF_RB_FORCE_WAKEUP as u64)
+}
+
+#[inline(always)]
+fn write<T>(record: &T, flags: u64) -> bool {
+    let written = EVENTS.output::<T>(record, flags).is_ok();
     if !written {
         count_loss(Loss::RingBufFull);
     }
@@ -528,7 +539,7 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
         child_pid,
         _pad: 0,
     };
-    let _ = output(&event);
+    let _ = output_now(&event);
     0
 }
 
@@ -544,7 +555,7 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
         }
         let _ = TARGETS.insert(current_tgid(), 0, 0);
     }
-    let _ = output(&header(EventKind::Exec));
+    let _ = output_now(&header(EventKind::Exec));
     0
 }
 

@@ -44,6 +44,11 @@ pub struct TargetArgs {
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
+    /// Size of the ring buffer that carries events to alloctrace (a power of two, at least 4KiB). A bigger
+    /// one loses fewer events in an allocation storm; every lost event is counted in the report.
+    #[arg(long, value_name = "SIZE", value_parser = parse_buffer_size, default_value = "32MiB")]
+    pub buffer_size: u64,
+
     /// Start COMMAND and trace it from its first instruction; its exit ends the trace.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -134,6 +139,17 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// A ring buffer's size: a power of two and a whole number of pages, as the kernel requires.
+fn parse_buffer_size(text: &str) -> Result<u64, String> {
+    let size = parse_size(text)?;
+    if size < 4096 || !size.is_power_of_two() || size > u32::MAX as u64 / 2 + 1 {
+        return Err(format!(
+            "{text:?}: the ring buffer size must be a power of two from 4KiB to 2GiB"
+        ));
+    }
+    Ok(size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +172,9 @@ mod tests {
         assert!(parse_size("1 parsec").is_err());
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("99999999999GiB").is_err());
+        assert_eq!(parse_buffer_size("64KiB"), Ok(64 << 10));
+        assert!(parse_buffer_size("3000").is_err());
+        assert!(parse_buffer_size("1KiB").is_err());
     }
 
     #[test]

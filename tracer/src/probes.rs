@@ -53,11 +53,15 @@ pub struct Probes {
 }
 
 impl Probes {
-    pub fn load() -> anyhow::Result<Self> {
+    /// Loads the programs, with a ring buffer of `buffer_size` bytes (a power of two).
+    pub fn load(buffer_size: u64) -> anyhow::Result<Self> {
         let child_pid_offset =
             system::tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
+        let buffer_size =
+            u32::try_from(buffer_size).context("the ring buffer size is too large")?;
         let mut ebpf = EbpfLoader::new()
             .override_global("FORK_CHILD_PID_OFFSET", &child_pid_offset, true)
+            .map_max_entries("EVENTS", buffer_size)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/tracer"

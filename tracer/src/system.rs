@@ -85,6 +85,16 @@ fn field_offset(format: &str, field: &str) -> Option<u32> {
     })
 }
 
+/// This process's peak resident memory.
+pub fn max_rss_bytes() -> u64 {
+    // SAFETY: getrusage fills the struct it is given; zeroes are a valid starting value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    // Linux reports kibibytes.
+    u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so ages compare with event times.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

@@ -304,7 +304,11 @@ impl Targets {
                     .unwrap_or_else(|| allocator::for_pid(registry, child));
                 (child, allocator)
             }
-            Discovery::Execed(pid) => (pid, allocator::for_pid(registry, pid)),
+            // Its new libraries may not be mapped yet: ask its loader, as for a command about to start.
+            Discovery::Execed(pid) => {
+                let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
+                (pid, allocator::for_command(&exe))
+            }
         };
         registry.refresh(pid);
         let result = allocator
@@ -324,7 +328,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
     system::ensure_tracefs()?;
     let (exits_tx, mut exits) = unbounded_channel();
     let mut targets = Targets {
-        probes: Probes::load()?,
+        probes: Probes::load(args.buffer_size)?,
         exits_tx,
         order: Vec::new(),
         probed: HashMap::new(),
@@ -335,6 +339,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
 
     for comm in &args.comms {
         targets.probes.add_comm(comm)?;
+        eprintln!("alloctrace: tracing processes named {comm}, running or started from now on");
     }
     let named = args.comms.iter().flat_map(|c| processes_named(c));
     for pid in args.pids.iter().copied().chain(named) {

@@ -70,6 +70,8 @@ pub struct Header {
     pub frees_of_untraced_blocks: u64,
     pub processes: Vec<ProcessReport>,
     pub allocators: Vec<AllocatorReport>,
+    /// alloctrace's own peak resident memory: what tracing these processes cost.
+    pub tracer_max_rss_bytes: u64,
 }
 
 impl Header {
@@ -83,6 +85,7 @@ impl Header {
             frees_of_untraced_blocks: trace.ledger.unknown_frees,
             processes: trace.processes.clone(),
             allocators: trace.allocators.clone(),
+            tracer_max_rss_bytes: crate::system::max_rss_bytes(),
         }
     }
 

@@ -3,8 +3,8 @@
 //!   trace's four quarters, the last included (so its live count grew across the window), it still holds at
 //!   least half of the blocks it allocated, and at least [`LEAK_MIN_BLOCKS`] of them.
 //! - `lingering`: it holds a block of at least `--min-size` that is at least `--min-age` old.
-//! - `churn`: it allocated at least [`CHURN_MIN_RATE`] blocks a second and freed at least
-//!   [`CHURN_MIN_FREED`] of them: flat live memory, busy allocator.
+//! - `churn`: it allocated at least [`CHURN_MIN_BLOCKS`] blocks, at least [`CHURN_MIN_RATE`] a second, and
+//!   freed at least [`CHURN_MIN_FREED`] of them: flat live memory, busy allocator.
 //! - `steady`: the rest.
 
 use serde::Serialize;
@@ -13,6 +13,8 @@ use crate::aggregate::{Live, SiteStats};
 
 /// Fewer live blocks than this are never called a leak: two or three survivors prove no trend.
 pub const LEAK_MIN_BLOCKS: u64 = 4;
+/// Blocks a site must allocate to be churn: one malloc and free in a short trace is no trend.
+pub const CHURN_MIN_BLOCKS: u64 = 100;
 /// Blocks a second a site must allocate to be churn.
 pub const CHURN_MIN_RATE: f64 = 100.0;
 /// Share of its blocks a churning site frees.
@@ -74,7 +76,7 @@ pub fn judge(e: &Evidence<'_>) -> (Verdict, String) {
     }
     let rate = allocated as f64 / e.duration_s.max(1e-9);
     let freed = e.stats.freed.count as f64 / allocated.max(1) as f64;
-    if rate >= CHURN_MIN_RATE && freed >= CHURN_MIN_FREED {
+    if allocated >= CHURN_MIN_BLOCKS && rate >= CHURN_MIN_RATE && freed >= CHURN_MIN_FREED {
         return (
             Verdict::Churn,
             format!(
@@ -175,6 +177,11 @@ mod tests {
         });
         assert_eq!(v, Verdict::Churn);
         assert_eq!(reason, "allocates 1000 blocks/s and frees 100% of them");
+        // A handful of blocks in a short trace is no churn, whatever the rate.
+        assert_eq!(
+            verdict(&live(0, [0; 4]), &stats(10, 10), None),
+            Verdict::Steady
+        );
         // Slow and flat is steady.
         assert_eq!(
             verdict(&live(1, [0, 0, 0, 1]), &stats(50, 49), None),

@@ -1,0 +1,168 @@
+//! Every way a process takes memory, counted once and exactly: the whole allocator family and realloc's edge
+//! cases, anonymous mmap/munmap/mremap and brk (raw syscalls too), no double counting of an allocator's own
+//! mappings, a process on jemalloc, and the tracer at scale and under an event storm.
+
+use std::{ffi::OsStr, path::Path, process::Command};
+
+use alloctrace_tests::{
+    alloctrace, assert_sites_exact, json_report, live, require_root, site, sites_through,
+    trace_json, workload,
+};
+
+const PAGE: u64 = 4096;
+
+#[test]
+fn every_family_member_and_realloc_edge_case_is_exact() {
+    require_root();
+    let family = workload("family");
+    let report = trace_json(&["leaks", "--top", "1000"], &[family.as_os_str()]);
+    for (kind, function, bytes) in [
+        ("reallocarray", "reallocarray_site", 1000),
+        ("posix_memalign", "posix_memalign_site", 3000),
+        ("aligned_alloc", "aligned_alloc_site", 4096),
+        ("valloc", "valloc_site", 5000),
+        ("pvalloc", "pvalloc_site", 5000),
+        ("realloc", "realloc_null_site", 300),
+        ("realloc", "realloc_shrink_site", 40),
+        ("realloc", "realloc_move_site", 1 << 20),
+        ("malloc", "realloc_fail_site", 600),
+    ] {
+        let s = site(&report, kind, function);
+        assert_eq!(live(s), (bytes, 1), "{kind} in {function}: {s:#}");
+    }
+    // glibc 2.36's memalign and aligned_alloc are one function: its calls carry the name probed first.
+    let memalign: Vec<_> = sites_through(&report, "memalign_site");
+    assert_eq!(memalign.len(), 1, "{report:#}");
+    assert!(["aligned_alloc", "memalign"].contains(&memalign[0]["kind"].as_str().unwrap()));
+    assert_eq!(live(memalign[0]), (2000, 1));
+    // Sites that hold nothing at exit are not listed: the freed, the realloc'd-away, free(NULL).
+    for function in ["realloc_zero_site", "free_null_site"] {
+        assert!(
+            sites_through(&report, function).is_empty(),
+            "{function}: {report:#}"
+        );
+    }
+    for s in sites_through(&report, "realloc_shrink_site") {
+        assert!(
+            s["kind"] == "realloc",
+            "the malloc it shrank holds nothing: {s:#}"
+        );
+    }
+    // free's probe is past its NULL check: 1000 free(NULL) calls cost no event.
+    let free = &report["allocators"][0]["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["function"] == "free")
+        .expect("free is probed")["entry_offset"];
+    assert!(free.as_u64().unwrap() > 0, "{report:#}");
+    assert_eq!(report["lost"]["events"], 0);
+}
+
+#[test]
+fn mapped_memory_is_exact_and_never_counted_twice() {
+    require_root();
+    let mapped = workload("mapped");
+    let report = trace_json(&["leaks", "--top", "1000"], &[mapped.as_os_str()]);
+    let one = |function: &str| {
+        let sites = sites_through(&report, function);
+        assert_eq!(sites.len(), 1, "one site through {function}: {report:#}");
+        sites[0]
+    };
+    for (function, kind, bytes, pieces) in [
+        ("mmap_site", "mmap", 4 * PAGE, 1),
+        ("partial_site", "mmap", 6 * PAGE, 2),
+        // The range keeps the site that mapped it, moved and grown.
+        ("remap_site", "mmap", 5 * PAGE, 1),
+        ("raw_syscall_site", "mmap", 3 * PAGE, 1),
+        // glibc maps 2 MiB itself: counted once, as the malloc.
+        ("big_malloc_site", "malloc", 2 << 20, 1),
+    ] {
+        let s = one(function);
+        assert_eq!(s["kind"], kind, "{s:#}");
+        assert_eq!(live(s), (bytes, pieces), "{function}: {s:#}");
+    }
+    assert!(
+        sites_through(&report, "file_site").is_empty(),
+        "files are not heap"
+    );
+    let brk: Vec<_> = report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["kind"] == "brk")
+        .collect();
+    assert_eq!(brk.len(), 1, "{report:#}");
+    assert_eq!(live(brk[0]), (6000, 1), "sbrk(10000) then sbrk(-4000)");
+    assert_eq!(report["lost"]["events"], 0);
+}
+
+#[test]
+fn a_process_on_jemalloc_is_probed_there_and_exact() {
+    require_root();
+    let jemalloc = Path::new("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2");
+    assert!(
+        jemalloc.exists(),
+        "{} is missing: apt-get install libjemalloc2 (cargo xtask test installs it)",
+        jemalloc.display()
+    );
+    let sites = workload("sites");
+    let out = Command::new(alloctrace())
+        .args(["leaks", "--format", "json", "--top", "100", "--"])
+        .arg(&sites)
+        .env("LD_PRELOAD", jemalloc)
+        .output()
+        .unwrap();
+    let report = json_report(&out);
+    let path = report["allocators"][0]["path"].as_str().unwrap();
+    assert!(path.contains("libjemalloc"), "probed {path}");
+    assert_sites_exact(&report, report["processes"][0]["pid"].as_u64().unwrap());
+}
+
+#[test]
+fn a_million_live_blocks_are_counted_exactly_in_bounded_memory() {
+    require_root();
+    let many = workload("many");
+    let report = trace_json(
+        &["leaks", "--top", "3"],
+        &[many.as_os_str(), OsStr::new("many"), OsStr::new("1000000")],
+    );
+    let block = report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["size_histogram"]["max"] == 16)
+        .expect("the 16-byte site");
+    assert_eq!(live(block), (16_000_000, 1_000_000), "{block:#}");
+    assert_eq!(report["lost"]["events"], 0, "{report:#}");
+    let rss = report["tracer_max_rss_bytes"].as_u64().unwrap();
+    println!("tracer RSS with 1,000,000 live blocks: {} MiB", rss >> 20);
+    assert!(
+        rss < 512 << 20,
+        "the tracer's memory must stay bounded: {rss} bytes"
+    );
+}
+
+#[test]
+fn an_allocation_storm_that_overflows_the_buffer_is_counted_and_said() {
+    require_root();
+    let many = workload("many");
+    let out = Command::new(alloctrace())
+        .args(["leaks", "--buffer-size", "4KiB", "--"])
+        .arg(&many)
+        .args(["storm", "4", "50000"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("lost: none"), "{text}");
+    assert!(
+        text.contains("records dropped (ring buffer full)"),
+        "{text}"
+    );
+    assert!(text.contains("WARNING: data was lost"), "{text}");
+}

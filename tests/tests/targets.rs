@@ -1,0 +1,105 @@
+//! Which processes are traced: the children a traced process forks, the program a child execs, and processes
+//! found by name, including ones started after the tracer.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Command, Stdio},
+};
+
+use alloctrace_tests::{
+    alloctrace, assert_sites_exact, json_report, live, require_root, site, trace_json, workload,
+};
+
+#[test]
+fn forked_children_are_followed_and_attributed() {
+    require_root();
+    let forker = workload("forker");
+    let report = trace_json(&["leaks", "--top", "100"], &[forker.as_os_str()]);
+    let processes = report["processes"].as_array().unwrap();
+    assert_eq!(processes.len(), 2, "{report:#}");
+    let (parent, child) = (processes[0]["pid"].as_u64(), processes[1]["pid"].as_u64());
+    let parent_site = site(&report, "malloc", "parent_site");
+    assert_eq!(
+        (parent_site["pid"].as_u64(), live(parent_site)),
+        (parent, (10_000, 10))
+    );
+    let child_site = site(&report, "malloc", "child_site");
+    assert_eq!(
+        (child_site["pid"].as_u64(), live(child_site)),
+        (child, (100_000, 50))
+    );
+}
+
+#[test]
+fn a_child_that_execs_is_traced_in_its_new_image() {
+    require_root();
+    let forker = workload("forker");
+    let sites = workload("sites");
+    let report = trace_json(
+        &["leaks", "--top", "100"],
+        &[forker.as_os_str(), sites.as_os_str()],
+    );
+    let child = report["processes"][1]["pid"].as_u64().unwrap();
+    assert_eq!(
+        report["processes"][1]["cmdline"][0],
+        sites.to_str().unwrap()
+    );
+    assert_sites_exact(&report, child);
+}
+
+#[test]
+fn processes_are_found_by_name_even_when_they_start_later() {
+    require_root();
+    let sites = workload("sites");
+    let name: String = sites
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .chars()
+        .take(15)
+        .collect();
+    let mut tracer = Command::new(alloctrace())
+        .args([
+            "leaks",
+            "--format",
+            "json",
+            "--top",
+            "100",
+            "--duration",
+            "4s",
+            "--comm",
+            &name,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut tracer_err = BufReader::new(tracer.stderr.take().unwrap());
+    let mut line = String::new();
+    tracer_err.read_line(&mut line).unwrap();
+    assert!(
+        line.contains(&format!("tracing processes named {name}")),
+        "{line}"
+    );
+    // Started after the tracer, by name only; it allocates once the tracer has attached to it.
+    let mut target = Command::new(&sites)
+        .arg("--wait")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    line.clear();
+    tracer_err.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim_end(),
+        format!(
+            "alloctrace: tracing pid {} through /lib/x86_64-linux-gnu/libc.so.6",
+            target.id()
+        )
+    );
+    writeln!(target.stdin.as_mut().unwrap()).unwrap();
+    target.wait().unwrap();
+    let out = tracer.wait_with_output().unwrap();
+    let report = json_report(&out);
+    assert_sites_exact(&report, target.id().into());
+}

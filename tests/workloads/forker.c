@@ -1,0 +1,35 @@
+/* A parent and the child it forks, each with its own site; with an argument, the child execs that program
+ * instead. The child waits a little first, so that its probes are in place before it allocates. */
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define NOINLINE __attribute__((noinline))
+
+static void *volatile keep[256];
+static int kept;
+
+/* 10 x 1000 bytes in the parent. */
+NOINLINE void parent_site(void) { for (int i = 0; i < 10; i++) keep[kept++] = malloc(1000); }
+
+/* 50 x 2000 bytes in the child. */
+NOINLINE void child_site(void) { for (int i = 0; i < 50; i++) keep[kept++] = malloc(2000); }
+
+int main(int argc, char **argv) {
+    parent_site();
+    pid_t child = fork();
+    if (child == 0) {
+        struct timespec wait = {0, 300 * 1000 * 1000};
+        nanosleep(&wait, NULL);
+        if (argc > 1) {
+            execv(argv[1], argv + 1);
+            _exit(127);
+        }
+        child_site();
+        _exit(0);
+    }
+    int status;
+    waitpid(child, &status, 0);
+    return 0;
+}
