@@ -44,6 +44,11 @@ pub fn require_root() {
 /// `tests/workloads/NAME.c`, compiled once per test run with frame pointers (so stacks are complete), into
 /// the target folder.
 pub fn workload(name: &str) -> PathBuf {
+    workload_built_by(name, "cc")
+}
+
+/// Like [`workload`], with another C compiler (`musl-gcc` for a program on musl's allocator).
+pub fn workload_built_by(name: &str, compiler: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let dir = workspace().join("target/workloads");
@@ -51,17 +56,17 @@ pub fn workload(name: &str) -> PathBuf {
         dir
     });
     let source = workspace().join(format!("tests/workloads/{name}.c"));
-    let binary = dir.join(format!("{name}-{}", std::process::id()));
+    let binary = dir.join(format!("{name}-{compiler}-{}", std::process::id()));
     if !binary.exists() {
-        let out = Command::new("cc")
+        let out = Command::new(compiler)
             .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
             .arg(&binary)
             .arg(&source)
             .output()
-            .expect("a C compiler (cc) is needed to build the test workloads");
+            .unwrap_or_else(|e| panic!("{compiler} is needed to build the test workloads: {e}"));
         assert!(
             out.status.success(),
-            "cc failed on {}: {}",
+            "{compiler} failed on {}: {}",
             source.display(),
             String::from_utf8_lossy(&out.stderr)
         );

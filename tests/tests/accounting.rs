@@ -6,7 +6,7 @@ use std::{ffi::OsStr, path::Path, process::Command};
 
 use alloctrace_tests::{
     alloctrace, assert_sites_exact, json_report, live, require_root, site, sites_through,
-    trace_json, workload,
+    trace_json, workload, workload_built_by,
 };
 
 const PAGE: u64 = 4096;
@@ -98,24 +98,40 @@ fn mapped_memory_is_exact_and_never_counted_twice() {
 }
 
 #[test]
-fn a_process_on_jemalloc_is_probed_there_and_exact() {
+fn preloaded_allocators_are_probed_where_the_calls_bind() {
     require_root();
-    let jemalloc = Path::new("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2");
-    assert!(
-        jemalloc.exists(),
-        "{} is missing: apt-get install libjemalloc2 (cargo xtask test installs it)",
-        jemalloc.display()
-    );
     let sites = workload("sites");
-    let out = Command::new(alloctrace())
-        .args(["leaks", "--format", "json", "--top", "100", "--"])
-        .arg(&sites)
-        .env("LD_PRELOAD", jemalloc)
-        .output()
-        .unwrap();
-    let report = json_report(&out);
-    let path = report["allocators"][0]["path"].as_str().unwrap();
-    assert!(path.contains("libjemalloc"), "probed {path}");
+    for (library, package) in [
+        ("libjemalloc.so.2", "libjemalloc2"),
+        ("libtcmalloc_minimal.so.4", "libtcmalloc-minimal4"),
+        ("libmimalloc.so.2", "libmimalloc2.0"),
+    ] {
+        let path = Path::new("/usr/lib/x86_64-linux-gnu").join(library);
+        assert!(
+            path.exists(),
+            "{} is missing: apt-get install {package} (cargo xtask test installs it)",
+            path.display()
+        );
+        let out = Command::new(alloctrace())
+            .args(["leaks", "--format", "json", "--top", "100", "--"])
+            .arg(&sites)
+            .env("LD_PRELOAD", &path)
+            .output()
+            .unwrap();
+        let report = json_report(&out);
+        let probed = report["allocators"][0]["path"].as_str().unwrap();
+        assert!(probed.ends_with(library), "{library}: probed {probed}");
+        assert_sites_exact(&report, report["processes"][0]["pid"].as_u64().unwrap());
+    }
+}
+
+#[test]
+fn a_program_on_musl_is_probed_in_musl() {
+    require_root();
+    let sites = workload_built_by("sites", "musl-gcc");
+    let report = trace_json(&["leaks", "--top", "100"], &[sites.as_os_str()]);
+    let probed = report["allocators"][0]["path"].as_str().unwrap();
+    assert!(probed.contains("ld-musl"), "probed {probed}");
     assert_sites_exact(&report, report["processes"][0]["pid"].as_u64().unwrap());
 }
 
