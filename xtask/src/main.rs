@@ -1,6 +1,7 @@
 //! `cargo xtask`: the development tasks, one module each. Every task that needs the eBPF build chain runs
 //! `setup` first, so on a fresh machine one command does everything.
 
+mod bench;
 mod build;
 mod run;
 mod setup;
@@ -38,6 +39,13 @@ enum Task {
         /// Only integration tests whose name contains this.
         filter: Option<String>,
     },
+    /// Build, then measure what tracing costs two allocation loops: untraced, under alloctrace, under a
+    /// memleak-style bpftrace script and under empty probes at alloctrace's places; medians and ratios.
+    Bench {
+        /// Runs of each configuration, whose median is reported.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        runs: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +54,7 @@ fn main() -> ExitCode {
         Task::Build => build::run().map(|_| ()),
         Task::Run { args } => run::run(args),
         Task::Test { filter } => test::run(filter),
+        Task::Bench { runs } => bench::run(runs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
