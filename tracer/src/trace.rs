@@ -287,6 +287,14 @@ impl Targets {
 
     /// A process found after the start (a fork of a target, or a `--comm` match): trace it, or say why not.
     fn follow(&mut self, registry: &mut Registry, discovery: Discovery) {
+        let pid = match discovery {
+            Discovery::Forked { child, .. } => child,
+            Discovery::Execed(pid) => pid,
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            // Gone before its record was read: what it did while traced is already counted.
+            return;
+        }
         let (pid, allocator) = match discovery {
             Discovery::Forked { parent, child } => {
                 if !is_process(child) {

@@ -31,7 +31,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 
-use crate::{as_root, build, check, root};
+use crate::{as_root, build, check, packages, root};
 
 /// `free(malloc(64))` pairs in the C loop: about 3 s of loop under the peer, the slowest configuration.
 const C_ITERATIONS: u64 = 200_000;
@@ -85,20 +85,7 @@ fn bpftrace_version() -> anyhow::Result<String> {
     if let Some(version) = version() {
         return Ok(version);
     }
-    eprintln!("xtask: bench: installing bpftrace, the peer alloctrace is compared with");
-    let install = || -> anyhow::Result<()> {
-        check(
-            as_root("apt-get")?
-                .args(["install", "-y", "bpftrace"])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
-    // A fresh machine's package lists may be missing or stale: update them only when the install needs it.
-    if install().is_err() {
-        check(as_root("apt-get")?.arg("update"))
-            .and_then(|()| install())
-            .context("bpftrace cannot be installed, and the bench compares alloctrace with it")?;
-    }
+    packages::ensure(&["bpftrace"], "the peer the bench compares alloctrace with")?;
     version().context("bpftrace was installed but `bpftrace --version` fails")
 }
 

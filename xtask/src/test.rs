@@ -3,10 +3,21 @@
 
 use std::process::Command;
 
-use crate::{as_root, build, check, root};
+use crate::{as_root, build, check, packages, root};
+
+/// What the integration tests run besides glibc: other allocators, preloaded or built in, and setpriv for the
+/// not-root test.
+const TEST_PACKAGES: [&str; 5] = [
+    "libjemalloc2",
+    "libtcmalloc-minimal4",
+    "libmimalloc2.0",
+    "musl-tools",
+    "util-linux",
+];
 
 pub fn run(filter: Option<String>) -> anyhow::Result<()> {
     let alloctrace = build::run()?;
+    packages::ensure(&TEST_PACKAGES, "the integration tests")?;
     check(
         Command::new("cargo")
             .args([
