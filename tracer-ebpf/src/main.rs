@@ -27,7 +27,7 @@ use tracer_common::{
 
 /// Every record for userspace, in the order the probes reserved them.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(32 << 20, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 
 /// Per-thread (pid_tgid) state between an allocator's entry and its return.
 #[map]

@@ -46,7 +46,7 @@ pub struct TargetArgs {
 
     /// Size of the ring buffer that carries events to alloctrace (a power of two, at least 4KiB). A bigger
     /// one loses fewer events in an allocation storm; every lost event is counted in the report.
-    #[arg(long, value_name = "SIZE", value_parser = parse_buffer_size, default_value = "32MiB")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_buffer_size, default_value = "16MiB")]
     pub buffer_size: u64,
 
     /// Start COMMAND and trace it from its first instruction; its exit ends the trace.

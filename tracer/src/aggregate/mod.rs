@@ -109,16 +109,25 @@ pub struct LiveObject {
 /// A block's key: (pid, address).
 type BlockKey = (u32, u64);
 
+/// An outstanding heap block. Kept small: a million live blocks are a million of these. With the address as key
+/// an entry takes 32 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Block {
     size: u64,
     ts_ns: u64,
-    site: SiteId,
+    site: u32,
+}
+
+impl Block {
+    fn site(&self) -> SiteId {
+        self.site as SiteId
+    }
 }
 
 /// Outstanding memory, and per-site statistics.
 pub struct Ledger {
-    blocks: HashMap<BlockKey, Block>,
+    /// Heap blocks by process, then address.
+    blocks: HashMap<u32, HashMap<u64, Block>>,
     regions: Regions,
     stats: Vec<SiteStats>,
     /// Blocks a `realloc` released on entry, by thread, until it returns: restored if it fails.
@@ -201,15 +210,18 @@ impl Ledger {
             && let Some(Some((_, old))) = self.realloc_released.remove(&header.tid)
         {
             // The call succeeded: the block it released is gone for good.
-            self.count_release(old.site, old.size, true);
+            self.count_release(old.site(), old.size, true);
         }
         self.count_allocation(site, size);
         let block = Block {
             size,
             ts_ns: header.ts_ns,
-            site,
+            site: u32::try_from(site).expect("fewer than 4 billion sites"),
         };
-        self.blocks.insert((header.pid, addr), block);
+        self.blocks
+            .entry(header.pid)
+            .or_default()
+            .insert(addr, block);
     }
 
     fn map(&mut self, header: &EventHeader, start: u64, end: u64, site: SiteId) {
@@ -236,17 +248,20 @@ impl Ledger {
     /// it freed `p`.
     pub fn realloc_returned_null(&mut self, tid: u32, size: u64) {
         match self.realloc_released.remove(&tid) {
-            Some(Some((key, block))) if size != 0 => {
-                self.blocks.insert(key, block);
+            Some(Some(((pid, addr), block))) if size != 0 => {
+                self.blocks.entry(pid).or_default().insert(addr, block);
             }
-            Some(Some((_, block))) => self.count_release(block.site, block.size, true),
+            Some(Some((_, block))) => self.count_release(block.site(), block.size, true),
             _ => {}
         }
     }
 
     /// The heap block `addr` is being released: by `free`, or by `realloc` on entry.
     pub fn freed(&mut self, pid: u32, tid: u32, func: AllocFn, addr: u64) {
-        let block = self.blocks.remove(&(pid, addr));
+        let block = self
+            .blocks
+            .get_mut(&pid)
+            .and_then(|blocks| blocks.remove(&addr));
         if block.is_none() {
             self.unknown_frees += 1;
         }
@@ -255,7 +270,7 @@ impl Ledger {
             self.realloc_released
                 .insert(tid, block.map(|block| ((pid, addr), block)));
         } else if let Some(block) = block {
-            self.count_release(block.site, block.size, true);
+            self.count_release(block.site(), block.size, true);
         }
     }
 
@@ -331,7 +346,7 @@ impl Ledger {
 
     /// The process replaced its image: everything it had is gone with its address space.
     pub fn exec(&mut self, pid: u32) {
-        self.blocks.retain(|&(block_pid, _), _| block_pid != pid);
+        self.blocks.remove(&pid);
         self.regions.clear(pid);
         self.breaks.remove(&pid);
     }
@@ -350,12 +365,14 @@ impl Ledger {
 
     /// Every outstanding block and mapped piece.
     pub fn objects(&self) -> impl Iterator<Item = LiveObject> + '_ {
-        let blocks = self.blocks.iter().map(|(&(pid, addr), b)| LiveObject {
-            pid,
-            addr,
-            size: b.size,
-            ts_ns: b.ts_ns,
-            site: b.site,
+        let blocks = self.blocks.iter().flat_map(|(&pid, blocks)| {
+            blocks.iter().map(move |(&addr, b)| LiveObject {
+                pid,
+                addr,
+                size: b.size,
+                ts_ns: b.ts_ns,
+                site: b.site(),
+            })
         });
         let pieces = self.regions.iter().map(|(pid, p)| LiveObject {
             pid,
