@@ -8,6 +8,7 @@ pub mod decode;
 pub mod output;
 pub mod probes;
 pub mod procs;
+pub mod python;
 pub mod report;
 pub mod spawn;
 pub mod system;

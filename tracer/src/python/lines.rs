@@ -1,0 +1,1 @@
+//! CPython line tables: instruction offset → source line, for every supported version.

@@ -1,0 +1,1 @@
+//! Offsets of CPython's internal structures, per version.
