@@ -6,6 +6,47 @@
 /// Most user frames one stack record holds: the kernel's default `kernel.perf_event_max_stack`.
 pub const MAX_STACK_DEPTH: usize = 127;
 
+/// Most Python frames one stack record holds, innermost first.
+pub const MAX_PY_FRAMES: usize = 48;
+
+/// Most thread states searched for the current thread's, per event.
+pub const MAX_PY_THREADS: usize = 64;
+
+/// An offset field of [`PyProcess`] that the version does not have.
+pub const PY_NO_OFFSET: u32 = u32::MAX;
+
+/// What the eBPF side needs to walk one traced CPython process's frames: the address of the head of its
+/// interpreter list, and the offsets of its version's structures (from `tracer::python::offsets`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyProcess {
+    /// Absolute address of `_PyRuntime.interpreters.head` in the process.
+    pub interpreters_head: u64,
+    pub interp_threads_head: u32,
+    pub tstate_next: u32,
+    pub tstate_thread_id: u32,
+    /// The thread state's frame pointer (3.8–3.10 `frame`), `cframe` (3.11–3.12) or `current_frame` (3.13).
+    pub tstate_frame: u32,
+    /// `_PyCFrame.current_frame`, or [`PY_NO_OFFSET`] when `tstate_frame` leads to the frame itself.
+    pub cframe_current_frame: u32,
+    pub frame_back: u32,
+    pub frame_code: u32,
+    pub frame_instr: u32,
+    /// 1 when `frame_instr` is a pointer (3.11+), 0 when it is a 32-bit `f_lasti`.
+    pub frame_instr_is_pointer: u32,
+    /// The frame's `owner` byte, or [`PY_NO_OFFSET`]; frames owned by the C stack (3) are interpreter shims.
+    pub frame_owner: u32,
+}
+
+/// One Python frame as the eBPF side reads it: the code object, and where in it the frame is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyFrame {
+    pub code: u64,
+    /// `f_lasti` (3.8–3.10) or the instruction pointer (3.11+).
+    pub instr: u64,
+}
+
 /// What a ring-buffer record is. Values are part of the record format: never reuse one.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,6 +259,38 @@ pub struct StackEvent {
     pub guessed_caller: u32,
     /// User instruction pointers, innermost first.
     pub frames: [u64; MAX_STACK_DEPTH],
+    /// How many entries of `py_frames` are valid.
+    pub py_depth: u32,
+    /// A [`PyStatus`] value.
+    pub py_status: u32,
+    /// The Python frames of the thread, innermost first.
+    pub py_frames: [PyFrame; MAX_PY_FRAMES],
+}
+
+/// What became of a stack's Python frames. Values are part of the record format: never reuse one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PyStatus {
+    /// Not a traced Python process.
+    NotPython = 0,
+    /// Frames read (possibly none: a thread running no Python code).
+    Read = 1,
+    /// The thread has no Python thread state (a thread Python does not know, or the search limit was hit).
+    NoThreadState = 2,
+    /// More frames than a record holds: the outermost are missing.
+    Truncated = 3,
+}
+
+impl PyStatus {
+    pub const fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            0 => Some(Self::NotPython),
+            1 => Some(Self::Read),
+            2 => Some(Self::NoThreadState),
+            3 => Some(Self::Truncated),
+            _ => None,
+        }
+    }
 }
 
 /// Per-thread state between a system call's entry and its exit.
@@ -249,6 +322,12 @@ const _: () = assert!(size_of::<EventHeader>() == 32);
 const _: () = assert!(size_of::<AllocEvent>() == 72);
 const _: () = assert!(size_of::<FreeEvent>() == 56);
 const _: () = assert!(size_of::<ForkEvent>() == 40);
-const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH);
+const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH + 8 + 16 * MAX_PY_FRAMES);
+const _: () = assert!(size_of::<PyProcess>() == 48);
+const _: () = assert!(size_of::<PyFrame>() == 16);
 const _: () = assert!(size_of::<InFlight>() == 24);
 const _: () = assert!(size_of::<SyscallInFlight>() == 24);
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, made only of integers, no implicit padding (its size is asserted above).
+unsafe impl aya::Pod for PyProcess {}

@@ -13,8 +13,8 @@ use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task_btf, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user, bpf_task_pt_regs,
+        bpf_get_current_task, bpf_get_current_task_btf, bpf_get_stack, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -22,7 +22,8 @@ use aya_ebpf::{
 };
 use tracer_common::{
     ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ForkEvent, FreeEvent,
-    InFlight, LOSS_COUNTERS, Loss, MAX_STACK_DEPTH, StackEvent, SyscallInFlight,
+    InFlight, LOSS_COUNTERS, Loss, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_DEPTH, PY_NO_OFFSET,
+    PyFrame, PyProcess, PyStatus, StackEvent, SyscallInFlight,
 };
 
 /// Every record for userspace, in the order the probes reserved them.
@@ -56,6 +57,18 @@ static COMMS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0);
 /// Per-thread state between an `mmap`/`mremap` system call's entry and exit.
 #[map]
 static SYSCALLS: HashMap<u64, SyscallInFlight> = HashMap::with_max_entries(65536, 0);
+
+/// Traced CPython processes (tgid → where their frames are): allocations there carry Python frames.
+#[map]
+static PY_PROCS: HashMap<u32, PyProcess> = HashMap::with_max_entries(4096, 0);
+
+/// Offset of `thread.fsbase` in `struct task_struct`, from the kernel's BTF: the thread pointer, which is what
+/// CPython records as a thread state's `thread_id` (`pthread_self()`).
+#[unsafe(no_mangle)]
+static TASK_FSBASE_OFFSET: u32 = 0;
+
+/// `owner` of a frame that only marks where C called into the interpreter (3.12+).
+const FRAME_OWNED_BY_CSTACK: u8 = 3;
 
 /// Offset of `child_pid` in the `sched_process_fork` record: its layout changed across kernels, so userspace
 /// reads it from tracefs and sets it at load time.
@@ -329,12 +342,27 @@ fn capture_stack(ctx: *mut core::ffi::c_void, guessed_caller: Option<u64>) -> u6
         scratch.frames[1] = caller;
         depth += 1;
     }
+    scratch.py_depth = 0;
+    scratch.py_status = PyStatus::NotPython as u32;
+    // SAFETY: read-only look-up of a plain value.
+    if let Some(py) = unsafe { PY_PROCS.get(current_tgid()) } {
+        walk_python(py, scratch);
+    }
     let mut id: u64 = 0xcbf2_9ce4_8422_2325;
     for i in 0..MAX_STACK_DEPTH {
         if i >= depth {
             break;
         }
         id = (id.rotate_left(5) ^ scratch.frames[i]).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    // Two Python lines calling the same C code are two sites: the Python frames are part of the identity.
+    for i in 0..MAX_PY_FRAMES {
+        if i >= scratch.py_depth as usize {
+            break;
+        }
+        let frame = scratch.py_frames[i];
+        id = (id.rotate_left(5) ^ frame.code).wrapping_mul(0x517c_c1b7_2722_0a95);
+        id = (id.rotate_left(5) ^ frame.instr).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
     // 0 means "no stack" in records.
     let id = id | 1;
@@ -351,6 +379,71 @@ fn capture_stack(ctx: *mut core::ffi::c_void, guessed_caller: Option<u64>) -> u6
         }
     }
     id
+}
+
+#[inline(always)]
+fn read_user<T>(addr: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_user checks the address; a fault is an error, not a crash.
+    unsafe { bpf_probe_read_user(addr as *const T) }.ok()
+}
+
+/// Finds the current thread's Python thread state (the one whose `thread_id` is this thread's pointer) and
+/// reads its frames into `out`: code object and position, innermost first. Each loop has one counter and few
+/// branches, so that the verifier can prune its states: a shim frame takes a slot with code 0, which
+/// userspace skips.
+#[inline(always)]
+fn walk_python(py: &PyProcess, out: &mut StackEvent) {
+    // SAFETY: a plain global set at load time, and the current task's own thread pointer.
+    let thread_pointer = unsafe {
+        let offset = core::ptr::read_volatile(&TASK_FSBASE_OFFSET) as usize;
+        let task = bpf_get_current_task() as *const u8;
+        bpf_probe_read_kernel(task.add(offset) as *const u64).unwrap_or(0)
+    };
+    out.py_status = PyStatus::NoThreadState as u32;
+    let interp = read_user::<u64>(py.interpreters_head).unwrap_or(0);
+    let mut tstate = read_user::<u64>(interp + py.interp_threads_head as u64).unwrap_or(0);
+    for _ in 0..MAX_PY_THREADS {
+        if tstate == 0
+            || read_user::<u64>(tstate + py.tstate_thread_id as u64).unwrap_or(0) == thread_pointer
+        {
+            break;
+        }
+        tstate = read_user::<u64>(tstate + py.tstate_next as u64).unwrap_or(0);
+    }
+    if tstate == 0 {
+        return;
+    }
+    out.py_status = PyStatus::Read as u32;
+    let mut frame = read_user::<u64>(tstate + py.tstate_frame as u64).unwrap_or(0);
+    if py.cframe_current_frame != PY_NO_OFFSET && frame != 0 {
+        frame = read_user::<u64>(frame + py.cframe_current_frame as u64).unwrap_or(0);
+    }
+    let mut depth = 0;
+    for slot in out.py_frames.iter_mut() {
+        if frame == 0 {
+            break;
+        }
+        let shim = py.frame_owner != PY_NO_OFFSET
+            && read_user::<u8>(frame + py.frame_owner as u64) == Some(FRAME_OWNED_BY_CSTACK);
+        // f_lasti (3.8–3.10) is a C int: its 8-byte read is cut back to 32 bits.
+        let raw = read_user::<u64>(frame + py.frame_instr as u64).unwrap_or(0);
+        let instr = if py.frame_instr_is_pointer != 0 {
+            raw
+        } else {
+            raw & 0xffff_ffff
+        };
+        let code = read_user::<u64>(frame + py.frame_code as u64).unwrap_or(0);
+        *slot = PyFrame {
+            code: if shim { 0 } else { code },
+            instr,
+        };
+        depth += 1;
+        frame = read_user::<u64>(frame + py.frame_back as u64).unwrap_or(0);
+    }
+    if frame != 0 {
+        out.py_status = PyStatus::Truncated as u32;
+    }
+    out.py_depth = depth;
 }
 
 #[inline(always)]

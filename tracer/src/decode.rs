@@ -2,7 +2,7 @@
 
 use tracer_common::{
     ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ForkEvent, FreeEvent,
-    MAX_STACK_DEPTH, StackEvent,
+    MAX_PY_FRAMES, MAX_STACK_DEPTH, PyFrame, PyStatus, StackEvent,
 };
 
 /// One decoded record.
@@ -31,6 +31,8 @@ pub enum Event {
         frames: Vec<u64>,
         /// `frames[1]` is a guess at the caller of a system call's libc wrapper.
         guessed_caller: bool,
+        /// The Python frames, innermost first, when the process is a traced CPython.
+        python: PythonStack,
     },
     Exec {
         header: EventHeader,
@@ -41,6 +43,14 @@ pub enum Event {
     },
 }
 
+/// The Python side of a stack record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PythonStack {
+    pub status: PyStatus,
+    /// Innermost first; a frame with code 0 is an interpreter shim, to skip.
+    pub frames: Vec<PyFrame>,
+}
+
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("record of {len} bytes is shorter than its {kind:?} layout")]
@@ -49,6 +59,8 @@ pub enum DecodeError {
     UnknownKind(u32),
     #[error("unknown allocator function {0}")]
     UnknownFunction(u32),
+    #[error("unknown Python stack status {0}")]
+    UnknownPyStatus(u32),
 }
 
 /// Reads a `T` from the front of `bytes`, which the ring buffer does not align.
@@ -99,11 +111,17 @@ impl TryFrom<&[u8]> for Event {
             EventKind::Stack => {
                 let e: StackEvent = read(bytes, Some(kind))?;
                 let depth = (e.depth as usize).min(MAX_STACK_DEPTH);
+                let py_depth = (e.py_depth as usize).min(MAX_PY_FRAMES);
                 Self::Stack {
                     header,
                     stack_id: e.stack_id,
                     frames: e.frames[..depth].to_vec(),
                     guessed_caller: e.guessed_caller != 0,
+                    python: PythonStack {
+                        status: PyStatus::from_u32(e.py_status)
+                            .ok_or(DecodeError::UnknownPyStatus(e.py_status))?,
+                        frames: e.py_frames[..py_depth].to_vec(),
+                    },
                 }
             }
             EventKind::Exec => Self::Exec { header },
@@ -225,22 +243,33 @@ mod tests {
     fn stack_keeps_only_its_depth() {
         let mut frames = [0u64; MAX_STACK_DEPTH];
         frames[..3].copy_from_slice(&[0x10, 0x20, 0x30]);
+        let mut py_frames = [PyFrame::default(); MAX_PY_FRAMES];
+        py_frames[0] = PyFrame {
+            code: 0x7f00_1000,
+            instr: 42,
+        };
         let record = StackEvent {
             header: header(EventKind::Stack),
             stack_id: 9,
             depth: 3,
             guessed_caller: 1,
             frames,
+            py_depth: 1,
+            py_status: PyStatus::Read as u32,
+            py_frames,
         };
         let Ok(Event::Stack {
             frames,
             stack_id,
             guessed_caller,
+            python,
             ..
         }) = Event::try_from(bytes_of(&record))
         else {
             panic!("not a stack");
         };
+        assert_eq!(python.status, PyStatus::Read);
+        assert_eq!(python.frames, [py_frames[0]]);
         assert_eq!(
             (stack_id, frames, guessed_caller),
             (9, vec![0x10, 0x20, 0x30], true)

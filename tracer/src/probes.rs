@@ -13,7 +13,7 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeScope},
     },
 };
-use tracer_common::{AllocFn, LOSS_COUNTERS, Loss};
+use tracer_common::{AllocFn, LOSS_COUNTERS, Loss, PyProcess};
 
 use crate::{procs::allocator::Allocator, system};
 
@@ -59,8 +59,10 @@ impl Probes {
             system::tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
         let buffer_size =
             u32::try_from(buffer_size).context("the ring buffer size is too large")?;
+        let fsbase_offset = system::task_fsbase_offset()?;
         let mut ebpf = EbpfLoader::new()
             .override_global("FORK_CHILD_PID_OFFSET", &child_pid_offset, true)
+            .override_global("TASK_FSBASE_OFFSET", &fsbase_offset, true)
             .map_max_entries("EVENTS", buffer_size)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
@@ -135,6 +137,24 @@ impl Probes {
         targets
             .remove(&tid)
             .with_context(|| format!("cannot remove thread {tid} from the traced set"))
+    }
+
+    /// Walks the Python frames of `pid` at every allocation from now on.
+    pub fn add_python(&mut self, pid: u32, config: &PyProcess) -> anyhow::Result<()> {
+        let mut pythons: BpfHashMap<_, u32, PyProcess> =
+            BpfHashMap::try_from(self.ebpf.map_mut("PY_PROCS").context("no PY_PROCS map")?)?;
+        pythons
+            .insert(pid, *config, 0)
+            .with_context(|| format!("cannot register pid {pid} as a Python process"))
+    }
+
+    /// Stops walking Python frames in `pid` (its image was replaced).
+    pub fn remove_python(&mut self, pid: u32) -> anyhow::Result<()> {
+        let mut pythons: BpfHashMap<_, u32, PyProcess> =
+            BpfHashMap::try_from(self.ebpf.map_mut("PY_PROCS").context("no PY_PROCS map")?)?;
+        pythons
+            .remove(&pid)
+            .with_context(|| format!("cannot forget pid {pid} as a Python process"))
     }
 
     /// Traces every process that execs with this name (the kernel's 15-character `comm`).

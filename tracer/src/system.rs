@@ -85,6 +85,34 @@ fn field_offset(format: &str, field: &str) -> Option<u32> {
     })
 }
 
+/// The offset of `thread.fsbase` in the kernel's `struct task_struct`, from its BTF: where the eBPF side finds
+/// a thread's pointer (what CPython records as a thread state's `thread_id`).
+pub fn task_fsbase_offset() -> anyhow::Result<u32> {
+    use btf_rs::{Btf, Type};
+    const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+    let btf = Btf::from_file(VMLINUX)
+        .with_context(|| format!("cannot read the kernel's BTF at {VMLINUX}"))?;
+    let member_offset = |parent: &str, field: &str| -> anyhow::Result<(u32, Type)> {
+        let types = btf.resolve_types_by_name(parent)?;
+        let Some(Type::Struct(s)) = types.into_iter().find(|t| matches!(t, Type::Struct(_))) else {
+            bail!("the kernel's BTF has no struct {parent}");
+        };
+        for member in &s.members {
+            if btf.resolve_name(member).is_ok_and(|name| name == field) {
+                return Ok((member.bit_offset() / 8, btf.resolve_chained_type(member)?));
+            }
+        }
+        bail!("the kernel's struct {parent} has no member {field}")
+    };
+    let (thread, thread_type) = member_offset("task_struct", "thread")?;
+    let thread_struct = match thread_type {
+        Type::Struct(s) => btf.resolve_name(&s)?,
+        _ => bail!("task_struct.thread is not a struct"),
+    };
+    let (fsbase, _) = member_offset(&thread_struct, "fsbase")?;
+    Ok(thread + fsbase)
+}
+
 /// This process's peak resident memory.
 pub fn max_rss_bytes() -> u64 {
     // SAFETY: getrusage fills the struct it is given; zeroes are a valid starting value.
@@ -109,6 +137,16 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_thread_pointer_in_this_kernels_task_struct() {
+        let offset = task_fsbase_offset().unwrap();
+        // Deep inside task_struct (thread_struct comes last), and 8-byte aligned.
+        assert!(
+            offset > 1024 && offset < 64 * 1024 && offset.is_multiple_of(8),
+            "{offset}"
+        );
+    }
 
     #[test]
     fn reads_field_offsets_of_a_format_file() {

@@ -14,7 +14,7 @@ use tokio::{
     io::unix::AsyncFd,
     sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel},
 };
-use tracer_common::{AllocFn, Loss};
+use tracer_common::{AllocFn, Loss, PyFrame};
 
 use crate::{
     aggregate::{Ledger, Site, SiteId, Sites},
@@ -26,6 +26,7 @@ use crate::{
         allocator::{self, Allocator},
         maps::FileId,
     },
+    python::runtime::{self, Reader},
     report::{AllocatorReport, Exit, Losses, ProcessReport},
     spawn::{self, ChildEvent},
     system,
@@ -65,14 +66,24 @@ struct State {
     registry: Registry,
     sites: Sites,
     ledger: Ledger,
-    /// Frames of every stack id received, and whether `frames[1]` is a guessed caller.
-    stacks: HashMap<u64, (Vec<u64>, bool)>,
+    /// Every stack received, by id.
+    stacks: HashMap<u64, Stack>,
+    /// The CPython processes among the targets, and what reads their frames.
+    pythons: HashMap<u32, Reader>,
     /// Site of each (pid, function, stack id) already seen.
     site_of_stack: HashMap<(u32, AllocFn, u64), SiteId>,
     stackless: u64,
     undecodable: u64,
     /// Processes that forked or exec'd, for the session to attach to.
     discovered: Vec<Discovery>,
+}
+
+/// A stack record's frames.
+struct Stack {
+    native: Vec<u64>,
+    /// `native[1]` is a guessed caller (a system call's stack).
+    guessed_caller: bool,
+    python: Vec<PyFrame>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,9 +106,15 @@ impl State {
                 stack_id,
                 frames,
                 guessed_caller,
+                python,
                 ..
             } => {
-                self.stacks.insert(stack_id, (frames, guessed_caller));
+                let stack = Stack {
+                    native: frames,
+                    guessed_caller,
+                    python: python.frames,
+                };
+                self.stacks.insert(stack_id, stack);
             }
             Event::Alloc {
                 header,
@@ -155,7 +172,7 @@ impl State {
         if let Some(&site) = self.site_of_stack.get(&(pid, func, stack_id)) {
             return site;
         }
-        let Some((frames, guessed_caller)) = self.stacks.get(&stack_id) else {
+        let Some(stack) = self.stacks.get(&stack_id) else {
             // No stack: the kernel could not take it, or its record was lost. Not cached, so that the stack is
             // used once it arrives.
             self.stackless += 1;
@@ -165,7 +182,18 @@ impl State {
                 frames: Vec::new(),
             });
         };
-        let frames = self.registry.symbolize(pid, frames, *guessed_caller);
+        let native = self
+            .registry
+            .symbolize(pid, &stack.native, stack.guessed_caller);
+        let python = match self.pythons.get_mut(&pid) {
+            Some(reader) => stack
+                .python
+                .iter()
+                .filter_map(|f| reader.frame(f))
+                .collect(),
+            None => Vec::new(),
+        };
+        let frames = runtime::merge(native, python);
         let site = self.sites.intern(Site { pid, func, frames });
         self.site_of_stack.insert((pid, func, stack_id), site);
         site
@@ -177,6 +205,18 @@ fn drain(ring: &mut RingBuf<MapData>, state: &mut State) {
     while let Some(record) = ring.next() {
         state.handle(&record);
     }
+}
+
+/// Consumes records until the ring is empty (true) or a process to attach to was found (false): a new
+/// process is attached to before the records behind it are named, which can take milliseconds.
+fn drain_until_discovery(ring: &mut RingBuf<MapData>, state: &mut State) -> bool {
+    while let Some(record) = ring.next() {
+        state.handle(&record);
+        if !state.discovered.is_empty() {
+            return false;
+        }
+    }
+    true
 }
 
 fn pidfd(pid: u32) -> std::io::Result<OwnedFd> {
@@ -250,9 +290,60 @@ struct Targets {
     probed: HashMap<u32, HashSet<Option<FileId>>>,
     exited: HashMap<u32, Exit>,
     allocators: Vec<AllocatorReport>,
+    /// The command alloctrace started, until its exec is seen.
+    spawned_exec: Option<u32>,
+    /// Processes that may yet map an interpreter (a shared libpython is mapped by the loader after exec), and
+    /// until when to look.
+    python_pending: HashMap<u32, Instant>,
 }
 
+/// How long after its exec a process is watched for an interpreter to appear, and how often.
+const PYTHON_DETECTION_WINDOW: Duration = Duration::from_secs(5);
+const PYTHON_DETECTION_INTERVAL: Duration = Duration::from_millis(5);
+
 impl Targets {
+    /// Looks for CPython in `pid`; when found, its frames are walked from now on. Not found yet: looked for
+    /// again on every drain until [`PYTHON_DETECTION_WINDOW`] has passed.
+    fn detect_python(&mut self, state: &mut State, pid: u32) {
+        state.registry.refresh(pid);
+        match runtime::detect(&mut state.registry, pid) {
+            Some(interpreter) => {
+                self.python_pending.remove(&pid);
+                match interpreter.bpf_config() {
+                    Some(config) => {
+                        if let Err(err) = self.probes.add_python(pid, &config) {
+                            eprintln!("alloctrace: no Python frames for pid {pid}: {err:#}");
+                        }
+                    }
+                    None => eprintln!(
+                        "alloctrace: no Python frames for pid {pid}: {}",
+                        interpreter
+                            .info
+                            .unsupported
+                            .as_deref()
+                            .unwrap_or("unsupported")
+                    ),
+                }
+                state.pythons.insert(pid, Reader::new(pid, interpreter));
+            }
+            None => {
+                self.python_pending
+                    .entry(pid)
+                    .or_insert_with(|| Instant::now() + PYTHON_DETECTION_WINDOW);
+            }
+        }
+    }
+
+    /// Retries detection for the processes still pending.
+    fn detect_pending_pythons(&mut self, state: &mut State) {
+        let now = Instant::now();
+        self.python_pending.retain(|_, until| *until > now);
+        let pending: Vec<u32> = self.python_pending.keys().copied().collect();
+        for pid in pending {
+            self.detect_python(state, pid);
+        }
+    }
+
     fn running(&self) -> usize {
         self.order.len() - self.exited.len()
     }
@@ -285,8 +376,36 @@ impl Targets {
         }
     }
 
-    /// A process found after the start (a fork of a target, or a `--comm` match): trace it, or say why not.
-    fn follow(&mut self, registry: &mut Registry, discovery: Discovery) {
+    /// A process found after the start (a fork of a target, an exec, or a `--comm` match): trace it, or say why
+    /// not. A fork has its parent's interpreter at the same addresses; an exec starts a new image.
+    fn follow(&mut self, state: &mut State, discovery: Discovery) {
+        match discovery {
+            Discovery::Forked { parent, child } => {
+                if let Some(interpreter) = state.pythons.get(&parent).map(Reader::interpreter) {
+                    let interpreter = interpreter.clone();
+                    if let Some(config) = interpreter.bpf_config() {
+                        let _ = self.probes.add_python(child, &config);
+                    }
+                    state.pythons.insert(child, Reader::new(child, interpreter));
+                }
+            }
+            Discovery::Execed(pid) => {
+                state.pythons.remove(&pid);
+                let _ = self.probes.remove_python(pid);
+                // Before anything slow: a shared libpython is mapped within milliseconds, and looked for
+                // from then on.
+                self.detect_python(state, pid);
+                if self.spawned_exec == Some(pid) {
+                    // The command alloctrace started, whose allocator was found from this very executable.
+                    self.spawned_exec = None;
+                    return;
+                }
+            }
+        }
+        self.follow_allocator(&mut state.registry, discovery);
+    }
+
+    fn follow_allocator(&mut self, registry: &mut Registry, discovery: Discovery) {
         let pid = match discovery {
             Discovery::Forked { child, .. } => child,
             Discovery::Execed(pid) => pid,
@@ -315,7 +434,7 @@ impl Targets {
             // Its new libraries may not be mapped yet: ask its loader, as for a command about to start.
             Discovery::Execed(pid) => {
                 let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
-                (pid, allocator::for_command(&exe))
+                (pid, allocator::for_command(registry, &exe))
             }
         };
         registry.refresh(pid);
@@ -342,6 +461,8 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
         probed: HashMap::new(),
         exited: HashMap::new(),
         allocators: Vec::new(),
+        python_pending: HashMap::new(),
+        spawned_exec: None,
     };
     let mut state = State::default();
 
@@ -369,6 +490,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
         }
         targets.order.push(pid);
         watch_exit(pid, fd, targets.exits_tx.clone())?;
+        targets.detect_python(&mut state, pid);
     }
 
     let mut child_events: Option<UnboundedReceiver<ChildEvent>> = None;
@@ -376,7 +498,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
     if !args.command.is_empty() {
         let program = spawn::resolve_program(&args.command[0])?;
         let image = spawn::executable_image(&program)?;
-        let allocator = allocator::for_command(&image)?;
+        let allocator = allocator::for_command(&mut state.registry, &image)?;
         let child = spawn::spawn(&program, &args.command)?;
         let pid = child.pid;
         targets.attach(pid, allocator)?;
@@ -395,6 +517,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
             container: None,
         });
         targets.order.push(pid);
+        targets.spawned_exec = Some(pid);
         child_events = Some(child.release());
         child_pid = Some(pid);
     }
@@ -408,6 +531,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     // The probes wake this loop only when a lot is waiting; the timer bounds how stale the ledger gets.
     let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
+    let mut python_timer = tokio::time::interval(PYTHON_DETECTION_INTERVAL);
     // With --comm, processes may still come: only the duration or Ctrl-C end the trace.
     let waits_for_more = !args.comms.is_empty();
     let ctrl_c = tokio::signal::ctrl_c();
@@ -417,10 +541,20 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("cannot poll the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut state);
-                guard.clear_ready();
+                // Left ready when records remain, so that the loop comes straight back for them.
+                if drain_until_discovery(guard.get_inner_mut(), &mut state) {
+                    guard.clear_ready();
+                }
             }
-            _ = drain_timer.tick() => drain(ring.get_mut(), &mut state),
+            _ = drain_timer.tick() => {
+                while !drain_until_discovery(ring.get_mut(), &mut state) {
+                    follow_discoveries(&mut targets, &mut state, waits_for_more);
+                }
+            }
+            // A shared libpython is mapped milliseconds after exec, and the first Python frames soon after.
+            _ = python_timer.tick(), if !targets.python_pending.is_empty() => {
+                targets.detect_pending_pythons(&mut state);
+            }
             Some(pid) = exits.recv() => {
                 drain(ring.get_mut(), &mut state);
                 targets.exited.entry(pid).or_insert(Exit::Exited);
@@ -447,16 +581,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
             _ = sleep_until(deadline) => break,
             _ = &mut ctrl_c => break,
         }
-        for discovery in std::mem::take(&mut state.discovered) {
-            match discovery {
-                // A target's new image may use another allocator; a --comm match is new.
-                Discovery::Execed(pid) if targets.order.contains(&pid) || waits_for_more => {
-                    targets.follow(&mut state.registry, discovery);
-                }
-                Discovery::Forked { .. } => targets.follow(&mut state.registry, discovery),
-                Discovery::Execed(_) => {}
-            }
-        }
+        follow_discoveries(&mut targets, &mut state, waits_for_more);
     }
     drain(ring.get_mut(), &mut state);
     let end_ns = system::monotonic_ns().max(start_ns);
@@ -477,6 +602,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
                 ..Default::default()
             }),
             exit: targets.exited.get(&pid).copied(),
+            python: state.pythons.get(&pid).map(|r| r.info().clone()),
         })
         .collect();
     Ok(Trace {
@@ -489,6 +615,20 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
         duration_s: started.elapsed().as_secs_f64(),
         window: (start_ns, end_ns),
     })
+}
+
+/// Attaches to the processes the last records revealed.
+fn follow_discoveries(targets: &mut Targets, state: &mut State, waits_for_more: bool) {
+    for discovery in std::mem::take(&mut state.discovered) {
+        match discovery {
+            // A target's new image may use another allocator; a --comm match is new.
+            Discovery::Execed(pid) if targets.order.contains(&pid) || waits_for_more => {
+                targets.follow(state, discovery);
+            }
+            Discovery::Forked { .. } => targets.follow(state, discovery),
+            Discovery::Execed(_) => {}
+        }
+    }
 }
 
 async fn recv<T>(receiver: &mut Option<UnboundedReceiver<T>>) -> Option<T> {

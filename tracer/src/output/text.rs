@@ -61,20 +61,47 @@ fn losses(lost: &Losses) -> String {
 
 fn frame(f: &Frame) -> String {
     let module = f.module.as_deref().unwrap_or("?");
+    let offset = f.offset.unwrap_or(0);
     match &f.function {
         Some(function) => format!(
-            "{function}+{:#x}  ({module}+{:#x})",
-            f.function_offset, f.offset
+            "{function}+{:#x}  ({module}+{offset:#x})",
+            f.function_offset
         ),
-        None => format!("{module}+{:#x}", f.offset),
+        None => format!("{module}+{offset:#x}"),
     }
 }
 
+/// A stack, innermost first; its Python frames, if any, as a traceback (outermost first, like Python's own).
 fn stack(out: &mut dyn Write, frames: &[Frame]) -> io::Result<()> {
     if frames.is_empty() {
         writeln!(out, "    (stack lost)")?;
     }
-    for f in frames {
+    let first_python = frames.iter().position(Frame::is_python);
+    let last_python = frames.iter().rposition(Frame::is_python);
+    let (Some(first), Some(last)) = (first_python, last_python) else {
+        for f in frames {
+            writeln!(out, "    {}", frame(f))?;
+        }
+        return Ok(());
+    };
+    for f in &frames[..first] {
+        writeln!(out, "    {}", frame(f))?;
+    }
+    writeln!(out, "    Traceback (most recent call last):")?;
+    for f in frames[first..=last].iter().rev() {
+        if f.is_python() {
+            let line = f.line.map_or_else(|| "?".to_owned(), |l| l.to_string());
+            writeln!(
+                out,
+                "      File \"{}\", line {line}, in {}",
+                f.file.as_deref().unwrap_or("?"),
+                f.function.as_deref().unwrap_or("?")
+            )?;
+        } else {
+            writeln!(out, "      [native] {}", frame(f))?;
+        }
+    }
+    for f in &frames[last + 1..] {
         writeln!(out, "    {}", frame(f))?;
     }
     Ok(())

@@ -164,7 +164,10 @@ pub fn for_pid(registry: &mut Registry, pid: u32) -> anyhow::Result<Allocator> {
 
 /// The allocator a command will use once started: its executable, and the libraries its dynamic loader
 /// resolves for it (`ld.so --list`, which loads no program code), in the loader's order.
-pub fn for_command(exe: &Path) -> anyhow::Result<Allocator> {
+///
+/// The objects read on the way are left in `registry`'s cache: the process maps them moments later, and
+/// finding its interpreter then must not wait for a 20 MiB libpython to be parsed again.
+pub fn for_command(registry: &mut Registry, exe: &Path) -> anyhow::Result<Allocator> {
     let exe_module = load(exe)?;
     let data = std::fs::read(exe).with_context(|| format!("cannot read {}", exe.display()))?;
     let interpreter = interpreter(&data);
@@ -188,6 +191,11 @@ pub fn for_command(exe: &Path) -> anyhow::Result<Allocator> {
                 let file = super::file_id(&path);
                 candidates.push((module, path, file));
             }
+        }
+    }
+    for (module, _, file) in &candidates {
+        if let Some(file) = file {
+            registry.insert_module(*file, Arc::clone(module));
         }
     }
     pick(candidates)
@@ -255,7 +263,8 @@ mod tests {
 
     #[test]
     fn a_dynamic_command_uses_libc() {
-        let allocator = for_command(Path::new("/bin/true")).unwrap();
+        let mut registry = Registry::default();
+        let allocator = for_command(&mut registry, Path::new("/bin/true")).unwrap();
         assert!(allocator.path.contains("libc.so"), "{}", allocator.path);
         let names: Vec<&str> = allocator.probes.iter().map(|p| p.func.name()).collect();
         // glibc 2.36's aligned_alloc is memalign: one probe, under the first name.

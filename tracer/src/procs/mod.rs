@@ -27,9 +27,9 @@ pub struct Frame {
     /// The object's path, as the process mapped it.
     pub module: Option<String>,
     /// The return address inside the module, as an ELF address (what `addr2line -e MODULE` takes), or the
-    /// raw address when no module maps it.
-    #[serde(serialize_with = "hex")]
-    pub offset: u64,
+    /// raw address when no module maps it; `None` for Python frames.
+    #[serde(serialize_with = "hex_or_null")]
+    pub offset: Option<u64>,
     /// Offset from the start of `function`.
     #[serde(skip)]
     pub function_offset: u64,
@@ -40,6 +40,35 @@ pub struct Frame {
 
 pub(crate) fn hex<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&format!("{value:#x}"))
+}
+
+fn hex_or_null<S: serde::Serializer>(
+    value: &Option<u64>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => hex(value, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+impl Frame {
+    /// A frame of Python code.
+    pub fn python(function: String, file: String, line: Option<u32>) -> Self {
+        Self {
+            function: Some(function),
+            module: None,
+            offset: None,
+            function_offset: 0,
+            file: Some(file),
+            line,
+            lang: "python",
+        }
+    }
+
+    pub fn is_python(&self) -> bool {
+        self.lang == "python"
+    }
 }
 
 /// What a report says about a process.
@@ -122,6 +151,11 @@ impl Registry {
         self.processes.get(&pid).map(|p| &p.maps)
     }
 
+    /// Caches an object loaded before any process mapped it.
+    pub fn insert_module(&mut self, file: FileId, module: Arc<Module>) {
+        self.modules.entry(file).or_insert(Some(module));
+    }
+
     /// The object behind a mapping, loaded once per file.
     pub fn module(&mut self, pid: u32, mapping: &Mapping) -> Option<Arc<Module>> {
         let id = mapping.file?;
@@ -180,7 +214,7 @@ impl Registry {
         let unnamed = Frame {
             function: None,
             module: mapping.map(|m| m.path.clone()),
-            offset: ip,
+            offset: Some(ip),
             function_offset: 0,
             file: None,
             line: None,
@@ -191,14 +225,14 @@ impl Registry {
         };
         let Some(module) = self.module(pid, mapping) else {
             return Frame {
-                offset: ip - mapping.start + mapping.file_offset,
+                offset: Some(ip - mapping.start + mapping.file_offset),
                 ..unnamed
             };
         };
         let file_offset = ip - mapping.start + mapping.file_offset;
         let Some(address) = module.address_of_file_offset(file_offset) else {
             return Frame {
-                offset: file_offset,
+                offset: Some(file_offset),
                 ..unnamed
             };
         };
@@ -210,7 +244,7 @@ impl Registry {
         };
         Frame {
             function,
-            offset: address,
+            offset: Some(address),
             function_offset,
             ..unnamed
         }

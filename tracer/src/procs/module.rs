@@ -43,6 +43,8 @@ pub struct Module {
     pub path: String,
     /// Function symbols sorted by address, one name per address.
     symbols: Vec<Symbol>,
+    /// Data symbols (`_PyRuntime`, `PyCode_Type`…) by name → address.
+    data: HashMap<String, u64>,
     /// Every function name defined here (aliases included) → (address, exported).
     by_name: HashMap<String, (u64, bool)>,
     segments: Vec<Segment>,
@@ -63,11 +65,18 @@ impl Module {
             path: path.to_owned(),
             source,
         })?;
-        let mut symbols: Vec<Symbol> = file
-            .dynamic_symbols()
-            .map(|s| (s, true))
-            .chain(file.symbols().map(|s| (s, false)))
-            .filter(|(s, _)| s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0)
+        let defined = || {
+            file.dynamic_symbols()
+                .map(|s| (s, true))
+                .chain(file.symbols().map(|s| (s, false)))
+                .filter(|(s, _)| s.is_definition() && s.address() != 0)
+        };
+        let data = defined()
+            .filter(|(s, _)| s.kind() == SymbolKind::Data)
+            .filter_map(|(s, _)| Some((s.name().ok()?.to_owned(), s.address())))
+            .collect();
+        let mut symbols: Vec<Symbol> = defined()
+            .filter(|(s, _)| s.kind() == SymbolKind::Text)
             .filter_map(|(s, dynamic)| {
                 Some(Symbol {
                     address: s.address(),
@@ -112,6 +121,7 @@ impl Module {
         Ok(Self {
             path: path.to_owned(),
             symbols,
+            data,
             by_name,
             segments,
         })
@@ -149,6 +159,11 @@ impl Module {
             .get(name)
             .filter(|(_, exported)| *exported)
             .map(|&(address, _)| address)
+    }
+
+    /// The address of a data object defined here (a variable), exported or not.
+    pub fn data_symbol(&self, name: &str) -> Option<u64> {
+        self.data.get(name).copied()
     }
 
     /// The address of a function defined here, exported or not (a static executable exports nothing).

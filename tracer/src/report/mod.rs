@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::{
     aggregate::{Site, SiteId},
     procs::{Frame, ProcessInfo, allocator::Allocator},
+    python::runtime::PythonInfo,
     trace::Trace,
 };
 
@@ -47,6 +48,8 @@ pub struct ProcessReport {
     pub info: ProcessInfo,
     /// How it ended, if it did during the trace.
     pub exit: Option<Exit>,
+    /// The CPython interpreter it runs, if any, and whether its frames are read.
+    pub python: Option<PythonInfo>,
 }
 
 /// Where a process's probes went.

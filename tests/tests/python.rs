@@ -1,0 +1,204 @@
+//! Python frames: the `file:function:line` of each allocation site of an unmodified CPython, for every version
+//! installed here (pyenv's 3.8 to 3.13, and Debian's 3.11 with libpython linked into the executable), with live
+//! bytes within CPython's per-object overhead.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use alloctrace_tests::{alloctrace, require_root, workspace};
+use serde_json::Value;
+
+/// The most bytes CPython adds to an object's payload (object header, bytearray's trailing NUL, alignment).
+const OVERHEAD: u64 = 128;
+
+fn workload() -> PathBuf {
+    workspace().join("tests/workloads/pysites.py")
+}
+
+/// The line of the workload that carries `# site: NAME`.
+fn marker(name: &str) -> u64 {
+    let source = std::fs::read_to_string(workload()).unwrap();
+    let tag = format!("# site: {name}");
+    let index = source
+        .lines()
+        .position(|l| l.trim_end().ends_with(&tag))
+        .unwrap_or_else(|| panic!("no {tag} in the workload"));
+    index as u64 + 1
+}
+
+/// pyenv's interpreter for `3.X`.
+fn pyenv(version: &str) -> PathBuf {
+    let home = std::env::var("HOME").unwrap();
+    let versions = Path::new(&home).join(".pyenv/versions");
+    let found = std::fs::read_dir(&versions)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}: the Python tests need pyenv's interpreters",
+                versions.display()
+            )
+        })
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&format!("{version}."))
+                && name[version.len() + 1..]
+                    .chars()
+                    .all(|c| c.is_ascii_digit())
+        })
+        .unwrap_or_else(|| panic!("no CPython {version} under {}", versions.display()));
+    found.path().join(format!("bin/python{version}"))
+}
+
+/// Runs the workload on `python` under `alloctrace leaks`, and stops the trace (as Ctrl-C does) once the
+/// workload holds everything.
+fn trace(python: &Path) -> Value {
+    require_root();
+    assert!(python.exists(), "{} is missing", python.display());
+    let report = std::env::temp_dir().join(format!(
+        "alloctrace-python-{}-{}.json",
+        std::process::id(),
+        python.file_name().unwrap().to_string_lossy()
+    ));
+    let mut tracer = Command::new(alloctrace())
+        .args(["leaks", "--format", "json", "--top", "500", "-o"])
+        .arg(&report)
+        .arg("--")
+        .arg(python)
+        .arg(workload())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The workload writes through alloctrace's stdout, which it inherits.
+    let mut out = BufReader::new(tracer.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n", "the workload did not get ready");
+    // The workload holds everything until its input closes: keep it open until the report is written.
+    let input = tracer.stdin.take();
+    // SAFETY: signalling the child we spawned and have not reaped.
+    unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };
+    let done = tracer.wait_with_output().unwrap();
+    drop(input);
+    assert!(
+        done.status.success(),
+        "alloctrace failed: {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let text = std::fs::read_to_string(&report).unwrap();
+    std::fs::remove_file(&report).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The site whose innermost Python frame is `function` at `line` of the workload and that holds the most there
+/// (a line can allocate more than its object: `CACHE[key] = bytes(n)` also grows the dict).
+fn site<'a>(report: &'a Value, function: &str, line: u64) -> &'a Value {
+    let file = workload();
+    let found: Vec<&Value> = report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["stack"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|f| f["lang"] == "python")
+                .is_some_and(|f| {
+                    f["function"] == function
+                        && f["line"] == line
+                        && f["file"] == file.to_str().unwrap()
+                })
+        })
+        .collect();
+    found
+        .into_iter()
+        .max_by_key(|s| s["live_bytes"].as_u64())
+        .unwrap_or_else(|| panic!("no site at {function}:{line}: {report:#}"))
+}
+
+fn assert_holds(site: &Value, count: u64, payload: u64) {
+    let live = site["live_bytes"].as_u64().unwrap();
+    assert_eq!(site["live_count"], count, "{site:#}");
+    assert!(
+        live >= count * payload && live <= count * (payload + OVERHEAD),
+        "{count} objects of {payload} bytes each, within {OVERHEAD} bytes of overhead; got {live}: {site:#}"
+    );
+}
+
+fn check(python: &Path, version: &str) {
+    let report = trace(python);
+    let info = &report["processes"][0]["python"];
+    assert_eq!(info["version"], version, "{report:#}");
+    assert!(info["unsupported"].is_null(), "{info:#}");
+    assert_holds(site(&report, "cache_results", marker("cache")), 40, 100_000);
+    assert_holds(
+        site(&report, "keep_one_large_object", marker("large")),
+        1,
+        4_000_000,
+    );
+    assert_holds(
+        site(&report, "thread_worker", marker("thread")),
+        10,
+        200_000,
+    );
+    // Dropped at once: nothing held there.
+    let dropped = marker("dropped");
+    for s in report["sites"].as_array().unwrap() {
+        let here = s["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["function"] == "drop_buffers" && f["line"] == dropped);
+        assert!(!here || s["live_bytes"] == 0, "{s:#}");
+    }
+    // The outer frames follow, innermost first: cache_results is called from main.
+    let stack = site(&report, "cache_results", marker("cache"))["stack"]
+        .as_array()
+        .unwrap();
+    let python: Vec<&str> = stack
+        .iter()
+        .filter(|f| f["lang"] == "python")
+        .map(|f| f["function"].as_str().unwrap())
+        .collect();
+    assert_eq!(python[..2], ["cache_results", "main"], "{stack:#?}");
+}
+
+#[test]
+fn cpython_3_8() {
+    check(&pyenv("3.8"), "3.8");
+}
+
+#[test]
+fn cpython_3_9() {
+    check(&pyenv("3.9"), "3.9");
+}
+
+#[test]
+fn cpython_3_10() {
+    check(&pyenv("3.10"), "3.10");
+}
+
+#[test]
+fn cpython_3_11_with_a_shared_libpython() {
+    check(&pyenv("3.11"), "3.11");
+}
+
+#[test]
+fn cpython_3_12() {
+    check(&pyenv("3.12"), "3.12");
+}
+
+#[test]
+fn cpython_3_13() {
+    check(&pyenv("3.13"), "3.13");
+}
+
+#[test]
+fn debian_cpython_3_11_linked_into_its_executable() {
+    check(Path::new("/usr/bin/python3.11"), "3.11");
+}
