@@ -265,4 +265,27 @@ fn demo_leak_comes_first() {
         report["processes"][0]["exit"].is_null(),
         "the demo is still running when the trace ends"
     );
+    // Named by the line of the task that leaks, and judged a leak.
+    let source = std::fs::read_to_string(&demo).unwrap();
+    let line = source
+        .lines()
+        .position(|l| l.trim_start().starts_with("payload = "))
+        .expect("the demo builds its payload") as u64
+        + 1;
+    let python = first["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["lang"] == "python")
+        .expect("Python frames on the demo's site");
+    assert_eq!(
+        (&python["function"], &python["line"], &python["file"]),
+        (
+            &serde_json::json!("load_partition"),
+            &serde_json::json!(line),
+            &serde_json::json!(demo.to_str().unwrap())
+        ),
+        "{first:#}"
+    );
+    assert_eq!(first["verdict"], "leak", "{first:#}");
 }

@@ -49,6 +49,10 @@ pub struct TargetArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_buffer_size, default_value = "16MiB")]
     pub buffer_size: u64,
 
+    /// Do not read Python frames (cheaper: stacks of CPython processes then end in the interpreter's C code).
+    #[arg(long)]
+    pub no_python_frames: bool,
+
     /// Start COMMAND and trace it from its first instruction; its exit ends the trace.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,

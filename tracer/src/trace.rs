@@ -292,6 +292,8 @@ struct Targets {
     allocators: Vec<AllocatorReport>,
     /// The command alloctrace started, until its exec is seen.
     spawned_exec: Option<u32>,
+    /// Whether CPython processes get their Python frames read (`--no-python-frames`).
+    python_frames: bool,
     /// Processes that may yet map an interpreter (a shared libpython is mapped by the loader after exec), and
     /// until when to look.
     python_pending: HashMap<u32, Instant>,
@@ -305,6 +307,9 @@ impl Targets {
     /// Looks for CPython in `pid`; when found, its frames are walked from now on. Not found yet: looked for
     /// again on every drain until [`PYTHON_DETECTION_WINDOW`] has passed.
     fn detect_python(&mut self, state: &mut State, pid: u32) {
+        if !self.python_frames {
+            return;
+        }
         state.registry.refresh(pid);
         match runtime::detect(&mut state.registry, pid) {
             Some(interpreter) => {
@@ -463,6 +468,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
         allocators: Vec::new(),
         python_pending: HashMap::new(),
         spawned_exec: None,
+        python_frames: !args.no_python_frames,
     };
     let mut state = State::default();
 
