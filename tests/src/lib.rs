@@ -10,6 +10,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod docker;
+
 /// The `alloctrace` binary: `ALLOCTRACE` (set by `cargo xtask test`), else the workspace's release build.
 pub fn alloctrace() -> PathBuf {
     let path = std::env::var_os("ALLOCTRACE").map_or_else(

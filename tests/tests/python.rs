@@ -3,12 +3,12 @@
 //! bytes within CPython's per-object overhead.
 
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
-use alloctrace_tests::{alloctrace, require_root, workspace};
+use alloctrace_tests::{alloctrace, docker, require_root, workspace};
 use serde_json::Value;
 
 /// The most bytes CPython adds to an object's payload (object header, bytearray's trailing NUL, alignment).
@@ -97,7 +97,11 @@ fn trace(python: &Path) -> Value {
 /// The site whose innermost Python frame is `function` at `line` of the workload and that holds the most there
 /// (a line can allocate more than its object: `CACHE[key] = bytes(n)` also grows the dict).
 fn site<'a>(report: &'a Value, function: &str, line: u64) -> &'a Value {
-    let file = workload();
+    site_in(report, &workload(), function, line)
+}
+
+/// Like [`site`], for the workload seen at `file` (inside a container, say).
+fn site_in<'a>(report: &'a Value, file: &Path, function: &str, line: u64) -> &'a Value {
     let found: Vec<&Value> = report["sites"]
         .as_array()
         .unwrap()
@@ -201,4 +205,88 @@ fn cpython_3_13() {
 #[test]
 fn debian_cpython_3_11_linked_into_its_executable() {
     check(Path::new("/usr/bin/python3.11"), "3.11");
+}
+
+#[test]
+fn cpython_in_a_container_with_its_own_libc_and_libpython() {
+    require_root();
+    docker::require_docker();
+    let prefix = pyenv("3.12")
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let image = docker::python_image(&prefix, "3.12");
+    let name = format!("alloctrace-test-{}", std::process::id());
+    let interpreter = prefix.join("bin/python3.12");
+    let mut container = Command::new("docker")
+        .args([
+            "run",
+            "-i",
+            "--rm",
+            "--network",
+            "none",
+            "--name",
+            &name,
+            "-v",
+        ])
+        .arg(format!("{}:/w:ro", workload().parent().unwrap().display()))
+        .arg(&image)
+        .arg(&interpreter)
+        .args(["/w/pysites.py", "--wait"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(container.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "waiting\n");
+    let pid = docker::container_pid(&name);
+    let report =
+        std::env::temp_dir().join(format!("alloctrace-container-{}.json", std::process::id()));
+    let mut tracer = Command::new(alloctrace())
+        .args(["leaks", "--format", "json", "--top", "500", "-p"])
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(&report)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut notice = String::new();
+    BufReader::new(tracer.stderr.as_mut().unwrap())
+        .read_line(&mut notice)
+        .unwrap();
+    assert!(
+        notice.starts_with(&format!("alloctrace: tracing pid {pid}")),
+        "{notice}"
+    );
+    writeln!(container.stdin.as_mut().unwrap(), "go").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    // SAFETY: signalling the child we spawned and have not reaped.
+    unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };
+    assert!(tracer.wait().unwrap().success());
+    drop(container.stdin.take());
+    container.wait().unwrap();
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    // The container's libc and libpython are files of the image, not the host's: probed and read through the
+    // process's own mappings.
+    let libpython = &report["processes"][0]["python"];
+    assert_eq!(libpython["version"], "3.12", "{report:#}");
+    assert!(libpython["unsupported"].is_null(), "{libpython:#}");
+    let in_container = |path: &Path| Path::new("/w").join(path.file_name().unwrap());
+    let file = in_container(&workload());
+    assert_holds(
+        site_in(&report, &file, "cache_results", marker("cache")),
+        40,
+        100_000,
+    );
+    assert_holds(
+        site_in(&report, &file, "thread_worker", marker("thread")),
+        10,
+        200_000,
+    );
 }

@@ -1,7 +1,8 @@
 """Python allocation sites with known sizes, on every CPython the tests run. Each site's line carries a marker
 comment the tests look for, so that line numbers are never written twice. It allocates, prints "ready", and
 waits for its input to close: the tracer reports while everything is still held (at exit, interpreter
-finalization would free it all)."""
+finalization would free it all). With --wait it first prints "waiting" and allocates only once a line arrives,
+so that a tracer can attach by pid first."""
 
 import sys
 import threading
@@ -31,6 +32,9 @@ def thread_worker():
 
 
 def main():
+    if "--wait" in sys.argv:
+        print("waiting", flush=True)
+        sys.stdin.readline()
     cache_results(40)
     keep_one_large_object()
     drop_buffers()

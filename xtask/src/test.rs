@@ -1,23 +1,73 @@
 //! `cargo xtask test`: setup, the unit tests (no root), then the integration tests in `tests/`, which load real
 //! probes into this kernel and so run as root. They find the binary through `ALLOCTRACE`.
 
-use std::process::Command;
+use std::{
+    fs::File,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
 
 use crate::{as_root, build, check, packages, root};
 
-/// What the integration tests run besides glibc: other allocators, preloaded or built in, and setpriv for the
-/// not-root test.
-const TEST_PACKAGES: [&str; 5] = [
+/// What the integration tests run besides glibc: other allocators, preloaded or built in, setpriv for the
+/// not-root test, and a Docker engine for containers.
+const TEST_PACKAGES: [&str; 6] = [
     "libjemalloc2",
     "libtcmalloc-minimal4",
     "libmimalloc2.0",
     "musl-tools",
     "util-linux",
+    "docker.io",
 ];
+
+/// How long dockerd may take to answer once started.
+const DOCKERD_START: Duration = Duration::from_secs(60);
+
+fn docker_answers() -> bool {
+    Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Starts a Docker engine when none answers: without iptables or a bridge (no network is needed, and this
+/// machine's sandbox allows neither), logging to `target/dockerd.log`. It keeps running after the tests.
+fn ensure_dockerd() -> anyhow::Result<()> {
+    if docker_answers() {
+        return Ok(());
+    }
+    let log_path = root().join("target/dockerd.log");
+    let log =
+        File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    eprintln!("xtask: starting dockerd (log: {})", log_path.display());
+    as_root("dockerd")?
+        .args(["--iptables=false", "--bridge=none"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("cannot start dockerd")?;
+    let started = Instant::now();
+    while started.elapsed() < DOCKERD_START {
+        if docker_answers() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    bail!(
+        "dockerd did not answer within {DOCKERD_START:?}: see {}",
+        log_path.display()
+    )
+}
 
 pub fn run(filter: Option<String>) -> anyhow::Result<()> {
     let alloctrace = build::run()?;
     packages::ensure(&TEST_PACKAGES, "the integration tests")?;
+    ensure_dockerd()?;
     check(
         Command::new("cargo")
             .args([
