@@ -90,19 +90,27 @@ pub fn python_image(prefix: &Path, version: &str) -> String {
     tag
 }
 
-/// The host pid of a running container's first process.
-pub fn container_pid(name: &str) -> u32 {
+fn inspect(name: &str, format: &str) -> String {
     let out = Command::new("docker")
-        .args(["inspect", "--format", "{{.State.Pid}}", name])
+        .args(["inspect", "--format", format, name])
         .output()
         .expect("docker inspect");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
+    assert!(
+        out.status.success(),
+        "docker inspect {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The host pid of a running container's first process.
+pub fn container_pid(name: &str) -> u32 {
+    inspect(name, "{{.State.Pid}}")
         .parse()
-        .unwrap_or_else(|_| {
-            panic!(
-                "no pid for container {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        .unwrap_or_else(|_| panic!("no pid for container {name}"))
+}
+
+/// A running container's full id.
+pub fn container_id(name: &str) -> String {
+    inspect(name, "{{.Id}}")
 }

@@ -244,6 +244,7 @@ fn cpython_in_a_container_with_its_own_libc_and_libpython() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "waiting\n");
     let pid = docker::container_pid(&name);
+    let id = docker::container_id(&name);
     let report =
         std::env::temp_dir().join(format!("alloctrace-container-{}.json", std::process::id()));
     let mut tracer = Command::new(alloctrace())
@@ -274,6 +275,14 @@ fn cpython_in_a_container_with_its_own_libc_and_libpython() {
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     // The container's libc and libpython are files of the image, not the host's: probed and read through the
     // process's own mappings.
+    let process = &report["processes"][0];
+    let container = &process["container"];
+    assert_eq!(container["runtime"], "docker", "{process:#}");
+    assert_eq!(container["name"], name.as_str(), "{process:#}");
+    assert_eq!(container["id"], id.as_str(), "{process:#}");
+    assert_eq!(container["cgroup"], format!("/docker/{id}"));
+    // The interpreter is the container's first process.
+    assert_eq!(process["ns_pid"], 1, "{process:#}");
     let libpython = &report["processes"][0]["python"];
     assert_eq!(libpython["version"], "3.12", "{report:#}");
     assert!(libpython["unsupported"].is_null(), "{libpython:#}");

@@ -408,6 +408,9 @@ impl Targets {
             }
         }
         self.follow_allocator(&mut state.registry, discovery);
+        if let Discovery::Forked { parent, child } = discovery {
+            state.registry.inherit_task(child, parent);
+        }
     }
 
     fn follow_allocator(&mut self, registry: &mut Registry, discovery: Discovery) {
@@ -520,7 +523,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
                 .iter()
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect(),
-            container: None,
+            ..Default::default()
         });
         targets.order.push(pid);
         targets.spawned_exec = Some(pid);

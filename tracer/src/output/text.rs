@@ -145,9 +145,31 @@ fn header(out: &mut dyn Write, h: &Header) -> io::Result<()> {
             Some(Exit::Signal(sig)) => format!(" (killed by signal {sig})"),
             Some(Exit::Exited) => " (exited)".to_owned(),
         };
+        let container = p.info.container.as_ref().map_or_else(String::new, |c| {
+            let short: String = c.id.chars().take(12).collect();
+            format!(
+                " [{} {} {short}]",
+                c.runtime,
+                c.name.as_deref().unwrap_or("?")
+            )
+        });
+        let ns_pid = p
+            .info
+            .ns_pid
+            .map_or_else(String::new, |ns| format!(" (pid {ns} inside)"));
+        let task = p.info.task.as_ref().map_or_else(String::new, |t| {
+            format!(
+                " airflow {}.{} {}{}",
+                t.dag_id,
+                t.task_id,
+                t.run_id.as_deref().unwrap_or(""),
+                t.try_number
+                    .map_or_else(String::new, |n| format!(" try {n}"))
+            )
+        });
         writeln!(
             out,
-            "process {} {}: {}{exit}",
+            "process {}{ns_pid} {}{container}{task}: {}{exit}",
             p.info.pid,
             p.info.comm,
             p.info.cmdline.join(" ")

@@ -3,7 +3,10 @@
 //! every process that maps them. Stack frames are named here, while the process is alive, so that a report made
 //! after it exits still names them.
 
+pub mod airflow;
 pub mod allocator;
+pub mod container;
+pub mod docker;
 pub mod maps;
 pub mod module;
 pub mod prologue;
@@ -15,6 +18,9 @@ use std::{
     sync::Arc,
 };
 
+use airflow::TaskIdentity;
+use container::Container;
+use docker::DockerNames;
 use maps::{FileId, Mapping, Maps};
 use module::Module;
 use serde::Serialize;
@@ -74,29 +80,49 @@ impl Frame {
 /// What a report says about a process.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ProcessInfo {
+    /// The host's pid.
     pub pid: u32,
+    /// The pid inside the process's own pid namespace (a container's), when it differs from `pid`.
+    pub ns_pid: Option<u32>,
     pub comm: String,
     pub cmdline: Vec<String>,
-    /// Always null until container attribution exists; present so readers can rely on the field.
-    pub container: Option<()>,
+    /// The container it runs in, `null` on the host.
+    pub container: Option<Container>,
+    /// The Airflow task it runs, if it is one (or was forked by one).
+    pub task: Option<TaskIdentity>,
 }
 
 impl ProcessInfo {
-    /// Reads comm and command line; `None` once the process is gone.
+    /// Reads comm, command line, pid namespace, container and task; `None` once the process is gone.
     pub fn from_pid(pid: u32) -> Option<Self> {
         let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmdline: Vec<String> = fs::read(format!("/proc/{pid}/cmdline"))
+            .ok()?
+            .split(|&b| b == 0)
+            .filter(|arg| !arg.is_empty())
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect();
         Some(Self {
             pid,
+            ns_pid: ns_pid(pid).filter(|&ns| ns != pid),
             comm: comm.trim_end().to_owned(),
-            cmdline: cmdline
-                .split(|&b| b == 0)
-                .filter(|arg| !arg.is_empty())
-                .map(|arg| String::from_utf8_lossy(arg).into_owned())
-                .collect(),
-            container: None,
+            task: airflow::of_pid(pid, &cmdline),
+            cmdline,
+            container: container::of_pid(pid),
         })
     }
+}
+
+/// The innermost pid of `NSpid:` in `/proc/PID/status`: the process's pid in its own namespace.
+fn ns_pid(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
 }
 
 struct Process {
@@ -110,12 +136,24 @@ pub struct Registry {
     processes: HashMap<u32, Process>,
     /// `None` records an object that could not be read, so it is not tried again for every frame.
     modules: HashMap<FileId, Option<Arc<Module>>>,
+    docker: DockerNames,
 }
 
 impl Registry {
     /// Starts tracking `pid`, or refreshes what is known of it. Keeps the last snapshot when the process is gone.
     pub fn refresh(&mut self, pid: u32) {
-        let info = ProcessInfo::from_pid(pid);
+        let mut info = ProcessInfo::from_pid(pid);
+        if let Some(container) = info.as_mut().and_then(|i| i.container.as_mut())
+            && container.runtime == "docker"
+        {
+            container.name = self.docker.name(&container.id);
+        }
+        // What was known stays known: a task identity seen once (or inherited) is not lost to a new title.
+        if let (Some(info), Some(known)) = (info.as_mut(), self.processes.get(&pid))
+            && info.task.is_none()
+        {
+            info.task = known.info.task.clone();
+        }
         let maps = Maps::from_pid(pid).ok().filter(|m| !m.mappings.is_empty());
         match self.processes.get_mut(&pid) {
             Some(process) => {
@@ -134,6 +172,16 @@ impl Registry {
                 let maps = maps.unwrap_or_default();
                 self.processes.insert(pid, Process { info, maps });
             }
+        }
+    }
+
+    /// A forked child runs its parent's task unless it says otherwise.
+    pub fn inherit_task(&mut self, child: u32, parent: u32) {
+        let inherited = self.info(parent).and_then(|p| p.task.clone());
+        if let Some(child) = self.processes.get_mut(&child)
+            && child.info.task.is_none()
+        {
+            child.info.task = inherited;
         }
     }
 

@@ -4,7 +4,10 @@
 use serde::Serialize;
 
 use super::{Header, kind, stack};
-use crate::{procs::Frame, trace::Trace};
+use crate::{
+    procs::{Frame, container::Container},
+    trace::Trace,
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LargeReport {
@@ -21,6 +24,8 @@ pub struct LargeReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct LargeObject {
     pub pid: u32,
+    /// The container of the process, `null` on the host.
+    pub container: Option<Container>,
     pub kind: &'static str,
     #[serde(serialize_with = "crate::procs::hex")]
     pub address: u64,
@@ -37,6 +42,7 @@ pub struct LargeOptions {
 }
 
 pub fn build(trace: &Trace, options: &LargeOptions) -> LargeReport {
+    let header = Header::new("large", trace);
     let end = trace.window.1;
     let mut objects: Vec<LargeObject> = trace
         .ledger
@@ -44,6 +50,7 @@ pub fn build(trace: &Trace, options: &LargeOptions) -> LargeReport {
         .filter(|o| o.size >= options.min_size && end.saturating_sub(o.ts_ns) >= options.min_age_ns)
         .map(|o| LargeObject {
             pid: o.pid,
+            container: header.container(o.pid),
             kind: kind(trace.sites.get(o.site)),
             address: o.addr,
             size: o.size,
@@ -56,7 +63,7 @@ pub fn build(trace: &Trace, options: &LargeOptions) -> LargeReport {
     let object_bytes = objects.iter().map(|o| o.size).sum();
     objects.truncate(options.top);
     LargeReport {
-        header: Header::new("large", trace),
+        header,
         min_size: options.min_size,
         min_age_s: options.min_age_ns as f64 / 1e9,
         object_count,

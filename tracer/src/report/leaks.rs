@@ -12,6 +12,7 @@ use super::{
 use crate::{
     aggregate::{SiteId, SiteStats},
     procs::Frame,
+    procs::container::Container,
     trace::Trace,
 };
 
@@ -32,6 +33,8 @@ pub struct LeaksReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct SiteReport {
     pub pid: u32,
+    /// The container of the process, `null` on the host.
+    pub container: Option<Container>,
     /// The allocator function or system call.
     pub kind: &'static str,
     pub live_bytes: u64,
@@ -107,6 +110,7 @@ pub struct LeaksOptions {
 }
 
 pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
+    let header = Header::new("leaks", trace);
     let end = trace.window.1;
     let ns_to_s = |ns: u64| ns as f64 / 1e9;
     let live = trace
@@ -139,6 +143,7 @@ pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
         let named = trace.sites.get(site);
         sites.push(SiteReport {
             pid: named.pid,
+            container: header.container(named.pid),
             kind: kind(named),
             live_bytes: site_live.bytes,
             live_count: site_live.count,
@@ -183,7 +188,7 @@ pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
     let site_count = sites.len();
     sites.truncate(options.top);
     LeaksReport {
-        header: Header::new("leaks", trace),
+        header,
         min_age_s: ns_to_s(options.min_age_ns),
         live_bytes,
         live_count,

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::{
     aggregate::{Site, SiteId},
+    procs::container::Container,
     procs::{Frame, ProcessInfo, allocator::Allocator},
     python::runtime::PythonInfo,
     trace::Trace,
@@ -90,6 +91,14 @@ impl Header {
             allocators: trace.allocators.clone(),
             tracer_max_rss_bytes: crate::system::max_rss_bytes(),
         }
+    }
+
+    /// The container of a traced process.
+    pub fn container(&self, pid: u32) -> Option<Container> {
+        self.processes
+            .iter()
+            .find(|p| p.info.pid == pid)
+            .and_then(|p| p.info.container.clone())
     }
 
     /// The name of a traced process, for text reports.
