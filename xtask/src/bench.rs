@@ -1,9 +1,13 @@
 //! `cargo xtask bench [--runs N]`: what tracing costs a process. Two allocation loops (`xtask/bench/`: a C
-//! `free(malloc(64))` loop and a CPython loop of objects over 512 bytes) run untraced, under alloctrace, under a
-//! memleak-style bpftrace script (the peer, `xtask/bench/memleak.bt`), and under empty bpftrace probes exactly
-//! where alloctrace puts its own, the floor any uprobe tracer pays there. Each configuration runs N times, in
-//! rounds so that drift spreads over all of them; the table gives medians and ratios, and
-//! `target/bench/results.json` the same numbers.
+//! `free(malloc(64))` loop and a CPython loop of objects over 512 bytes, 10 Python frames deep) run untraced,
+//! under alloctrace, under a memleak-style bpftrace script (the peer, `xtask/bench/memleak.bt`), and under empty
+//! bpftrace probes exactly where alloctrace puts its own, the floor any uprobe tracer pays there. The CPython
+//! loop also runs under `alloctrace --no-python-frames`: the difference is what walking the Python frames costs
+//! at each captured stack. Each configuration runs N times, in rounds so that drift spreads over all of them;
+//! the table gives medians and ratios, and `target/bench/results.json` the same numbers.
+//!
+//! Every alloctrace run of the CPython loop is checked to have recorded what its configuration says: with
+//! Python frames, every allocation of the loop with all its Python frames; without, no Python frame at all.
 //!
 //! The workloads time their own loops: the tracers differ in how long they take to start and to detach
 //! (alloctrace's exit waits while the kernel removes its uprobes), and that is not the cost of tracing. Wall
@@ -37,12 +41,22 @@ use crate::{as_root, build, check, packages, root};
 const C_ITERATIONS: u64 = 200_000;
 /// Iterations of the CPython loop, seven allocator calls each: about 1.5 s of loop under the peer.
 const PYTHON_ITERATIONS: u64 = 30_000;
+/// Python frames on the stack at each allocation of the CPython loop: the cost of walking them grows with their
+/// number, and an application rarely allocates at the top of its stack.
+const PYTHON_DEPTH: usize = 10;
+/// Of the CPython loop's seven allocator calls per iteration, those that capture a stack: calloc, two mallocs
+/// and a realloc; the three frees do not.
+const PYTHON_STACKS_PER_ITERATION: u64 = 4;
+/// The function of `alloc_loop.py` whose loop allocates: the innermost Python frame of the loop's stacks.
+const PYTHON_LOOP_FUNCTION: &str = "allocate";
 /// Iterations of the short run that finds where alloctrace puts its probes.
 const PLACEMENT_ITERATIONS: u64 = 10;
 /// The interpreter of the CPython workload: Debian's, present on every machine of this kind.
 const PYTHON: &str = "/usr/bin/python3";
 /// A run that takes longer than this is stuck, not slow.
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+/// `--top` for alloctrace's timed runs: every site, so that the checks of Python frames see them all.
+const ALL_SITES: &str = "1000000";
 /// Keys each bpftrace map of the peer holds (bpftrace's default is 4,096): a full `@live` would drop blocks
 /// silently and make the peer look cheaper. CPython holds about a thousand blocks from its start-up.
 const PEER_MAP_KEYS: &str = "65536";
@@ -95,6 +109,19 @@ struct Workload {
     /// The command without its last argument, the iteration count.
     program: Vec<OsString>,
     iterations: u64,
+    /// For the CPython workload, its loop's Python stack.
+    python: Option<PythonLoop>,
+}
+
+/// What alloctrace must find in the CPython loop's allocations when it reads Python frames.
+#[derive(Clone)]
+struct PythonLoop {
+    /// The script, as its code objects name it (the path it was started with).
+    file: String,
+    /// Python frames at each allocation.
+    depth: usize,
+    /// Allocations (captured stacks) per iteration.
+    stacks_per_iteration: u64,
 }
 
 impl Workload {
@@ -102,6 +129,15 @@ impl Workload {
         let mut command = self.program.clone();
         command.push(iterations.to_string().into());
         command
+    }
+
+    /// The configurations that apply, in the order each round runs them: without Python frames only for the
+    /// CPython workload, which is the only one that has any.
+    fn configs(&self) -> Vec<Config> {
+        Config::ALL
+            .into_iter()
+            .filter(|&config| config != Config::NoPythonFrames || self.python.is_some())
+            .collect()
     }
 }
 
@@ -119,20 +155,36 @@ fn workloads(dir: &Path) -> anyhow::Result<Vec<Workload>> {
             .arg(&c_loop)
             .arg(bench.join("alloc_loop.c")),
     )?;
+    let script = bench.join("alloc_loop.py");
+    let file = script
+        .to_str()
+        .with_context(|| format!("{} is not UTF-8", script.display()))?
+        .to_owned();
     Ok(vec![
         Workload {
             key: "c",
             title: format!("C loop: {C_ITERATIONS} x free(malloc(64))"),
             program: vec![c_loop.into()],
             iterations: C_ITERATIONS,
+            python: None,
         },
         Workload {
             key: "python",
             title: format!(
-                "CPython loop ({PYTHON}): {PYTHON_ITERATIONS} x bytes(1000), bytearray(4096), list of 200 doubled"
+                "CPython loop ({PYTHON}), {PYTHON_DEPTH} Python frames deep: {PYTHON_ITERATIONS} x bytes(1000), \
+                 bytearray(4096), list of 200 doubled"
             ),
-            program: vec![PYTHON.into(), bench.join("alloc_loop.py").into()],
+            program: vec![
+                PYTHON.into(),
+                script.into(),
+                PYTHON_DEPTH.to_string().into(),
+            ],
             iterations: PYTHON_ITERATIONS,
+            python: Some(PythonLoop {
+                file,
+                depth: PYTHON_DEPTH,
+                stacks_per_iteration: PYTHON_STACKS_PER_ITERATION,
+            }),
         },
     ])
 }
@@ -141,15 +193,19 @@ fn workloads(dir: &Path) -> anyhow::Result<Vec<Workload>> {
 #[derive(Clone, Copy, PartialEq)]
 enum Config {
     Untraced,
+    /// alloctrace as users run it: with Python frames, for a CPython process.
     Alloctrace,
+    /// `alloctrace --no-python-frames`.
+    NoPythonFrames,
     Peer,
     EmptyProbes,
 }
 
 impl Config {
-    const ALL: [Config; 4] = [
+    const ALL: [Config; 5] = [
         Config::Untraced,
         Config::Alloctrace,
+        Config::NoPythonFrames,
         Config::Peer,
         Config::EmptyProbes,
     ];
@@ -158,6 +214,7 @@ impl Config {
         match self {
             Config::Untraced => "untraced",
             Config::Alloctrace => "alloctrace",
+            Config::NoPythonFrames => "alloctrace, no Python frames",
             Config::Peer => "bpftrace memleak-style",
             Config::EmptyProbes => "bpftrace empty probes",
         }
@@ -167,9 +224,14 @@ impl Config {
         match self {
             Config::Untraced => "untraced",
             Config::Alloctrace => "alloctrace",
+            Config::NoPythonFrames => "alloctrace_no_python_frames",
             Config::Peer => "bpftrace_memleak",
             Config::EmptyProbes => "bpftrace_empty_probes",
         }
+    }
+
+    fn is_alloctrace(self) -> bool {
+        matches!(self, Config::Alloctrace | Config::NoPythonFrames)
     }
 }
 
@@ -221,10 +283,14 @@ struct Measured {
     key: &'static str,
     title: String,
     ops: u64,
+    iterations: u64,
+    python: Option<PythonLoop>,
     library: PathBuf,
     placements: Vec<Placement>,
-    /// Runs by configuration.
-    runs: [Vec<Run>; 4],
+    /// The configurations run, in order.
+    configs: Vec<Config>,
+    /// Runs by configuration; empty for those not run.
+    runs: [Vec<Run>; 5],
 }
 
 fn measure(
@@ -239,15 +305,16 @@ fn measure(
     let empty_probes = work.join("empty_probes.bt");
     fs::write(&empty_probes, empty_probes_script(&library.placements))
         .with_context(|| format!("cannot write {}", empty_probes.display()))?;
-    let mut by_config: [Vec<Run>; 4] = Default::default();
+    let configs = workload.configs();
+    let mut by_config: [Vec<Run>; 5] = Default::default();
     for round in 1..=runs {
         eprint!("xtask: bench: {} run {round}/{runs}:", workload.key);
-        for (config, done) in Config::ALL.into_iter().zip(&mut by_config) {
+        for &config in &configs {
             // A failure ends the progress line first, so that its message starts a line of its own.
             let run = run_config(config, alloctrace, workload, &library, &empty_probes, &work)
                 .inspect_err(|_| eprintln!())?;
             eprint!("  {} {:.1} ns/call", config.name(), run.ns_per_call());
-            done.push(run);
+            by_config[config as usize].push(run);
         }
         eprintln!();
     }
@@ -255,8 +322,11 @@ fn measure(
         key: workload.key,
         title: workload.title.clone(),
         ops: by_config[Config::Untraced as usize][0].ops,
+        iterations: workload.iterations,
+        python: workload.python.clone(),
         library: library.path,
         placements: library.placements,
+        configs,
         runs: by_config,
     })
 }
@@ -405,16 +475,18 @@ fn run_config(
                 .env("LD_LIBRARY_PATH", &library.dir);
             command
         }
-        Config::Alloctrace => {
+        Config::Alloctrace | Config::NoPythonFrames => {
             // Through env, because sudo would drop LD_LIBRARY_PATH; alloctrace passes it on to the workload.
             let mut command = as_root("env")?;
             command
                 .arg(env_assignment(&library.dir))
                 .arg(alloctrace)
-                .args(["leaks", "--format", "json", "-o"])
-                .arg(&report_path)
-                .arg("--")
-                .args(&command_line);
+                .args(["leaks", "--top", ALL_SITES, "--format", "json", "-o"])
+                .arg(&report_path);
+            if config == Config::NoPythonFrames {
+                command.arg("--no-python-frames");
+            }
+            command.arg("--").args(&command_line);
             command
         }
         Config::Peer => {
@@ -436,7 +508,7 @@ fn run_config(
     let Some((loop_ns, ops)) = loop_time.filter(|_| outcome.status.success()) else {
         let what = match config {
             Config::Peer | Config::EmptyProbes => "bpftrace failed to attach its probes or to run",
-            Config::Untraced | Config::Alloctrace => "the run failed",
+            Config::Untraced | Config::Alloctrace | Config::NoPythonFrames => "the run failed",
         };
         bail!(
             "{} workload, {}: {what} ({}):\n{}",
@@ -447,7 +519,7 @@ fn run_config(
         );
     };
     let mut lost = Vec::new();
-    if config == Config::Alloctrace {
+    if config.is_alloctrace() {
         let report = read_report(&report_path)?;
         let exit = &report["processes"][0]["exit"];
         ensure!(
@@ -468,6 +540,22 @@ fn run_config(
                 library.placements
             );
         }
+        if let Some(python) = &workload.python {
+            check_python_frames(
+                &report,
+                config == Config::Alloctrace,
+                workload.iterations,
+                python,
+            )
+            .with_context(|| {
+                format!(
+                    "{} workload under {}: its report ({}) has not the Python frames it should",
+                    workload.key,
+                    config.name(),
+                    report_path.display()
+                )
+            })?;
+        }
         let counters = report["lost"]
             .as_object()
             .context("alloctrace's report has no `lost` counters")?;
@@ -482,6 +570,91 @@ fn run_config(
         wall: outcome.wall,
         lost,
     })
+}
+
+/// With Python frames (`expected`), every allocation of the CPython loop must have been recorded with all its
+/// Python frames, the innermost in the loop's function: the loop's sites, those whose innermost Python frame is
+/// that, each have exactly `depth` Python frames and together all the loop's allocations. Without, no frame of
+/// any site may be Python.
+fn check_python_frames(
+    report: &Value,
+    expected: bool,
+    iterations: u64,
+    python: &PythonLoop,
+) -> anyhow::Result<()> {
+    let sites = report["sites"]
+        .as_array()
+        .context("the report has no sites")?;
+    ensure!(
+        report["site_count"].as_u64() == Some(sites.len() as u64),
+        "the report lists {} of its {} sites",
+        sites.len(),
+        report["site_count"]
+    );
+    let python_frames = |site: &Value| -> Vec<Value> {
+        site["stack"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|frame| frame["lang"] == "python")
+            .cloned()
+            .collect()
+    };
+    if !expected {
+        if let Some(site) = sites.iter().find(|site| !python_frames(site).is_empty()) {
+            bail!(
+                "--no-python-frames, yet a site has Python frames: {}",
+                site["stack"]
+            );
+        }
+        return Ok(());
+    }
+    let interpreter = &report["processes"][0]["python"];
+    ensure!(
+        interpreter.is_object() && interpreter["unsupported"].is_null(),
+        "alloctrace did not read the interpreter's frames: `python` is {interpreter}"
+    );
+    let mut allocations = 0;
+    let mut loop_sites = 0;
+    for site in sites {
+        let frames = python_frames(site);
+        let Some(innermost) = frames.first() else {
+            continue;
+        };
+        if innermost["function"] != PYTHON_LOOP_FUNCTION || innermost["file"] != *python.file {
+            continue;
+        }
+        let names: Vec<String> = frames
+            .iter()
+            .map(|f| format!("{}:{}", f["function"], f["line"]))
+            .collect();
+        ensure!(
+            frames.len() == python.depth,
+            "a site of the loop has {} Python frames, not {}: {}",
+            frames.len(),
+            python.depth,
+            names.join(" < ")
+        );
+        loop_sites += 1;
+        allocations += site["total_count"]
+            .as_u64()
+            .context("a site without a total_count")?;
+    }
+    let expected_allocations = iterations * python.stacks_per_iteration;
+    // Lost records (shown in the table) leave fewer allocations, but never none.
+    let lost = report["lost"]
+        .as_object()
+        .is_some_and(|lost| lost.values().any(|n| n.as_u64() != Some(0)));
+    ensure!(
+        allocations == expected_allocations
+            || lost && (1..expected_allocations).contains(&allocations),
+        "{allocations} allocations in {loop_sites} sites of the loop with Python frames ({}:{}), not {}: the \
+         others were recorded without them, or the loop allocates differently",
+        python.file,
+        PYTHON_LOOP_FUNCTION,
+        expected_allocations
+    );
+    Ok(())
 }
 
 /// bpftrace starting the workload itself, held until the probes are attached, on the bench's copy of the
@@ -663,7 +836,7 @@ impl Measured {
 
     /// "none", or which alloctrace runs lost what: their numbers are for less work than the others'.
     fn lost(&self, config: Config) -> String {
-        if config != Config::Alloctrace {
+        if !config.is_alloctrace() {
             return "-".into();
         }
         let runs = self.runs_of(config);
@@ -695,9 +868,10 @@ impl Measured {
 
     fn to_json(&self) -> Value {
         let untraced = self.ns_per_call(Config::Untraced);
-        let configs: Vec<Value> = Config::ALL
-            .into_iter()
-            .map(|config| {
+        let configs: Vec<Value> = self
+            .configs
+            .iter()
+            .map(|&config| {
                 let runs = self.runs_of(config);
                 json!({
                     "name": config.key(),
@@ -707,7 +881,7 @@ impl Measured {
                     "median_wall_s": self.wall_s(config),
                     "loop_ns": runs.iter().map(|r| r.loop_ns).collect::<Vec<_>>(),
                     "wall_s": runs.iter().map(|r| r.wall.as_secs_f64()).collect::<Vec<_>>(),
-                    "lost": (config == Config::Alloctrace).then(|| {
+                    "lost": config.is_alloctrace().then(|| {
                         runs.iter()
                             .map(|r| r.lost.iter().cloned().collect::<BTreeMap<_, _>>())
                             .collect::<Vec<_>>()
@@ -727,15 +901,58 @@ impl Measured {
                 "entry_offset": p.entry_offset,
             })).collect::<Vec<_>>(),
             "configs": configs,
-            "alloctrace_vs_bpftrace_memleak": self.ratio(Config::Peer),
-            "alloctrace_vs_empty_probes": self.ratio(Config::EmptyProbes),
+            "alloctrace_vs_bpftrace_memleak": self.ratio(Config::Alloctrace, Config::Peer),
+            "alloctrace_vs_empty_probes": self.ratio(Config::Alloctrace, Config::EmptyProbes),
+            "python_frames": self.python_frames().map(|cost| json!({
+                "depth": cost.depth,
+                "captured_stacks": cost.stacks,
+                "ns_per_allocator_call": cost.per_call,
+                "ns_per_captured_stack": cost.per_stack,
+                "ns_per_captured_stack_by_round": cost.by_round,
+                "alloctrace_no_python_frames_vs_bpftrace_memleak":
+                    self.ratio(Config::NoPythonFrames, Config::Peer),
+                "alloctrace_no_python_frames_vs_empty_probes":
+                    self.ratio(Config::NoPythonFrames, Config::EmptyProbes),
+            })),
         })
     }
 
-    /// alloctrace's median cost per call over another configuration's.
-    fn ratio(&self, other: Config) -> f64 {
-        self.ns_per_call(Config::Alloctrace) / self.ns_per_call(other)
+    /// One configuration's median cost per call over another's.
+    fn ratio(&self, config: Config, other: Config) -> f64 {
+        self.ns_per_call(config) / self.ns_per_call(other)
     }
+
+    /// What walking the Python frames costs, per allocator call and per captured stack (every allocation
+    /// captures one, frees none): the median over the rounds of alloctrace's loop time less that without Python
+    /// frames in the same round, so that drift between rounds does not count.
+    fn python_frames(&self) -> Option<PythonFramesCost> {
+        let python = self.python.as_ref()?;
+        let stacks = self.iterations * python.stacks_per_iteration;
+        let by_round: Vec<f64> = self
+            .runs_of(Config::Alloctrace)
+            .iter()
+            .zip(self.runs_of(Config::NoPythonFrames))
+            .map(|(with, without)| (with.loop_ns as f64 - without.loop_ns as f64) / stacks as f64)
+            .collect();
+        let per_stack = median(by_round.clone());
+        Some(PythonFramesCost {
+            depth: python.depth,
+            stacks,
+            per_call: per_stack * stacks as f64 / self.ops as f64,
+            per_stack,
+            by_round,
+        })
+    }
+}
+
+struct PythonFramesCost {
+    depth: usize,
+    /// Stacks the loop captures.
+    stacks: u64,
+    per_call: f64,
+    per_stack: f64,
+    /// ns per captured stack in each round.
+    by_round: Vec<f64>,
 }
 
 fn print_table(measured: &[Measured], runs: u32, bpftrace: &str) {
@@ -747,13 +964,13 @@ fn print_table(measured: &[Measured], runs: u32, bpftrace: &str) {
     for m in measured {
         println!("\n{} ({} allocator calls)", m.title, m.ops);
         println!(
-            "  {:<24} {:>10} {:>11} {:>10} {:>8}  alloctrace lost",
+            "  {:<28} {:>10} {:>11} {:>10} {:>8}  alloctrace lost",
             "configuration", "ns/call", "x untraced", "loop ms", "wall s"
         );
         let untraced = m.ns_per_call(Config::Untraced);
-        for config in Config::ALL {
+        for &config in &m.configs {
             println!(
-                "  {:<24} {:>10.1} {:>11.1} {:>10.1} {:>8.2}  {}",
+                "  {:<28} {:>10.1} {:>11.1} {:>10.1} {:>8.2}  {}",
                 config.name(),
                 m.ns_per_call(config),
                 m.ns_per_call(config) / untraced,
@@ -764,8 +981,95 @@ fn print_table(measured: &[Measured], runs: u32, bpftrace: &str) {
         }
         println!(
             "  alloctrace / bpftrace memleak-style: {:.2}    alloctrace / empty probes: {:.2}",
-            m.ratio(Config::Peer),
-            m.ratio(Config::EmptyProbes)
+            m.ratio(Config::Alloctrace, Config::Peer),
+            m.ratio(Config::Alloctrace, Config::EmptyProbes)
         );
+        if let Some(cost) = m.python_frames() {
+            println!(
+                "  without Python frames: / bpftrace memleak-style: {:.2}    / empty probes: {:.2}",
+                m.ratio(Config::NoPythonFrames, Config::Peer),
+                m.ratio(Config::NoPythonFrames, Config::EmptyProbes)
+            );
+            println!(
+                "  Python frames, {} deep: {:.0} ns per captured stack, {:.1} ns per allocator call (alloctrace \
+                 less alloctrace without Python frames, median over the rounds; the loop captures {} stacks, \
+                 one per allocation, none per free)",
+                cost.depth, cost.per_stack, cost.per_call, cost.stacks
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/bench/alloc_loop.py";
+
+    fn python_loop() -> PythonLoop {
+        PythonLoop {
+            file: FILE.into(),
+            depth: 3,
+            stacks_per_iteration: 2,
+        }
+    }
+
+    /// A report with a native-only site, and the loop's two sites with these Python frames (innermost first).
+    fn report(loop_frames: &[&str], counts: [u64; 2], lost: u64) -> Value {
+        let python: Vec<Value> = loop_frames
+            .iter()
+            .map(|f| json!({"lang": "python", "function": f, "file": FILE, "line": 1}))
+            .collect();
+        let site = |count: u64| {
+            let mut stack = vec![json!({"lang": "native", "function": "malloc"})];
+            stack.extend(python.iter().cloned());
+            json!({"total_count": count, "stack": stack})
+        };
+        json!({
+            "lost": {"events": lost, "stacks": 0},
+            "processes": [{"python": {"version": "3.11", "unsupported": null}}],
+            "site_count": 3,
+            "sites": [
+                {"total_count": 7, "stack": [{"lang": "native", "function": "calloc"}]},
+                site(counts[0]),
+                site(counts[1]),
+            ],
+        })
+    }
+
+    #[test]
+    fn python_frames_of_every_allocation_pass() {
+        let frames = ["allocate", "main", "<module>"];
+        check_python_frames(&report(&frames, [10, 10], 0), true, 10, &python_loop()).unwrap();
+        // Lost records leave fewer allocations.
+        check_python_frames(&report(&frames, [10, 9], 1), true, 10, &python_loop()).unwrap();
+    }
+
+    #[test]
+    fn missing_or_shallow_python_frames_fail() {
+        let check = |frames: &[&str], counts, lost| {
+            check_python_frames(&report(frames, counts, lost), true, 10, &python_loop())
+        };
+        // No loop site: none has Python frames.
+        assert!(check(&[], [10, 10], 0).is_err());
+        assert!(check(&["allocate", "main"], [10, 10], 0).is_err());
+        // Some allocations recorded without their Python frames.
+        assert!(check(&["allocate", "main", "<module>"], [10, 9], 0).is_err());
+    }
+
+    #[test]
+    fn python_frames_fail_without_python_frames() {
+        let check = |frames: &[&str]| {
+            check_python_frames(&report(frames, [10, 10], 0), false, 10, &python_loop())
+        };
+        check(&[]).unwrap();
+        assert!(check(&["allocate", "main", "<module>"]).is_err());
+    }
+
+    #[test]
+    fn a_cut_report_fails() {
+        let mut cut = report(&["allocate", "main", "<module>"], [10, 10], 0);
+        cut["site_count"] = json!(4);
+        assert!(check_python_frames(&cut, true, 10, &python_loop()).is_err());
     }
 }
