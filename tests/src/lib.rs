@@ -49,8 +49,12 @@ pub fn workload(name: &str) -> PathBuf {
     workload_built_by(name, "cc")
 }
 
+/// Serializes builds: tests run in parallel, and a linker writes its output before it is complete.
+static COMPILING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Like [`workload`], with another C compiler (`musl-gcc` for a program on musl's allocator).
 pub fn workload_built_by(name: &str, compiler: &str) -> PathBuf {
+    let _building = COMPILING.lock().unwrap_or_else(|e| e.into_inner());
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let dir = workspace().join("target/workloads");
@@ -184,4 +188,5 @@ pub fn assert_sites_exact(report: &Value, pid: u64) {
         assert_eq!(freed["freed_count"], 1000, "{freed:#}");
     }
     assert_eq!(report["lost"]["events"], 0, "{report:#}");
+    assert_eq!(report["complete"], true, "{report:#}");
 }

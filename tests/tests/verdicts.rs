@@ -52,7 +52,13 @@ fn large_lists_big_live_objects_with_address_age_and_stack() {
     assert_eq!(object["size"], 8 << 20);
     assert_eq!(object["kind"], "malloc");
     assert!(object["address"].as_str().unwrap().starts_with("0x"));
-    assert!(object["age_s"].as_f64().unwrap() >= 0.0);
+    // Allocated early, kept to the end: about as old as the trace.
+    let age = object["age_s"].as_f64().unwrap();
+    let duration = report["duration_s"].as_f64().unwrap();
+    assert!(
+        age > 0.0 && age <= duration,
+        "age {age} in a trace of {duration}"
+    );
     assert_eq!(object["stack"][0]["function"], "large_site");
     // Lower the bar and the mappings of the dynamic loader show up too, biggest first.
     let report = trace_json(

@@ -21,7 +21,7 @@ def keep_one_large_object():
 
 
 def drop_buffers():
-    for _ in range(20):
+    for _ in range(200):
         buffer = b"x" * 300_000  # site: dropped
         del buffer
 

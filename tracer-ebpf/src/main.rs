@@ -84,8 +84,6 @@ const MAX_ERRNO: u64 = 4095;
 /// Offset of `sp` in x86-64's `struct pt_regs`.
 const PT_REGS_SP: usize = 152;
 
-const BPF_NOEXIST: u64 = 1;
-
 /// Userspace is woken only once this much is waiting (it also drains the ring on a short timer): a wake-up
 /// per record costs more than everything else a probe does.
 const WAKEUP_BYTES: u64 = 1 << 20;
@@ -366,16 +364,16 @@ fn capture_stack(ctx: *mut core::ffi::c_void, guessed_caller: Option<u64>) -> u6
     }
     // 0 means "no stack" in records.
     let id = id | 1;
-    // Look up before inserting: a failed insert into an LRU map still takes a node from its free list.
+    // The record goes out before the id is marked as sent: a thread on another CPU that sees the mark then
+    // writes its allocation after the stack in the ring. Two threads may both send it; userspace keeps one.
     // SAFETY: read-only look-up of a plain value.
-    if unsafe { SENT_STACKS.get(id) }.is_none() && SENT_STACKS.insert(id, 0, BPF_NOEXIST).is_ok() {
+    if unsafe { SENT_STACKS.get(id) }.is_none() {
         scratch.header = header(EventKind::Stack);
         scratch.stack_id = id;
         scratch.depth = depth as u32;
         scratch.guessed_caller = skip as u32;
-        if !output(&*scratch) {
-            // Let the next allocation with this stack try again.
-            let _ = SENT_STACKS.remove(id);
+        if output(&*scratch) {
+            let _ = SENT_STACKS.insert(id, 0, 0);
         }
     }
     id
@@ -402,15 +400,19 @@ fn walk_python(py: &PyProcess, out: &mut StackEvent) {
     out.py_status = PyStatus::NoThreadState as u32;
     let interp = read_user::<u64>(py.interpreters_head).unwrap_or(0);
     let mut tstate = read_user::<u64>(interp + py.interp_threads_head as u64).unwrap_or(0);
+    let mut found = false;
     for _ in 0..MAX_PY_THREADS {
-        if tstate == 0
-            || read_user::<u64>(tstate + py.tstate_thread_id as u64).unwrap_or(0) == thread_pointer
-        {
+        if tstate == 0 {
+            break;
+        }
+        if read_user::<u64>(tstate + py.tstate_thread_id as u64).unwrap_or(0) == thread_pointer {
+            found = true;
             break;
         }
         tstate = read_user::<u64>(tstate + py.tstate_next as u64).unwrap_or(0);
     }
-    if tstate == 0 {
+    // Past the search limit, another thread's state must not stand in for this one's.
+    if !found {
         return;
     }
     out.py_status = PyStatus::Read as u32;
@@ -609,6 +611,24 @@ pub fn brk_exit(ctx: TracePointContext) -> u32 {
         0
     };
     emit_mapping(&ctx, AllocFn::Brk, field(&ctx, SYSCALL_RET), 0, 0, flags);
+    0
+}
+
+/// A task of a traced process exits: what it had in flight will never return, and an exiting process leaves
+/// the traced set (its pid may be reused by a process nobody asked to trace).
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    if !is_target() {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let _ = IN_FLIGHT.remove(pid_tgid);
+    let _ = SYSCALLS.remove(pid_tgid);
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if tid == tgid {
+        let _ = TARGETS.remove(tgid);
+        let _ = PY_PROCS.remove(tgid);
+    }
     0
 }
 

@@ -2,7 +2,7 @@
 //! other process on the host hits a breakpoint), and the tracepoints for mapped memory and for following
 //! processes. Each tracepoint's kernel requirement is in [`TRACEPOINTS`]. Reads the kernel-side loss counters.
 
-use std::num::NonZeroU32;
+use std::{collections::HashMap, num::NonZeroU32};
 
 use anyhow::Context as _;
 use aya::{
@@ -10,7 +10,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
     },
 };
 use tracer_common::{AllocFn, LOSS_COUNTERS, Loss, PyProcess};
@@ -37,7 +37,7 @@ fn entry_program(func: AllocFn) -> Option<&'static str> {
 const EXIT_PROGRAM: &str = "alloc_exit";
 
 /// Tracepoints: (program, category, event). All exist since Linux 4.x wherever tracepoints are built in.
-const TRACEPOINTS: [(&str, &str, &str); 8] = [
+const TRACEPOINTS: [(&str, &str, &str); 9] = [
     ("mmap_enter", "syscalls", "sys_enter_mmap"),
     ("map_exit", "syscalls", "sys_exit_mmap"),
     ("mremap_enter", "syscalls", "sys_enter_mremap"),
@@ -46,10 +46,13 @@ const TRACEPOINTS: [(&str, &str, &str); 8] = [
     ("brk_exit", "syscalls", "sys_exit_brk"),
     ("sched_process_fork", "sched", "sched_process_fork"),
     ("sched_process_exec", "sched", "sched_process_exec"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
 ];
 
 pub struct Probes {
     ebpf: Ebpf,
+    /// Each traced process's uprobe links, removed when it exits.
+    links: HashMap<u32, Vec<UProbeLink>>,
 }
 
 impl Probes {
@@ -87,7 +90,10 @@ impl Probes {
                 .attach(category, event)
                 .with_context(|| format!("cannot attach to the tracepoint {category}:{event}"))?;
         }
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf,
+            links: HashMap::new(),
+        })
     }
 
     /// Puts the allocator probes on `allocator` for process `pid` only, and marks `pid` as traced.
@@ -103,7 +109,7 @@ impl Probes {
             for (name, offset) in std::iter::once(entry).chain(exit) {
                 let func = point.func;
                 let program: &mut UProbe = program(&mut self.ebpf, name)?.try_into()?;
-                program
+                let link = program
                     .attach(
                         UProbeAttachLocation::AbsoluteOffset(offset),
                         &allocator.attach_path,
@@ -116,9 +122,19 @@ impl Probes {
                             allocator.path
                         )
                     })?;
+                let link = program.take_link(link)?;
+                self.links.entry(pid).or_default().push(link);
             }
         }
         self.add_target(pid)
+    }
+
+    /// Removes the uprobes of a process that exited. The kernel waits for an RCU grace period per uprobe
+    /// (about 0.1 s here): they are dropped on a thread of their own, not in the event loop.
+    pub fn detach(&mut self, pid: u32) {
+        if let Some(links) = self.links.remove(&pid) {
+            std::thread::spawn(move || drop(links));
+        }
     }
 
     /// Marks `pid` as traced for the tracepoints (its mappings, forks and execs).

@@ -113,6 +113,22 @@ pub fn task_fsbase_offset() -> anyhow::Result<u32> {
     Ok(thread + fsbase)
 }
 
+/// Raises this process's soft limit on open files to its hard limit.
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointers to a struct of the type the calls expect.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// This process's peak resident memory.
 pub fn max_rss_bytes() -> u64 {
     // SAFETY: getrusage fills the struct it is given; zeroes are a valid starting value.

@@ -297,15 +297,17 @@ struct Targets {
     /// Processes that may yet map an interpreter (a shared libpython is mapped by the loader after exec), and
     /// until when to look.
     python_pending: HashMap<u32, Instant>,
+    /// Processes that exec'd, until their allocator is mapped (or the window passes).
+    allocator_pending: HashMap<u32, Instant>,
 }
 
-/// How long after its exec a process is watched for an interpreter to appear, and how often.
-const PYTHON_DETECTION_WINDOW: Duration = Duration::from_secs(5);
-const PYTHON_DETECTION_INTERVAL: Duration = Duration::from_millis(5);
+/// How long after its exec a process is watched for its allocator and interpreter to be mapped, and how often.
+const PENDING_WINDOW: Duration = Duration::from_secs(5);
+const PENDING_INTERVAL: Duration = Duration::from_millis(5);
 
 impl Targets {
     /// Looks for CPython in `pid`; when found, its frames are walked from now on. Not found yet: looked for
-    /// again on every drain until [`PYTHON_DETECTION_WINDOW`] has passed.
+    /// again on every drain until [`PENDING_WINDOW`] has passed.
     fn detect_python(&mut self, state: &mut State, pid: u32) {
         if !self.python_frames {
             return;
@@ -334,7 +336,7 @@ impl Targets {
             None => {
                 self.python_pending
                     .entry(pid)
-                    .or_insert_with(|| Instant::now() + PYTHON_DETECTION_WINDOW);
+                    .or_insert_with(|| Instant::now() + PENDING_WINDOW);
             }
         }
     }
@@ -385,15 +387,7 @@ impl Targets {
     /// not. A fork has its parent's interpreter at the same addresses; an exec starts a new image.
     fn follow(&mut self, state: &mut State, discovery: Discovery) {
         match discovery {
-            Discovery::Forked { parent, child } => {
-                if let Some(interpreter) = state.pythons.get(&parent).map(Reader::interpreter) {
-                    let interpreter = interpreter.clone();
-                    if let Some(config) = interpreter.bpf_config() {
-                        let _ = self.probes.add_python(child, &config);
-                    }
-                    state.pythons.insert(child, Reader::new(child, interpreter));
-                }
-            }
+            Discovery::Forked { parent, child } => self.follow_fork(state, parent, child),
             Discovery::Execed(pid) => {
                 state.pythons.remove(&pid);
                 let _ = self.probes.remove_python(pid);
@@ -405,55 +399,104 @@ impl Targets {
                     self.spawned_exec = None;
                     return;
                 }
+                // Its allocator is the one it maps, through its own mount namespace (a container's): found
+                // once its loader has mapped it.
+                self.allocator_pending
+                    .entry(pid)
+                    .or_insert_with(|| Instant::now() + PENDING_WINDOW);
+                self.attach_pending_allocators(&mut state.registry);
             }
-        }
-        self.follow_allocator(&mut state.registry, discovery);
-        if let Discovery::Forked { parent, child } = discovery {
-            state.registry.inherit_task(child, parent);
         }
     }
 
-    fn follow_allocator(&mut self, registry: &mut Registry, discovery: Discovery) {
-        let pid = match discovery {
-            Discovery::Forked { child, .. } => child,
-            Discovery::Execed(pid) => pid,
-        };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    /// A fork has its parent's address space: its allocator, its interpreter, its task.
+    fn follow_fork(&mut self, state: &mut State, parent: u32, child: u32) {
+        if !std::path::Path::new(&format!("/proc/{child}")).exists() {
             // Gone before its record was read: what it did while traced is already counted.
             return;
         }
-        let (pid, allocator) = match discovery {
-            Discovery::Forked { parent, child } => {
-                if !is_process(child) {
-                    // A thread: its process is traced already.
-                    let _ = self.probes.remove_target(child);
-                    return;
-                }
-                // A fork has its parent's address space, and so its allocator.
-                let allocator = self
-                    .allocators
-                    .iter()
-                    .rev()
-                    .find(|a| a.pid == parent)
-                    .map(|a| Ok(a.allocator.clone()))
-                    .unwrap_or_else(|| allocator::for_pid(registry, child));
-                (child, allocator)
+        if !is_process(child) {
+            // A thread: its process is traced already.
+            let _ = self.probes.remove_target(child);
+            return;
+        }
+        if let Some(interpreter) = state.pythons.get(&parent).map(Reader::interpreter) {
+            let interpreter = interpreter.clone();
+            if let Some(config) = interpreter.bpf_config() {
+                let _ = self.probes.add_python(child, &config);
             }
-            // Its new libraries may not be mapped yet: ask its loader, as for a command about to start.
-            Discovery::Execed(pid) => {
-                let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
-                (pid, allocator::for_command(registry, &exe))
-            }
-        };
-        registry.refresh(pid);
+            state.pythons.insert(child, Reader::new(child, interpreter));
+        }
+        let allocator = self
+            .allocators
+            .iter()
+            .rev()
+            .find(|a| a.pid == parent)
+            .map(|a| Ok(a.allocator.clone()))
+            .unwrap_or_else(|| allocator::for_pid(&mut state.registry, child));
+        state.registry.refresh(child);
+        state.registry.inherit_task(child, parent);
         let result = allocator
-            .and_then(|allocator| self.attach(pid, allocator))
-            .and_then(|()| self.track(pid));
+            .and_then(|allocator| self.attach(child, allocator))
+            .and_then(|()| self.track(child));
         if let Err(err) = result {
             // It may have exited already; the trace goes on for the others.
-            eprintln!("alloctrace: not tracing pid {pid}: {err:#}");
+            eprintln!("alloctrace: not tracing pid {child}: {err:#}");
         }
     }
+
+    /// Attaches to the processes whose allocator has been mapped since their exec; gives up on those that
+    /// map none within [`PENDING_WINDOW`].
+    fn attach_pending_allocators(&mut self, registry: &mut Registry) {
+        let now = Instant::now();
+        let pending: Vec<(u32, Instant)> = self
+            .allocator_pending
+            .iter()
+            .map(|(&p, &t)| (p, t))
+            .collect();
+        for (pid, until) in pending {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                self.allocator_pending.remove(&pid);
+                continue;
+            }
+            match allocator::for_pid(registry, pid) {
+                Ok(allocator) => {
+                    self.allocator_pending.remove(&pid);
+                    let result = self.attach(pid, allocator).and_then(|()| self.track(pid));
+                    if let Err(err) = result {
+                        eprintln!("alloctrace: not tracing pid {pid}: {err:#}");
+                    }
+                }
+                Err(err) if until <= now => {
+                    self.allocator_pending.remove(&pid);
+                    eprintln!("alloctrace: not tracing pid {pid}: {err:#}");
+                }
+                // Its loader has not mapped the allocator yet.
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Attaches to a process that is already running.
+fn attach_running(targets: &mut Targets, state: &mut State, pid: u32) -> anyhow::Result<()> {
+    let fd = pidfd(pid).map_err(|e| match e.raw_os_error() {
+        Some(libc::ESRCH) => anyhow!("no process with pid {pid}"),
+        _ => anyhow!("cannot watch pid {pid}: {e}"),
+    })?;
+    let allocator = allocator::for_pid(&mut state.registry, pid)
+        .with_context(|| format!("cannot find the allocator of pid {pid}"))?;
+    targets.attach(pid, allocator)?;
+    if has_exited(&fd) {
+        bail!("process {pid} exited before probes were attached");
+    }
+    if let Some(heap_end) = state.registry.heap_end(pid) {
+        state.ledger.set_break(pid, heap_end);
+    }
+    targets.order.push(pid);
+    watch_exit(pid, fd, targets.exits_tx.clone())?;
+    targets.detect_python(state, pid);
+    Ok(())
 }
 
 /// Runs a trace to its end.
@@ -461,6 +504,9 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
     system::require_root()?;
     system::require_uprobes()?;
     system::ensure_tracefs()?;
+    // Every traced process holds a descriptor per uprobe: a task that forks many children needs more than
+    // the usual soft limit of 1024.
+    system::raise_open_files_limit();
     let (exits_tx, mut exits) = unbounded_channel();
     let mut targets = Targets {
         probes: Probes::load(args.buffer_size)?,
@@ -470,6 +516,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
         exited: HashMap::new(),
         allocators: Vec::new(),
         python_pending: HashMap::new(),
+        allocator_pending: HashMap::new(),
         spawned_exec: None,
         python_frames: !args.no_python_frames,
     };
@@ -477,29 +524,24 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
 
     for comm in &args.comms {
         targets.probes.add_comm(comm)?;
-        eprintln!("alloctrace: tracing processes named {comm}, running or started from now on");
     }
-    let named = args.comms.iter().flat_map(|c| processes_named(c));
-    for pid in args.pids.iter().copied().chain(named) {
+    for &pid in &args.pids {
         if pid == std::process::id() {
             bail!("alloctrace cannot trace itself (pid {pid})");
         }
-        let fd = pidfd(pid).map_err(|e| match e.raw_os_error() {
-            Some(libc::ESRCH) => anyhow!("no process with pid {pid}"),
-            _ => anyhow!("cannot watch pid {pid}: {e}"),
-        })?;
-        let allocator = allocator::for_pid(&mut state.registry, pid)
-            .with_context(|| format!("cannot find the allocator of pid {pid}"))?;
-        targets.attach(pid, allocator)?;
-        if has_exited(&fd) {
-            bail!("process {pid} exited before probes were attached");
-        }
-        if let Some(heap_end) = state.registry.heap_end(pid) {
-            state.ledger.set_break(pid, heap_end);
-        }
-        targets.order.push(pid);
-        watch_exit(pid, fd, targets.exits_tx.clone())?;
+        attach_running(&mut targets, &mut state, pid)?;
+    }
+    // Processes found by name come and go, and one may have just exec'd: each is attached once its allocator
+    // is mapped, and one that cannot be traced is said, not fatal.
+    for pid in args.comms.iter().flat_map(|c| processes_named(c)) {
         targets.detect_python(&mut state, pid);
+        targets
+            .allocator_pending
+            .insert(pid, Instant::now() + PENDING_WINDOW);
+    }
+    targets.attach_pending_allocators(&mut state.registry);
+    for comm in &args.comms {
+        eprintln!("alloctrace: tracing processes named {comm}, running or started from now on");
     }
 
     let mut child_events: Option<UnboundedReceiver<ChildEvent>> = None;
@@ -540,7 +582,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     // The probes wake this loop only when a lot is waiting; the timer bounds how stale the ledger gets.
     let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
-    let mut python_timer = tokio::time::interval(PYTHON_DETECTION_INTERVAL);
+    let mut pending_timer = tokio::time::interval(PENDING_INTERVAL);
     // With --comm, processes may still come: only the duration or Ctrl-C end the trace.
     let waits_for_more = !args.comms.is_empty();
     let ctrl_c = tokio::signal::ctrl_c();
@@ -560,13 +602,15 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
                     follow_discoveries(&mut targets, &mut state, waits_for_more);
                 }
             }
-            // A shared libpython is mapped milliseconds after exec, and the first Python frames soon after.
-            _ = python_timer.tick(), if !targets.python_pending.is_empty() => {
+            // A loader maps an allocator and a shared libpython milliseconds after exec; allocations follow.
+            _ = pending_timer.tick(), if !targets.python_pending.is_empty() || !targets.allocator_pending.is_empty() => {
+                targets.attach_pending_allocators(&mut state.registry);
                 targets.detect_pending_pythons(&mut state);
             }
             Some(pid) = exits.recv() => {
                 drain(ring.get_mut(), &mut state);
                 targets.exited.entry(pid).or_insert(Exit::Exited);
+                targets.probes.detach(pid);
             }
             Some(event) = recv(&mut child_events) => match event {
                 ChildEvent::ExecFailed(err) => {
@@ -584,6 +628,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
                     drain(ring.get_mut(), &mut state);
                     if let Some(pid) = child_pid {
                         targets.exited.insert(pid, exit);
+                        targets.probes.detach(pid);
                     }
                 }
             },

@@ -93,6 +93,8 @@ fn linked_llvm() -> Option<String> {
         .map(str::to_owned)
 }
 
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
 fn bpf_linker() -> anyhow::Result<()> {
     let (library, major) = nightly_llvm()?;
     let soname = library
@@ -120,6 +122,10 @@ fn bpf_linker() -> anyhow::Result<()> {
             .args([
                 "install",
                 "bpf-linker",
+                // The release this recipe was verified with: a newer one may drop the LLVM feature nightly
+                // needs.
+                "--version",
+                BPF_LINKER_VERSION,
                 "--force",
                 "--no-default-features",
                 "--features",

@@ -3,7 +3,7 @@
 
 use std::{
     fs::File,
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -35,16 +35,16 @@ fn docker_answers() -> bool {
 }
 
 /// Starts a Docker engine when none answers: without iptables or a bridge (no network is needed, and this
-/// machine's sandbox allows neither), logging to `target/dockerd.log`. It keeps running after the tests.
-fn ensure_dockerd() -> anyhow::Result<()> {
+/// machine's sandbox allows neither), logging to `target/dockerd.log`. Returns the engine it started, if any.
+fn ensure_dockerd() -> anyhow::Result<Option<Child>> {
     if docker_answers() {
-        return Ok(());
+        return Ok(None);
     }
     let log_path = root().join("target/dockerd.log");
     let log =
         File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
     eprintln!("xtask: starting dockerd (log: {})", log_path.display());
-    as_root("dockerd")?
+    let mut dockerd = as_root("dockerd")?
         .args(["--iptables=false", "--bridge=none"])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -54,10 +54,11 @@ fn ensure_dockerd() -> anyhow::Result<()> {
     let started = Instant::now();
     while started.elapsed() < DOCKERD_START {
         if docker_answers() {
-            return Ok(());
+            return Ok(Some(dockerd));
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+    let _ = dockerd.kill();
     bail!(
         "dockerd did not answer within {DOCKERD_START:?}: see {}",
         log_path.display()
@@ -66,8 +67,6 @@ fn ensure_dockerd() -> anyhow::Result<()> {
 
 pub fn run(filter: Option<String>) -> anyhow::Result<()> {
     let alloctrace = build::run()?;
-    packages::ensure(&TEST_PACKAGES, "the integration tests")?;
-    ensure_dockerd()?;
     check(
         Command::new("cargo")
             .args([
@@ -82,6 +81,8 @@ pub fn run(filter: Option<String>) -> anyhow::Result<()> {
             ])
             .current_dir(root()),
     )?;
+    packages::ensure(&TEST_PACKAGES, "the integration tests")?;
+    let dockerd = ensure_dockerd()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut integration = as_root(cargo)?;
     integration
@@ -89,5 +90,12 @@ pub fn run(filter: Option<String>) -> anyhow::Result<()> {
         .args(filter)
         .env("ALLOCTRACE", &alloctrace)
         .current_dir(root());
-    check(&mut integration)
+    let result = check(&mut integration);
+    // An engine this task started is stopped again: nothing is left running behind the tests.
+    if let Some(mut dockerd) = dockerd {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(dockerd.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = dockerd.wait();
+    }
+    result
 }

@@ -139,6 +139,8 @@ pub struct Ledger {
     page_size: u64,
     /// Frees of blocks the ledger never saw: allocated before tracing began, or whose record was lost.
     pub unknown_frees: u64,
+    /// Blocks found released only because their address was handed out again.
+    pub unseen_frees: u64,
 }
 
 impl Default for Ledger {
@@ -160,6 +162,7 @@ impl Ledger {
             breaks: HashMap::new(),
             page_size,
             unknown_frees: 0,
+            unseen_frees: 0,
         }
     }
 
@@ -218,10 +221,17 @@ impl Ledger {
             ts_ns: header.ts_ns,
             site: u32::try_from(site).expect("fewer than 4 billion sites"),
         };
-        self.blocks
+        if let Some(stale) = self
+            .blocks
             .entry(header.pid)
             .or_default()
-            .insert(addr, block);
+            .insert(addr, block)
+        {
+            // The allocator handed out an address the ledger still held: its free was never seen (an
+            // unprobed release function, or a lost record). The old block is gone all the same.
+            self.count_release(stale.site(), stale.size, true);
+            self.unseen_frees += 1;
+        }
     }
 
     fn map(&mut self, header: &EventHeader, start: u64, end: u64, site: SiteId) {

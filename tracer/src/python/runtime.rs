@@ -2,9 +2,8 @@
 //! the eBPF side to walk its frames), and its code objects, read from its memory with `process_vm_readv`, so
 //! that each (code object, position) pair the probes recorded becomes a `file:function:line` frame.
 //!
-//! The version's offsets are checked against the live process before its frames are trusted: a code object
-//! must have the interpreter's own `PyCode_Type` as its type, or the process's Python frames are dropped and
-//! the report says why.
+//! The version's offsets are checked against the live process before a frame is trusted: a code object must
+//! have the interpreter's own `PyCode_Type` as its type, or its frame is left out of the stack.
 
 use std::{collections::HashMap, io, sync::Arc};
 
@@ -202,6 +201,15 @@ struct Code {
     name: String,
     first_line: u32,
     line_table: Vec<u8>,
+    /// The addresses of its file and name strings, and its first line: what tells it from a code object
+    /// later allocated at the same address.
+    identity: [u64; 3],
+}
+
+/// What a code object's header says, read on every look-up.
+struct CodeHeader {
+    identity: [u64; 3],
+    line_table: u64,
 }
 
 /// Reads Python strings, bytes and code objects out of a process, and names frames; caches code objects by
@@ -209,7 +217,7 @@ struct Code {
 pub struct Reader {
     pid: u32,
     interpreter: Interpreter,
-    codes: HashMap<u64, Option<Arc<Code>>>,
+    codes: HashMap<u64, Arc<Code>>,
 }
 
 impl Reader {
@@ -277,16 +285,23 @@ impl Reader {
         read_memory(self.pid, object + o.bytes_data, size).ok()
     }
 
+    /// The code object at `address`. The cache is checked against the object's identity each time (a code
+    /// object can be freed and its address reused by another), and failures are not cached (a read can fail
+    /// for a moment).
     fn code(&mut self, address: u64) -> Option<Arc<Code>> {
-        if let Some(cached) = self.codes.get(&address) {
-            return cached.clone();
+        let header = self.code_header(address)?;
+        if let Some(cached) = self.codes.get(&address)
+            && cached.identity == header.identity
+        {
+            return Some(Arc::clone(cached));
         }
-        let code = self.read_code(address).map(Arc::new);
-        self.codes.insert(address, code.clone());
-        code
+        let code = Arc::new(self.read_code(header)?);
+        self.codes.insert(address, Arc::clone(&code));
+        Some(code)
     }
 
-    fn read_code(&self, address: u64) -> Option<Code> {
+    /// The fields of a code object's header, if it is one.
+    fn code_header(&self, address: u64) -> Option<CodeHeader> {
         let o = self.interpreter.offsets.as_ref()?;
         let fields = [
             o.code_filename,
@@ -301,12 +316,23 @@ impl Reader {
         if u64_at(&header, 8)? != self.interpreter.code_type {
             return None;
         }
-        let name_field = o.code_qualname.unwrap_or(o.code_name);
+        let name = u64_at(&header, o.code_qualname.unwrap_or(o.code_name))?;
+        let filename = u64_at(&header, o.code_filename)?;
+        let first_line = u32_at(&header, o.code_firstlineno)?;
+        Some(CodeHeader {
+            identity: [filename, name, u64::from(first_line)],
+            line_table: u64_at(&header, o.code_linetable)?,
+        })
+    }
+
+    fn read_code(&self, header: CodeHeader) -> Option<Code> {
+        let [filename, name, first_line] = header.identity;
         Some(Code {
-            filename: self.string(u64_at(&header, o.code_filename)?)?,
-            name: self.string(u64_at(&header, name_field)?)?,
-            first_line: u32_at(&header, o.code_firstlineno)?,
-            line_table: self.bytes(u64_at(&header, o.code_linetable)?)?,
+            filename: self.string(filename)?,
+            name: self.string(name)?,
+            first_line: u32::try_from(first_line).ok()?,
+            line_table: self.bytes(header.line_table)?,
+            identity: header.identity,
         })
     }
 

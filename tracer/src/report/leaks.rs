@@ -116,6 +116,9 @@ pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
     let live = trace
         .ledger
         .live_by_site(end.saturating_sub(options.min_age_ns), trace.window);
+    // Verdicts look at every live block: --min-age only filters what the numbers count, or no survivor of the
+    // window's last quarter could ever show growth.
+    let all_live = trace.ledger.live_by_site(u64::MAX, trace.window);
     let mut lingering: HashMap<SiteId, (u64, f64)> = HashMap::new();
     for object in trace.ledger.objects() {
         let age = end.saturating_sub(object.ts_ns);
@@ -131,7 +134,7 @@ pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
     for (site, stats) in trace.ledger.sites() {
         let site_live = live.get(&site).copied().unwrap_or_default();
         let (verdict, verdict_reason) = verdict::judge(&Evidence {
-            live: &site_live,
+            live: &all_live.get(&site).copied().unwrap_or_default(),
             stats,
             duration_s: trace.duration_s,
             lingering: lingering.get(&site).copied(),

@@ -72,6 +72,9 @@ pub struct Header {
     pub complete: bool,
     /// Frees of blocks allocated before the trace began: normal for `--pid`, not a loss.
     pub frees_of_untraced_blocks: u64,
+    /// Blocks found freed only because the allocator handed their address out again (a release alloctrace
+    /// does not probe, or a lost record).
+    pub frees_not_seen: u64,
     pub processes: Vec<ProcessReport>,
     pub allocators: Vec<AllocatorReport>,
     /// alloctrace's own peak resident memory: what tracing these processes cost.
@@ -87,6 +90,7 @@ impl Header {
             lost: trace.lost,
             complete: trace.lost.total() == 0,
             frees_of_untraced_blocks: trace.ledger.unknown_frees,
+            frees_not_seen: trace.ledger.unseen_frees,
             processes: trace.processes.clone(),
             allocators: trace.allocators.clone(),
             tracer_max_rss_bytes: crate::system::max_rss_bytes(),
