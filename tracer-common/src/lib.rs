@@ -36,7 +36,14 @@ pub struct PyProcess {
     pub frame_instr_is_pointer: u32,
     /// The frame's `owner` byte, or [`PY_NO_OFFSET`]; frames owned by the C stack (3) are interpreter shims.
     pub frame_owner: u32,
+    /// Bytes from a frame's start that hold every field above (a multiple of 8, at most
+    /// [`PY_FRAME_READ_MAX`]): each frame is read at once.
+    pub frame_read_size: u32,
+    pub _pad: u32,
 }
+
+/// The most bytes read of one Python frame.
+pub const PY_FRAME_READ_MAX: usize = 128;
 
 /// One Python frame as the eBPF side reads it: the code object, and where in it the frame is.
 #[repr(C)]
@@ -323,7 +330,7 @@ const _: () = assert!(size_of::<AllocEvent>() == 72);
 const _: () = assert!(size_of::<FreeEvent>() == 56);
 const _: () = assert!(size_of::<ForkEvent>() == 40);
 const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH + 8 + 16 * MAX_PY_FRAMES);
-const _: () = assert!(size_of::<PyProcess>() == 48);
+const _: () = assert!(size_of::<PyProcess>() == 56);
 const _: () = assert!(size_of::<PyFrame>() == 16);
 const _: () = assert!(size_of::<InFlight>() == 24);
 const _: () = assert!(size_of::<SyscallInFlight>() == 24);

@@ -14,7 +14,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_current_task_btf, bpf_get_stack, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf, bpf_task_pt_regs,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -22,8 +22,8 @@ use aya_ebpf::{
 };
 use tracer_common::{
     ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ForkEvent, FreeEvent,
-    InFlight, LOSS_COUNTERS, Loss, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_DEPTH, PY_NO_OFFSET,
-    PyFrame, PyProcess, PyStatus, StackEvent, SyscallInFlight,
+    InFlight, LOSS_COUNTERS, Loss, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_DEPTH,
+    PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame, PyProcess, PyStatus, StackEvent, SyscallInFlight,
 };
 
 /// Every record for userspace, in the order the probes reserved them.
@@ -421,31 +421,57 @@ fn walk_python(py: &PyProcess, out: &mut StackEvent) {
         frame = read_user::<u64>(frame + py.cframe_current_frame as u64).unwrap_or(0);
     }
     let mut depth = 0;
+    let size = (py.frame_read_size as usize).min(PY_FRAME_READ_MAX);
+    let word = |words: &[u64; PY_FRAME_READ_MAX / 8], offset: u32| -> u64 {
+        words.get(offset as usize / 8).copied().unwrap_or(0)
+    };
     for slot in out.py_frames.iter_mut() {
         if frame == 0 {
             break;
         }
-        let shim = py.frame_owner != PY_NO_OFFSET
-            && read_user::<u8>(frame + py.frame_owner as u64) == Some(FRAME_OWNED_BY_CSTACK);
-        // f_lasti (3.8–3.10) is a C int: its 8-byte read is cut back to 32 bits.
-        let raw = read_user::<u64>(frame + py.frame_instr as u64).unwrap_or(0);
+        // One read per frame: four small ones cost four times as much.
+        let mut words = [0u64; PY_FRAME_READ_MAX / 8];
+        // SAFETY: reading at most `PY_FRAME_READ_MAX` bytes of user memory into a buffer of that size.
+        let read = unsafe {
+            bpf_probe_read_user_buf(frame as *const u8, &mut words_as_bytes(&mut words)[..size])
+        };
+        if read.is_err() {
+            break;
+        }
+        let owner = if py.frame_owner == PY_NO_OFFSET {
+            0
+        } else {
+            (word(&words, py.frame_owner) >> ((py.frame_owner % 8) * 8)) as u8
+        };
+        let raw = word(&words, py.frame_instr);
+        // f_lasti (3.8–3.10) is a C int: the low half of its word.
         let instr = if py.frame_instr_is_pointer != 0 {
             raw
         } else {
             raw & 0xffff_ffff
         };
-        let code = read_user::<u64>(frame + py.frame_code as u64).unwrap_or(0);
+        let code = word(&words, py.frame_code);
         *slot = PyFrame {
-            code: if shim { 0 } else { code },
+            code: if owner == FRAME_OWNED_BY_CSTACK {
+                0
+            } else {
+                code
+            },
             instr,
         };
         depth += 1;
-        frame = read_user::<u64>(frame + py.frame_back as u64).unwrap_or(0);
+        frame = word(&words, py.frame_back);
     }
     if frame != 0 {
         out.py_status = PyStatus::Truncated as u32;
     }
     out.py_depth = depth;
+}
+
+#[inline(always)]
+fn words_as_bytes(words: &mut [u64; PY_FRAME_READ_MAX / 8]) -> &mut [u8; PY_FRAME_READ_MAX] {
+    // SAFETY: same size, u8 has no alignment or validity requirements.
+    unsafe { &mut *(words as *mut [u64; PY_FRAME_READ_MAX / 8]).cast::<[u8; PY_FRAME_READ_MAX]>() }
 }
 
 #[inline(always)]

@@ -306,9 +306,10 @@ const PENDING_WINDOW: Duration = Duration::from_secs(5);
 const PENDING_INTERVAL: Duration = Duration::from_millis(5);
 
 impl Targets {
-    /// Looks for CPython in `pid`; when found, its frames are walked from now on. Not found yet: looked for
-    /// again on every drain until [`PENDING_WINDOW`] has passed.
-    fn detect_python(&mut self, state: &mut State, pid: u32) {
+    /// Looks for CPython in `pid`; when found, its frames are walked from now on. Not found in a process that
+    /// just exec'd (`loading`: its loader may map libpython any moment): looked for again until
+    /// [`PENDING_WINDOW`] has passed.
+    fn detect_python(&mut self, state: &mut State, pid: u32, loading: bool) {
         if !self.python_frames {
             return;
         }
@@ -333,11 +334,12 @@ impl Targets {
                 }
                 state.pythons.insert(pid, Reader::new(pid, interpreter));
             }
-            None => {
+            None if loading => {
                 self.python_pending
                     .entry(pid)
                     .or_insert_with(|| Instant::now() + PENDING_WINDOW);
             }
+            None => {}
         }
     }
 
@@ -347,7 +349,7 @@ impl Targets {
         self.python_pending.retain(|_, until| *until > now);
         let pending: Vec<u32> = self.python_pending.keys().copied().collect();
         for pid in pending {
-            self.detect_python(state, pid);
+            self.detect_python(state, pid, true);
         }
     }
 
@@ -393,7 +395,7 @@ impl Targets {
                 let _ = self.probes.remove_python(pid);
                 // Before anything slow: a shared libpython is mapped within milliseconds, and looked for
                 // from then on.
-                self.detect_python(state, pid);
+                self.detect_python(state, pid, true);
                 if self.spawned_exec == Some(pid) {
                     // The command alloctrace started, whose allocator was found from this very executable.
                     self.spawned_exec = None;
@@ -486,6 +488,8 @@ fn attach_running(targets: &mut Targets, state: &mut State, pid: u32) -> anyhow:
     })?;
     let allocator = allocator::for_pid(&mut state.registry, pid)
         .with_context(|| format!("cannot find the allocator of pid {pid}"))?;
+    // Python frames first: attaching announces the process as traced.
+    targets.detect_python(state, pid, false);
     targets.attach(pid, allocator)?;
     if has_exited(&fd) {
         bail!("process {pid} exited before probes were attached");
@@ -495,7 +499,6 @@ fn attach_running(targets: &mut Targets, state: &mut State, pid: u32) -> anyhow:
     }
     targets.order.push(pid);
     watch_exit(pid, fd, targets.exits_tx.clone())?;
-    targets.detect_python(state, pid);
     Ok(())
 }
 
@@ -534,7 +537,7 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
     // Processes found by name come and go, and one may have just exec'd: each is attached once its allocator
     // is mapped, and one that cannot be traced is said, not fatal.
     for pid in args.comms.iter().flat_map(|c| processes_named(c)) {
-        targets.detect_python(&mut state, pid);
+        targets.detect_python(&mut state, pid, true);
         targets
             .allocator_pending
             .insert(pid, Instant::now() + PENDING_WINDOW);

@@ -8,7 +8,7 @@
 use std::{collections::HashMap, io, sync::Arc};
 
 use serde::Serialize;
-use tracer_common::{PY_NO_OFFSET, PyFrame, PyProcess};
+use tracer_common::{PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame, PyProcess};
 
 use super::{
     lines::{self, Format},
@@ -96,8 +96,25 @@ impl Interpreter {
             frame_instr: narrow(o.frame_instr),
             frame_instr_is_pointer: u32::from(o.frame_instr_is_pointer),
             frame_owner: o.frame_owner.map_or(PY_NO_OFFSET, narrow),
+            frame_read_size: narrow(frame_read_size(o)?),
+            _pad: 0,
         })
     }
+}
+
+/// The bytes from a frame's start that cover the fields the eBPF side reads, rounded up to a whole word;
+/// `None` when they would not fit its buffer.
+fn frame_read_size(o: &Offsets) -> Option<u64> {
+    let last_byte = [
+        o.frame_back + 8,
+        o.frame_code + 8,
+        o.frame_instr + 8,
+        o.frame_owner.map_or(0, |f| f + 1),
+    ]
+    .into_iter()
+    .max()?;
+    let size = last_byte.div_ceil(8) * 8;
+    (size <= PY_FRAME_READ_MAX as u64).then_some(size)
 }
 
 /// `python3.11`, `libpython3.11.so.1.0`, `libpython3.13t.so` → (3, 11, free-threaded).
