@@ -80,15 +80,15 @@ fn trace(python: &Path) -> Value {
     assert_eq!(line, "ready\n", "the workload did not get ready");
     // The workload holds everything until its input closes: keep it open until the report is written.
     let input = tracer.stdin.take();
+    let mut errors = tracer.stderr.take().unwrap();
     // SAFETY: signalling the child we spawned and have not reaped.
     unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };
-    let done = tracer.wait_with_output().unwrap();
+    let status = tracer.wait().unwrap();
+    // The workload's forked child shares these pipes and waits for its input to close: only then do they end.
     drop(input);
-    assert!(
-        done.status.success(),
-        "alloctrace failed: {}",
-        String::from_utf8_lossy(&done.stderr)
-    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut errors, &mut stderr).unwrap();
+    assert!(status.success(), "alloctrace failed: {}", stderr);
     let text = std::fs::read_to_string(&report).unwrap();
     std::fs::remove_file(&report).unwrap();
     serde_json::from_str(&text).unwrap()
@@ -150,6 +150,18 @@ fn check(python: &Path, version: &str) {
         10,
         200_000,
     );
+    // With the GIL released (a ctypes call), the frames are still the thread's.
+    let no_gil = site(&report, "malloc_without_the_gil", marker("no-gil"));
+    assert_eq!(
+        (no_gil["live_count"].as_u64(), no_gil["live_bytes"].as_u64()),
+        (Some(3), Some(2_100_000)),
+        "{no_gil:#}"
+    );
+    // A forked child keeps its parent's interpreter: its site is its own, with its pid.
+    let child = site(&report, "forked_child_site", marker("forked"));
+    assert_holds(child, 5, 150_000);
+    let parent = report["processes"][0]["pid"].as_u64();
+    assert!(child["pid"].as_u64() != parent, "{child:#}");
     // Dropped at once: nothing held there.
     // Dropped at once, 200 times: nothing held, and listed only as churn.
     let dropped = site(&report, "drop_buffers", marker("dropped"));
