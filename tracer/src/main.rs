@@ -4,54 +4,53 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use tracer::{
-    cli::{Cli, Command},
+    cli::{Cli, Command, OutputArgs, TargetArgs},
     output::{self, Report},
     report::{
         large::{self, LargeOptions},
         leaks::{self, LeaksOptions},
     },
-    trace,
+    trace::{self, Trace},
 };
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Leaks(args) => {
-            let trace = trace::run(&args.target).await?;
-            let report = leaks::build(
-                &trace,
-                &LeaksOptions {
-                    min_age_ns: args.min_age.as_nanos() as u64,
-                    min_size: args.min_size,
-                    top: args.top,
-                },
-            );
-            let written = output::write_to(
-                Report::Leaks(&report),
-                args.output.format,
-                args.output.output.as_deref(),
-            );
-            trace.stop_unfinished_command();
-            written
+            let options = LeaksOptions {
+                min_age_ns: args.min_age.as_nanos() as u64,
+                min_size: args.min_size,
+                top: args.top,
+            };
+            traced(&args.target, &args.output, |trace| {
+                Report::Leaks(leaks::build(trace, &options))
+            })
+            .await
         }
         Command::Large(args) => {
-            let trace = trace::run(&args.target).await?;
-            let report = large::build(
-                &trace,
-                &LargeOptions {
-                    min_size: args.min_size,
-                    min_age_ns: args.min_age.as_nanos() as u64,
-                    top: args.top,
-                },
-            );
-            let written = output::write_to(
-                Report::Large(&report),
-                args.output.format,
-                args.output.output.as_deref(),
-            );
-            trace.stop_unfinished_command();
-            written
+            let options = LargeOptions {
+                min_size: args.min_size,
+                min_age_ns: args.min_age.as_nanos() as u64,
+                top: args.top,
+            };
+            traced(&args.target, &args.output, |trace| {
+                Report::Large(large::build(trace, &options))
+            })
+            .await
         }
     }
+}
+
+/// Runs a trace, writes the report `build` makes of it, then stops the command alloctrace started if it
+/// still runs.
+async fn traced(
+    target: &TargetArgs,
+    output: &OutputArgs,
+    build: impl FnOnce(&Trace) -> Report,
+) -> anyhow::Result<()> {
+    let trace = trace::run(target).await?;
+    let written = output::write_to(&build(&trace), output.format, output.output.as_deref());
+    trace.stop_unfinished_command();
+    written
 }
 
 fn main() -> ExitCode {

@@ -23,12 +23,12 @@ pub enum Format {
 }
 
 /// A report every format can render.
-pub enum Report<'a> {
-    Leaks(&'a LeaksReport),
-    Large(&'a LargeReport),
+pub enum Report {
+    Leaks(LeaksReport),
+    Large(LargeReport),
 }
 
-pub fn write(report: Report<'_>, format: Format, out: &mut dyn Write) -> io::Result<()> {
+pub fn write(report: &Report, format: Format, out: &mut dyn Write) -> io::Result<()> {
     match (format, report) {
         (Format::Text, Report::Leaks(r)) => text::write_leaks(r, out),
         (Format::Text, Report::Large(r)) => text::write_large(r, out),
@@ -38,7 +38,7 @@ pub fn write(report: Report<'_>, format: Format, out: &mut dyn Write) -> io::Res
 }
 
 /// Writes to `path`, or to standard output.
-pub fn write_to(report: Report<'_>, format: Format, path: Option<&Path>) -> anyhow::Result<()> {
+pub fn write_to(report: &Report, format: Format, path: Option<&Path>) -> anyhow::Result<()> {
     let mut out: Box<dyn Write> = match path {
         Some(path) => Box::new(
             File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
