@@ -314,3 +314,92 @@ fn cpython_in_a_container_with_its_own_libc_and_libpython() {
         200_000,
     );
 }
+
+#[test]
+fn an_oom_kill_in_a_container_is_one_record_with_the_victims_stacks() {
+    require_root();
+    docker::require_docker();
+    let prefix = pyenv("3.12")
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let image = docker::python_image(&prefix, "3.12");
+    let name = format!("alloctrace-oom-{}", std::process::id());
+    let records = std::env::temp_dir().join(format!("{name}.jsonl"));
+    let mut tracer = Command::new(alloctrace())
+        .args(["oom", "--comm", "python3.12", "--format", "json", "-o"])
+        .arg(&records)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut notice = String::new();
+    BufReader::new(tracer.stderr.as_mut().unwrap())
+        .read_line(&mut notice)
+        .unwrap();
+    assert!(
+        notice.contains("tracing processes named python3.12"),
+        "{notice}"
+    );
+    // A pause for the tracer to follow it from its exec, then 1 MiB a step into a 64 MiB limit, fast: a
+    // slow climb spends minutes thrashing the page cache before the kill.
+    let workload = "import time\ntime.sleep(0.5)\nheld = []\nwhile True:\n    held.append(bytes(1 << 20))  # grows\n";
+    let run = Command::new("docker")
+        .args([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--memory=64m",
+            "--memory-swap=64m",
+            "--name",
+            &name,
+        ])
+        .arg(&image)
+        .arg(prefix.join("bin/python3.12"))
+        .args(["-c", workload])
+        .status()
+        .unwrap();
+    assert_eq!(run.code(), Some(137), "the container should be OOM-killed");
+    // SAFETY: signalling the child we spawned and have not reaped.
+    unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };
+    assert!(tracer.wait().unwrap().success());
+    let text = std::fs::read_to_string(&records).unwrap();
+    std::fs::remove_file(&records).unwrap();
+    let ours: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["container"]["name"] == name.as_str())
+        .collect();
+    assert_eq!(ours.len(), 1, "one record for the kill: {text}");
+    let record = &ours[0];
+    assert_eq!(record["event"], "oom_kill");
+    assert_eq!(record["victim"]["comm"], "python3.12", "{record:#}");
+    assert_eq!(record["victim"]["ns_pid"], 1, "{record:#}");
+    assert!(
+        record["victim"]["anon_rss_bytes"].as_u64().unwrap() > 32 << 20,
+        "{record:#}"
+    );
+    assert_eq!(record["container"]["runtime"], "docker");
+    assert_eq!(record["memcg"]["limit_bytes"], 64 << 20, "{record:#}");
+    assert_eq!(
+        record["memcg"]["path"], record["container"]["cgroup"],
+        "{record:#}"
+    );
+    assert_eq!(record["traced"], true, "{record:#}");
+    // What it held: the list of 1 MiB buffers, named by its line.
+    let top = &record["top_stacks"][0];
+    assert!(top["live_bytes"].as_u64().unwrap() > 32 << 20, "{record:#}");
+    let python = top["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["lang"] == "python")
+        .expect("Python frames");
+    assert_eq!(
+        (&python["function"], &python["line"]),
+        (&serde_json::json!("<module>"), &serde_json::json!(5)),
+        "{record:#}"
+    );
+}

@@ -69,6 +69,8 @@ pub enum EventKind {
     Exec = 4,
     /// A traced process forked: [`ForkEvent`].
     Fork = 5,
+    /// The kernel chose a process to kill for memory, anywhere on the host: [`OomEvent`].
+    Oom = 6,
 }
 
 impl EventKind {
@@ -79,6 +81,7 @@ impl EventKind {
             3 => Some(Self::Stack),
             4 => Some(Self::Exec),
             5 => Some(Self::Fork),
+            6 => Some(Self::Oom),
             _ => None,
         }
     }
@@ -300,6 +303,37 @@ impl PyStatus {
     }
 }
 
+/// `oom:mark_victim`: the kernel is killing `victim_pid` for memory. The header is the task in whose context
+/// it happens (for a cgroup's limit, the one whose allocation hit it), with that task's cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OomEvent {
+    pub header: EventHeader,
+    pub victim_pid: u32,
+    pub _pad: u32,
+    /// The victim's memory at the kill, in KiB, as the tracepoint gives it.
+    pub total_vm_kib: u64,
+    pub anon_rss_kib: u64,
+    pub file_rss_kib: u64,
+    pub shmem_rss_kib: u64,
+    /// The victim's name, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// Offsets of the `oom:mark_victim` record's fields, read from tracefs at load time: the layout changed
+/// across kernels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OomFields {
+    pub pid: u32,
+    /// The `__data_loc` word of `comm`: offset in the low 16 bits, length in the high 16.
+    pub comm: u32,
+    pub total_vm: u32,
+    pub anon_rss: u32,
+    pub file_rss: u32,
+    pub shmem_rss: u32,
+}
+
 /// Per-thread state between a system call's entry and its exit.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -329,6 +363,8 @@ const _: () = assert!(size_of::<EventHeader>() == 32);
 const _: () = assert!(size_of::<AllocEvent>() == 72);
 const _: () = assert!(size_of::<FreeEvent>() == 56);
 const _: () = assert!(size_of::<ForkEvent>() == 40);
+const _: () = assert!(size_of::<OomEvent>() == 88);
+const _: () = assert!(size_of::<OomFields>() == 24);
 const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH + 8 + 16 * MAX_PY_FRAMES);
 const _: () = assert!(size_of::<PyProcess>() == 56);
 const _: () = assert!(size_of::<PyFrame>() == 16);
@@ -338,3 +374,7 @@ const _: () = assert!(size_of::<SyscallInFlight>() == 24);
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, made only of integers, no implicit padding (its size is asserted above).
 unsafe impl aya::Pod for PyProcess {}
+
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for OomFields {}

@@ -14,7 +14,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_current_task_btf, bpf_get_stack, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf, bpf_task_pt_regs,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
+        bpf_probe_read_user_buf, bpf_task_pt_regs,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -22,8 +23,9 @@ use aya_ebpf::{
 };
 use tracer_common::{
     ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ForkEvent, FreeEvent,
-    InFlight, LOSS_COUNTERS, Loss, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_DEPTH,
-    PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame, PyProcess, PyStatus, StackEvent, SyscallInFlight,
+    InFlight, LOSS_COUNTERS, Loss, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_DEPTH, OomEvent,
+    OomFields, PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame, PyProcess, PyStatus, StackEvent,
+    SyscallInFlight,
 };
 
 /// Every record for userspace, in the order the probes reserved them.
@@ -70,6 +72,17 @@ static TASK_FSBASE_OFFSET: u32 = 0;
 /// `owner` of a frame that only marks where C called into the interpreter (3.12+).
 const FRAME_OWNED_BY_CSTACK: u8 = 3;
 
+/// Where `oom:mark_victim` keeps its fields on this kernel, set at load time from tracefs.
+#[unsafe(no_mangle)]
+static OOM_FIELDS: OomFields = OomFields {
+    pid: 8,
+    comm: 12,
+    total_vm: 16,
+    anon_rss: 24,
+    file_rss: 32,
+    shmem_rss: 40,
+};
+
 /// Offset of `child_pid` in the `sched_process_fork` record: its layout changed across kernels, so userspace
 /// reads it from tracefs and sets it at load time.
 #[unsafe(no_mangle)]
@@ -79,6 +92,8 @@ static FORK_CHILD_PID_OFFSET: u32 = 20;
 const SYSCALL_ARG0: usize = 16;
 const SYSCALL_RET: usize = 16;
 const MAP_ANONYMOUS: u64 = 0x20;
+const PROT_READ: u64 = 0x1;
+const PROT_WRITE: u64 = 0x2;
 /// Returns from `-4095` to `-1` are error numbers.
 const MAX_ERRNO: u64 = 4095;
 /// Offset of `sp` in x86-64's `struct pt_regs`.
@@ -543,10 +558,12 @@ pub fn mmap_enter(ctx: TracePointContext) -> u32 {
     if !is_target() || in_allocator() {
         return 0;
     }
-    // mmap(addr, len, prot, flags, fd, off): only anonymous memory; files are page cache, not the heap.
+    // mmap(addr, len, prot, flags, fd, off): only anonymous memory that can be used; files are page cache,
+    // and a PROT_NONE mapping is an address-space reservation (guard pages, a runtime's heap reserve).
     let len = field(&ctx, SYSCALL_ARG0 + 8);
+    let prot = field(&ctx, SYSCALL_ARG0 + 16);
     let flags = field(&ctx, SYSCALL_ARG0 + 24);
-    if flags & MAP_ANONYMOUS == 0 {
+    if flags & MAP_ANONYMOUS == 0 || prot & (PROT_READ | PROT_WRITE) == 0 {
         return 0;
     }
     let state = SyscallInFlight {
@@ -637,6 +654,36 @@ pub fn brk_exit(ctx: TracePointContext) -> u32 {
         0
     };
     emit_mapping(&ctx, AllocFn::Brk, field(&ctx, SYSCALL_RET), 0, 0, flags);
+    0
+}
+
+/// Every OOM kill on the host, traced process or not: the evidence dies with the victim.
+#[tracepoint]
+pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
+    // SAFETY: a plain global set at load time.
+    let fields = unsafe { core::ptr::read_volatile(&OOM_FIELDS) };
+    let at = |offset: u32| -> u64 {
+        // SAFETY: reading a field of the tracepoint record at an offset its format file gives.
+        unsafe { ctx.read_at::<u64>(offset as usize) }.unwrap_or(0)
+    };
+    let mut event = OomEvent {
+        header: header(EventKind::Oom),
+        // SAFETY: as above.
+        victim_pid: unsafe { ctx.read_at::<u32>(fields.pid as usize) }.unwrap_or(0),
+        _pad: 0,
+        total_vm_kib: at(fields.total_vm),
+        anon_rss_kib: at(fields.anon_rss),
+        file_rss_kib: at(fields.file_rss),
+        shmem_rss_kib: at(fields.shmem_rss),
+        comm: [0; 16],
+    };
+    // SAFETY: the __data_loc word, then at most 16 bytes of the name it points to, inside the record.
+    unsafe {
+        let location = ctx.read_at::<u32>(fields.comm as usize).unwrap_or(0);
+        let name = ctx.as_ptr().cast::<u8>().add((location & 0xffff) as usize);
+        let _ = bpf_probe_read_kernel_buf(name, &mut event.comm);
+    }
+    let _ = output_now(&event);
     0
 }
 

@@ -24,11 +24,14 @@ pub enum Command {
     Leaks(LeaksArgs),
     /// Trace allocations and list the large objects still alive when the trace ends.
     Large(LargeArgs),
+    /// Report every OOM kill on the host as it happens, one record each: victim, container, memory cgroup and
+    /// its limit, Airflow task, and, for a victim traced here (-p, --comm, or a command), its top stacks.
+    Oom(OomArgs),
 }
 
 /// What to trace, and for how long. Children of traced processes are followed.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["pids", "comms", "command"])))]
+#[command(group(ArgGroup::new("target").multiple(true).args(["pids", "comms", "command"])))]
 pub struct TargetArgs {
     /// Trace this running process (repeatable).
     #[arg(short = 'p', long = "pid", value_name = "PID")]
@@ -110,6 +113,24 @@ pub struct LargeArgs {
     pub output: OutputArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct OomArgs {
+    /// Processes whose allocations are traced, so that their OOM records carry the stacks that held memory.
+    /// None: OOM kills are watched without tracing allocations.
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+impl TargetArgs {
+    /// Whether any process is named.
+    pub fn is_empty(&self) -> bool {
+        self.pids.is_empty() && self.comms.is_empty() && self.command.is_empty()
+    }
+}
+
 /// `1.5` (seconds), `250ms`, `30s`, `5m`, `1h 30m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if let Ok(seconds) = text.parse::<f64>() {
@@ -182,8 +203,24 @@ mod tests {
     }
 
     #[test]
-    fn a_target_is_required_and_kinds_combine() {
-        assert!(Cli::try_parse_from(["alloctrace", "leaks"]).is_err());
+    fn targets_combine_and_may_be_left_out() {
+        let Command::Leaks(args) = Cli::try_parse_from(["alloctrace", "leaks"])
+            .unwrap()
+            .command
+        else {
+            panic!("leaks");
+        };
+        assert!(
+            args.target.is_empty(),
+            "checked when the command runs, which says what to name"
+        );
+        let Command::Oom(args) = Cli::try_parse_from(["alloctrace", "oom", "--duration", "1m"])
+            .unwrap()
+            .command
+        else {
+            panic!("oom");
+        };
+        assert!(args.target.is_empty());
         let cli = Cli::try_parse_from([
             "alloctrace",
             "leaks",

@@ -2,7 +2,7 @@
 
 use tracer_common::{
     ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ForkEvent, FreeEvent,
-    MAX_PY_FRAMES, MAX_STACK_DEPTH, PyFrame, PyStatus, StackEvent,
+    MAX_PY_FRAMES, MAX_STACK_DEPTH, OomEvent, PyFrame, PyStatus, StackEvent,
 };
 
 /// One decoded record.
@@ -41,6 +41,7 @@ pub enum Event {
         header: EventHeader,
         child_pid: u32,
     },
+    Oom(OomEvent),
 }
 
 /// The Python side of a stack record.
@@ -125,6 +126,7 @@ impl TryFrom<&[u8]> for Event {
                 }
             }
             EventKind::Exec => Self::Exec { header },
+            EventKind::Oom => Self::Oom(read(bytes, Some(kind))?),
             EventKind::Fork => {
                 let e: ForkEvent = read(bytes, Some(kind))?;
                 Self::Fork {

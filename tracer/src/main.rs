@@ -3,17 +3,29 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
+use std::io::Write as _;
+
+use anyhow::bail;
 use tracer::{
-    cli::{Cli, Command, OutputArgs, TargetArgs},
+    cli::{Cli, Command, LargeArgs, LeaksArgs, OutputArgs, TargetArgs},
     output::{self, Report},
     report::{
         large::{self, LargeOptions},
         leaks::{self, LeaksOptions},
+        oom::OomRecord,
     },
     trace::{self, Trace},
 };
 
 async fn run(command: Command) -> anyhow::Result<()> {
+    match &command {
+        Command::Leaks(LeaksArgs { target, .. }) | Command::Large(LargeArgs { target, .. })
+            if target.is_empty() =>
+        {
+            bail!("name what to trace: -p PID, --comm NAME, or -- COMMAND")
+        }
+        _ => {}
+    }
     match command {
         Command::Leaks(args) => {
             let options = LeaksOptions {
@@ -37,6 +49,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             })
             .await
         }
+        Command::Oom(args) => {
+            let mut out = output::open(args.output.output.as_deref())?;
+            if args.target.is_empty() {
+                eprintln!("alloctrace: watching for OOM kills on this host; Ctrl-C stops");
+            }
+            let format = args.output.format;
+            let mut sink = |record: &OomRecord| -> anyhow::Result<()> {
+                output::write_oom(record, format, &mut out)?;
+                Ok(out.flush()?)
+            };
+            let trace = trace::run(&args.target, Some(&mut sink)).await?;
+            trace.stop_unfinished_command();
+            Ok(())
+        }
     }
 }
 
@@ -47,7 +73,7 @@ async fn traced(
     output: &OutputArgs,
     build: impl FnOnce(&Trace) -> Report,
 ) -> anyhow::Result<()> {
-    let trace = trace::run(target).await?;
+    let trace = trace::run(target, None).await?;
     let written = output::write_to(&build(&trace), output.format, output.output.as_deref());
     trace.stop_unfinished_command();
     written

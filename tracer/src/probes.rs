@@ -13,7 +13,7 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
     },
 };
-use tracer_common::{AllocFn, LOSS_COUNTERS, Loss, PyProcess};
+use tracer_common::{AllocFn, LOSS_COUNTERS, Loss, OomFields, PyProcess};
 
 use crate::{procs::allocator::Allocator, system};
 
@@ -53,6 +53,21 @@ pub struct Probes {
     ebpf: Ebpf,
     /// Each traced process's uprobe links, removed when it exits.
     links: HashMap<u32, Vec<UProbeLink>>,
+    /// Whether OOM kills reach the ring buffer.
+    pub oom_watched: bool,
+}
+
+/// Where `oom:mark_victim` keeps its fields on this kernel; `None` without the tracepoint.
+fn oom_fields() -> Option<OomFields> {
+    let field = |name: &str| system::tracepoint_field_offset("oom", "mark_victim", name).ok();
+    Some(OomFields {
+        pid: field("pid")?,
+        comm: field("comm")?,
+        total_vm: field("total_vm")?,
+        anon_rss: field("anon_rss")?,
+        file_rss: field("file_rss")?,
+        shmem_rss: field("shmem_rss")?,
+    })
 }
 
 impl Probes {
@@ -63,9 +78,12 @@ impl Probes {
         let buffer_size =
             u32::try_from(buffer_size).context("the ring buffer size is too large")?;
         let fsbase_offset = system::task_fsbase_offset()?;
+        // The OOM tracepoint is optional (an older kernel may lack it): its fields are read where it exists.
+        let oom_fields = oom_fields();
         let mut ebpf = EbpfLoader::new()
             .override_global("FORK_CHILD_PID_OFFSET", &child_pid_offset, true)
             .override_global("TASK_FSBASE_OFFSET", &fsbase_offset, true)
+            .override_global("OOM_FIELDS", &oom_fields.unwrap_or_default(), true)
             .map_max_entries("EVENTS", buffer_size)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
@@ -90,9 +108,18 @@ impl Probes {
                 .attach(category, event)
                 .with_context(|| format!("cannot attach to the tracepoint {category}:{event}"))?;
         }
+        let oom: &mut TracePoint = program(&mut ebpf, "oom_mark_victim")?.try_into()?;
+        let oom_watched =
+            oom_fields.is_some() && oom.load().is_ok() && oom.attach("oom", "mark_victim").is_ok();
+        if !oom_watched {
+            eprintln!(
+                "alloctrace: this kernel has no usable oom:mark_victim tracepoint: OOM kills are not reported"
+            );
+        }
         Ok(Self {
             ebpf,
             links: HashMap::new(),
+            oom_watched,
         })
     }
 

@@ -14,7 +14,7 @@ use tokio::{
     io::unix::AsyncFd,
     sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel},
 };
-use tracer_common::{AllocFn, Loss, PyFrame};
+use tracer_common::{AllocFn, Loss, OomEvent, PyFrame};
 
 use crate::{
     aggregate::{Ledger, Site, SiteId, Sites},
@@ -27,7 +27,10 @@ use crate::{
         maps::FileId,
     },
     python::runtime::{self, Reader},
-    report::{AllocatorReport, Exit, Losses, ProcessReport},
+    report::{
+        AllocatorReport, Exit, Losses, ProcessReport,
+        oom::{self, Cgroups, OomInput, OomRecord},
+    },
     spawn::{self, ChildEvent},
     system,
 };
@@ -73,6 +76,9 @@ struct State {
     /// Site of each (pid, function, stack id) already seen.
     site_of_stack: HashMap<(u32, AllocFn, u64), SiteId>,
     stackless: u64,
+    /// OOM kills read and not yet reported.
+    ooms: Vec<OomEvent>,
+    cgroups: Cgroups,
     undecodable: u64,
     /// Processes that forked or exec'd, for the session to attach to.
     discovered: Vec<Discovery>,
@@ -164,6 +170,7 @@ impl State {
                     child: child_pid,
                 });
             }
+            Event::Oom(kill) => self.ooms.push(kill),
         }
     }
 
@@ -503,7 +510,38 @@ fn attach_running(targets: &mut Targets, state: &mut State, pid: u32) -> anyhow:
 }
 
 /// Runs a trace to its end.
-pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
+/// Receives each OOM kill as it is read.
+pub type OomSink<'a> = &'a mut dyn FnMut(&OomRecord) -> anyhow::Result<()>;
+
+/// Builds the records of the OOM kills read so far and hands them to `sink`.
+fn report_ooms(
+    state: &mut State,
+    targets: &Targets,
+    window: (u64, u64),
+    sink: &mut Option<OomSink<'_>>,
+) -> anyhow::Result<()> {
+    let Some(sink) = sink else {
+        state.ooms.clear();
+        return Ok(());
+    };
+    for kill in std::mem::take(&mut state.ooms) {
+        let record = oom::build(OomInput {
+            event: &kill,
+            registry: &mut state.registry,
+            ledger: &state.ledger,
+            sites: &state.sites,
+            traced: targets.order.contains(&kill.victim_pid),
+            cgroups: &mut state.cgroups,
+            window,
+        });
+        sink(&record)?;
+    }
+    Ok(())
+}
+
+/// Runs a trace to its end. Without targets it only watches (OOM kills, with `oom_sink`) until `--duration`
+/// or Ctrl-C.
+pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow::Result<Trace> {
     system::require_root()?;
     system::require_uprobes()?;
     system::ensure_tracefs()?;
@@ -586,8 +624,12 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
     // The probes wake this loop only when a lot is waiting; the timer bounds how stale the ledger gets.
     let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
     let mut pending_timer = tokio::time::interval(PENDING_INTERVAL);
-    // With --comm, processes may still come: only the duration or Ctrl-C end the trace.
-    let waits_for_more = !args.comms.is_empty();
+    // With --comm, processes may still come, and without targets alloctrace only watches: only the duration
+    // or Ctrl-C end the trace then.
+    let waits_for_more = !args.comms.is_empty() || targets.order.is_empty();
+    if oom_sink.is_some() && !targets.probes.oom_watched {
+        bail!("this kernel has no usable oom:mark_victim tracepoint: OOM kills cannot be reported");
+    }
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
 
@@ -639,9 +681,12 @@ pub async fn run(args: &TargetArgs) -> anyhow::Result<Trace> {
             _ = &mut ctrl_c => break,
         }
         follow_discoveries(&mut targets, &mut state, waits_for_more);
+        let window = (start_ns, system::monotonic_ns());
+        report_ooms(&mut state, &targets, window, &mut oom_sink)?;
     }
     drain(ring.get_mut(), &mut state);
     let end_ns = system::monotonic_ns().max(start_ns);
+    report_ooms(&mut state, &targets, (start_ns, end_ns), &mut oom_sink)?;
 
     let kernel = targets.probes.losses()?;
     let lost = Losses {

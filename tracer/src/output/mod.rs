@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context as _;
 use clap::ValueEnum;
 
-use crate::report::{large::LargeReport, leaks::LeaksReport};
+use crate::report::{large::LargeReport, leaks::LeaksReport, oom::OomRecord};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -37,15 +37,31 @@ pub fn write(report: &Report, format: Format, out: &mut dyn Write) -> io::Result
     }
 }
 
-/// Writes to `path`, or to standard output.
-pub fn write_to(report: &Report, format: Format, path: Option<&Path>) -> anyhow::Result<()> {
-    let mut out: Box<dyn Write> = match path {
+/// `path`, created, or standard output.
+pub fn open(path: Option<&Path>) -> anyhow::Result<Box<dyn Write>> {
+    Ok(match path {
         Some(path) => Box::new(
             File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
         ),
-        None => Box::new(io::stdout().lock()),
-    };
+        None => Box::new(io::stdout()),
+    })
+}
+
+/// Writes to `path`, or to standard output.
+pub fn write_to(report: &Report, format: Format, path: Option<&Path>) -> anyhow::Result<()> {
+    let mut out = open(path)?;
     write(report, format, &mut out)?;
     out.flush()?;
     Ok(())
+}
+
+/// One OOM record: a JSON line, or a block of text.
+pub fn write_oom(record: &OomRecord, format: Format, out: &mut dyn Write) -> io::Result<()> {
+    match format {
+        Format::Text => text::write_oom(record, out),
+        Format::Json => {
+            serde_json::to_writer(&mut *out, record)?;
+            writeln!(out)
+        }
+    }
 }

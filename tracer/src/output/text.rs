@@ -8,6 +8,7 @@ use crate::{
         Exit, Header, Losses,
         large::LargeReport,
         leaks::{LeaksReport, SiteReport},
+        oom::OomRecord,
     },
 };
 
@@ -214,6 +215,65 @@ pub fn write_leaks(report: &LeaksReport, out: &mut dyn Write) -> io::Result<()> 
         )?;
     }
     Ok(())
+}
+
+pub fn write_oom(record: &OomRecord, out: &mut dyn Write) -> io::Result<()> {
+    let v = &record.victim;
+    writeln!(
+        out,
+        "{} OOM kill: pid {} {} ({}): anon {}, file {}, shmem {}",
+        record.time,
+        v.pid,
+        v.comm,
+        v.cmdline.join(" "),
+        bytes(v.anon_rss_bytes),
+        bytes(v.file_rss_bytes),
+        bytes(v.shmem_rss_bytes),
+    )?;
+    if let Some(c) = &record.container {
+        writeln!(
+            out,
+            "    container: {} {} ({})",
+            c.runtime,
+            c.name.as_deref().unwrap_or("?"),
+            c.id
+        )?;
+    }
+    match &record.memcg {
+        Some(m) => writeln!(
+            out,
+            "    memory cgroup {} hit its limit of {}",
+            m.path,
+            bytes(m.limit_bytes)
+        )?,
+        None => writeln!(out, "    no memory cgroup limit: the host ran out")?,
+    }
+    if let Some(t) = &record.task {
+        writeln!(
+            out,
+            "    airflow task {}.{} {}",
+            t.dag_id,
+            t.task_id,
+            t.run_id.as_deref().unwrap_or("")
+        )?;
+    }
+    if !record.traced {
+        writeln!(
+            out,
+            "    (not traced: no stacks; name it with -p, --comm or a command to get them)"
+        )?;
+    }
+    for (rank, s) in record.top_stacks.iter().enumerate() {
+        writeln!(
+            out,
+            "  #{} {} live in {} blocks",
+            rank + 1,
+            bytes(s.live_bytes),
+            s.live_count
+        )?;
+        stack(out, &s.stack)?;
+    }
+    writeln!(out)
 }
 
 pub fn write_large(report: &LargeReport, out: &mut dyn Write) -> io::Result<()> {

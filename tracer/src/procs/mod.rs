@@ -143,10 +143,8 @@ impl Registry {
     /// Starts tracking `pid`, or refreshes what is known of it. Keeps the last snapshot when the process is gone.
     pub fn refresh(&mut self, pid: u32) {
         let mut info = ProcessInfo::from_pid(pid);
-        if let Some(container) = info.as_mut().and_then(|i| i.container.as_mut())
-            && container.runtime == "docker"
-        {
-            container.name = self.docker.name(&container.id);
+        if let Some(container) = info.as_mut().and_then(|i| i.container.as_mut()) {
+            self.name_container(container);
         }
         // What was known stays known: a task identity seen once (or inherited) is not lost to a new title.
         if let (Some(info), Some(known)) = (info.as_mut(), self.processes.get(&pid))
@@ -172,6 +170,13 @@ impl Registry {
                 let maps = maps.unwrap_or_default();
                 self.processes.insert(pid, Process { info, maps });
             }
+        }
+    }
+
+    /// The name the container's runtime gives it, when it can be asked (Docker).
+    pub fn name_container(&mut self, container: &mut Container) {
+        if container.runtime == "docker" && container.name.is_none() {
+            container.name = self.docker.name(&container.id);
         }
     }
 

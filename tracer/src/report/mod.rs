@@ -2,6 +2,7 @@
 
 pub mod large;
 pub mod leaks;
+pub mod oom;
 pub mod verdict;
 
 use serde::Serialize;

@@ -1,0 +1,237 @@
+//! `alloctrace oom`: one record per OOM kill, anywhere on the host, as it happens: the victim and its memory, its
+//! container and task, the memory cgroup that hit its limit, and — when the victim was traced — the stacks that
+//! held its memory. The evidence that dies with the process.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+use tracer_common::OomEvent;
+
+use crate::{
+    aggregate::{Ledger, Sites},
+    procs::{Frame, ProcessInfo, Registry, airflow::TaskIdentity, container::Container},
+};
+
+/// Stacks a record gives for a traced victim, biggest first.
+const TOP_STACKS: usize = 5;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct OomRecord {
+    pub schema: u32,
+    pub event: &'static str,
+    /// When alloctrace read the kill, RFC 3339 UTC.
+    pub time: String,
+    pub victim: Victim,
+    pub container: Option<Container>,
+    pub memcg: Option<Memcg>,
+    pub task: Option<TaskIdentity>,
+    /// Whether alloctrace was tracing the victim's allocations (`top_stacks` is empty otherwise).
+    pub traced: bool,
+    pub top_stacks: Vec<TopStack>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Victim {
+    pub pid: u32,
+    pub ns_pid: Option<u32>,
+    pub comm: String,
+    pub cmdline: Vec<String>,
+    pub total_vm_bytes: u64,
+    pub anon_rss_bytes: u64,
+    pub file_rss_bytes: u64,
+    pub shmem_rss_bytes: u64,
+}
+
+/// The memory cgroup that hit its limit: the nearest one, from the task that triggered the kill up, that has a
+/// limit. `None` for a kill of the whole host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Memcg {
+    pub path: String,
+    pub limit_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TopStack {
+    pub live_bytes: u64,
+    pub live_count: u64,
+    pub stack: Vec<Frame>,
+}
+
+/// Finds cgroup paths from the cgroup ids the kernel gives: the id is the inode of the cgroup's directory in
+/// the v2 hierarchy. The hierarchy is searched on a miss and the answers kept.
+#[derive(Default)]
+pub struct Cgroups {
+    paths: HashMap<u64, Option<String>>,
+}
+
+/// The v2 hierarchy: `/sys/fs/cgroup/unified` on hybrid hosts, `/sys/fs/cgroup` on pure v2 ones.
+fn v2_root() -> Option<PathBuf> {
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|root| root.join("cgroup.procs").exists() && root.join("cgroup.controllers").exists())
+}
+
+fn find_inode(dir: &Path, inode: u64, depth: usize) -> Option<PathBuf> {
+    if fs::metadata(dir).ok()?.ino() == inode {
+        return Some(dir.to_path_buf());
+    }
+    if depth == 0 {
+        return None;
+    }
+    fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|e| find_inode(&e.path(), inode, depth - 1))
+}
+
+impl Cgroups {
+    /// The path (relative to the hierarchy's root, as `/proc/PID/cgroup` prints it) of cgroup `id`.
+    pub fn path(&mut self, id: u64) -> Option<String> {
+        self.paths
+            .entry(id)
+            .or_insert_with(|| {
+                let root = v2_root()?;
+                let found = find_inode(&root, id, 8)?;
+                let relative = found.strip_prefix(&root).ok()?;
+                Some(format!("/{}", relative.display()))
+            })
+            .clone()
+    }
+}
+
+/// The limit of a memory cgroup: `memory.max` in v2, `memory.limit_in_bytes` in v1 (where an unlimited cgroup
+/// reports a huge number).
+fn limit(path: &str) -> Option<u64> {
+    let relative = path.trim_start_matches('/');
+    let v2 = v2_root().map(|root| root.join(relative).join("memory.max"));
+    let v1 = Path::new("/sys/fs/cgroup/memory")
+        .join(relative)
+        .join("memory.limit_in_bytes");
+    let text = v2
+        .and_then(|p| fs::read_to_string(p).ok())
+        .or_else(|| fs::read_to_string(v1).ok())?;
+    let value: u64 = text.trim().parse().ok()?;
+    // v1 says "unlimited" with the largest page-aligned value.
+    (value < 1 << 62).then_some(value)
+}
+
+/// The nearest cgroup with a memory limit, from `path` up.
+fn limited_memcg(path: &str) -> Option<Memcg> {
+    let mut current = path.to_owned();
+    loop {
+        if let Some(limit_bytes) = limit(&current) {
+            return Some(Memcg {
+                path: current,
+                limit_bytes,
+            });
+        }
+        let parent = current.rsplit_once('/')?.0.to_owned();
+        if parent.is_empty() {
+            return None;
+        }
+        current = parent;
+    }
+}
+
+/// What a record is built from.
+pub struct OomInput<'a> {
+    pub event: &'a OomEvent,
+    pub registry: &'a mut Registry,
+    pub ledger: &'a Ledger,
+    pub sites: &'a Sites,
+    pub traced: bool,
+    pub cgroups: &'a mut Cgroups,
+    /// `bpf_ktime_get_ns` time now, and the trace's start: for `live_by_site`.
+    pub window: (u64, u64),
+}
+
+pub fn build(input: OomInput<'_>) -> OomRecord {
+    let event = input.event;
+    let pid = event.victim_pid;
+    let comm =
+        String::from_utf8_lossy(event.comm.split(|&b| b == 0).next().unwrap_or(&[])).into_owned();
+    // Known from the trace, or read now if the victim is still there; its name is in the record either way.
+    let info = input
+        .registry
+        .info(pid)
+        .cloned()
+        .or_else(|| ProcessInfo::from_pid(pid))
+        .unwrap_or(ProcessInfo {
+            pid,
+            comm: comm.clone(),
+            ..Default::default()
+        });
+    let cgroup = input.cgroups.path(event.header.cgroup_id);
+    let mut container = info.container.clone().or_else(|| {
+        cgroup
+            .as_deref()
+            .and_then(crate::procs::container::from_cgroup_path)
+    });
+    if let Some(container) = container.as_mut() {
+        input.registry.name_container(container);
+    }
+    let memcg = cgroup
+        .as_deref()
+        .or(container.as_ref().map(|c| c.cgroup.as_str()))
+        .and_then(limited_memcg);
+    let mut top_stacks: Vec<TopStack> = input
+        .ledger
+        .live_by_site(u64::MAX, input.window)
+        .into_iter()
+        .filter(|(site, _)| input.sites.get(*site).pid == pid)
+        .map(|(site, live)| TopStack {
+            live_bytes: live.bytes,
+            live_count: live.count,
+            stack: input.sites.get(site).frames.clone(),
+        })
+        .collect();
+    top_stacks.sort_by_key(|s| std::cmp::Reverse(s.live_bytes));
+    top_stacks.truncate(TOP_STACKS);
+    let kib = |k: u64| k * 1024;
+    OomRecord {
+        schema: 1,
+        event: "oom_kill",
+        time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        victim: Victim {
+            pid,
+            ns_pid: info.ns_pid,
+            comm: if info.comm.is_empty() {
+                comm
+            } else {
+                info.comm.clone()
+            },
+            cmdline: info.cmdline.clone(),
+            total_vm_bytes: kib(event.total_vm_kib),
+            anon_rss_bytes: kib(event.anon_rss_kib),
+            file_rss_bytes: kib(event.file_rss_kib),
+            shmem_rss_bytes: kib(event.shmem_rss_kib),
+        },
+        container,
+        memcg,
+        task: info.task.clone(),
+        traced: input.traced,
+        top_stacks,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_this_processs_cgroup_by_its_id() {
+        let Some(root) = v2_root() else {
+            panic!("no cgroup v2 hierarchy on this machine");
+        };
+        let id = fs::metadata(&root).unwrap().ino();
+        assert_eq!(Cgroups::default().path(id), Some("/".to_owned()));
+        assert_eq!(Cgroups::default().path(u64::MAX - 1), None);
+    }
+}
