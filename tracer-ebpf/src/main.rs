@@ -72,6 +72,11 @@ static TASK_FSBASE_OFFSET: u32 = 0;
 /// `owner` of a frame that only marks where C called into the interpreter (3.12+).
 const FRAME_OWNED_BY_CSTACK: u8 = 3;
 
+/// 1 when userspace decides which new processes to trace itself (`--container`, `--cgroup`): every exec on the
+/// host is then sent, and userspace marks the ones it takes.
+#[unsafe(no_mangle)]
+static WATCH_EXECS: u32 = 0;
+
 /// Where `oom:mark_victim` keeps its fields on this kernel, set at load time from tracefs.
 #[unsafe(no_mangle)]
 static OOM_FIELDS: OomFields = OomFields {
@@ -736,10 +741,12 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
             return 0;
         };
         // SAFETY: read-only look-up of a plain value.
-        if unsafe { COMMS.get(comm) }.is_none() {
+        if unsafe { COMMS.get(comm) }.is_some() {
+            let _ = TARGETS.insert(current_tgid(), 0, 0);
+        // SAFETY: a plain global set at load time.
+        } else if unsafe { core::ptr::read_volatile(&WATCH_EXECS) } == 0 {
             return 0;
         }
-        let _ = TARGETS.insert(current_tgid(), 0, 0);
     }
     let _ = output_now(&header(EventKind::Exec));
     0

@@ -31,7 +31,7 @@ pub enum Command {
 
 /// What to trace, and for how long. Children of traced processes are followed.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("target").multiple(true).args(["pids", "comms", "command"])))]
+#[command(group(ArgGroup::new("target").multiple(true).args(["pids", "comms", "containers", "cgroups", "command"])))]
 pub struct TargetArgs {
     /// Trace this running process (repeatable).
     #[arg(short = 'p', long = "pid", value_name = "PID")]
@@ -41,6 +41,16 @@ pub struct TargetArgs {
     /// (repeatable).
     #[arg(long = "comm", value_name = "NAME")]
     pub comms: Vec<String>,
+
+    /// Trace every process of this container (a name, or an id or its prefix of 12 or more hex digits),
+    /// running or started later (repeatable).
+    #[arg(long = "container", value_name = "NAME|ID")]
+    pub containers: Vec<String>,
+
+    /// Trace every process in this cgroup or below it (a path as `/proc/PID/cgroup` shows it), running or
+    /// started later (repeatable).
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<String>,
 
     /// Report after this long (e.g. `30s`, `5m`; a bare number is seconds). Ctrl-C also ends the trace, and so
     /// does the exit of every traced process (unless --comm waits for more).
@@ -127,7 +137,16 @@ pub struct OomArgs {
 impl TargetArgs {
     /// Whether any process is named.
     pub fn is_empty(&self) -> bool {
-        self.pids.is_empty() && self.comms.is_empty() && self.command.is_empty()
+        self.pids.is_empty()
+            && self.comms.is_empty()
+            && self.containers.is_empty()
+            && self.cgroups.is_empty()
+            && self.command.is_empty()
+    }
+
+    /// Whether processes are chosen by their container or cgroup, which only userspace can tell.
+    pub fn chooses_by_cgroup(&self) -> bool {
+        !self.containers.is_empty() || !self.cgroups.is_empty()
     }
 }
 

@@ -71,8 +71,10 @@ fn oom_fields() -> Option<OomFields> {
 }
 
 impl Probes {
-    /// Loads the programs, with a ring buffer of `buffer_size` bytes (a power of two).
-    pub fn load(buffer_size: u64) -> anyhow::Result<Self> {
+    /// Loads the programs, with a ring buffer of `buffer_size` bytes (a power of two). `watch_execs`: every
+    /// exec on the host is reported, for userspace to choose what to trace.
+    pub fn load(buffer_size: u64, watch_execs: bool) -> anyhow::Result<Self> {
+        let watch_execs = u32::from(watch_execs);
         let child_pid_offset =
             system::tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
         let buffer_size =
@@ -84,6 +86,7 @@ impl Probes {
             .override_global("FORK_CHILD_PID_OFFSET", &child_pid_offset, true)
             .override_global("TASK_FSBASE_OFFSET", &fsbase_offset, true)
             .override_global("OOM_FIELDS", &oom_fields.unwrap_or_default(), true)
+            .override_global("WATCH_EXECS", &watch_execs, true)
             .map_max_entries("EVENTS", buffer_size)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),

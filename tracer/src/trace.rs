@@ -24,6 +24,7 @@ use crate::{
     procs::{
         ProcessInfo, Registry,
         allocator::{self, Allocator},
+        container::{self, Selector},
         maps::FileId,
     },
     python::runtime::{self, Reader},
@@ -270,23 +271,6 @@ fn is_process(pid: u32) -> bool {
     })
 }
 
-/// Running processes named `comm`.
-fn processes_named(comm: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let wanted: String = comm.chars().take(15).collect();
-    let own = std::process::id();
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != own)
-        .filter(|&pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim_end() == wanted)
-        })
-        .collect()
-}
-
 /// The session's targets and how they are doing.
 struct Targets {
     probes: Probes,
@@ -299,6 +283,10 @@ struct Targets {
     allocators: Vec<AllocatorReport>,
     /// The command alloctrace started, until its exec is seen.
     spawned_exec: Option<u32>,
+    /// `--comm` names, as the kernel keeps them (15 bytes).
+    comms: Vec<String>,
+    /// `--container` and `--cgroup`.
+    selector: Selector,
     /// Whether CPython processes get their Python frames read (`--no-python-frames`).
     python_frames: bool,
     /// Processes that may yet map an interpreter (a shared libpython is mapped by the loader after exec), and
@@ -313,6 +301,39 @@ const PENDING_WINDOW: Duration = Duration::from_secs(5);
 const PENDING_INTERVAL: Duration = Duration::from_millis(5);
 
 impl Targets {
+    /// Whether a process that is not a target yet is chosen by name (`--comm`), container or cgroup.
+    fn chosen(&mut self, registry: &mut Registry, pid: u32) -> bool {
+        let named = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|comm| self.comms.iter().any(|c| *c == comm.trim_end()));
+        if named {
+            return true;
+        }
+        if self.selector.is_empty() {
+            return false;
+        }
+        let mut container = container::of_pid(pid);
+        if let Some(container) = container.as_mut() {
+            registry.name_container(container);
+        }
+        self.selector
+            .matches(container.as_ref(), container::path_of_pid(pid).as_deref())
+    }
+
+    /// Running processes chosen by name, container or cgroup.
+    fn running_chosen(&mut self, registry: &mut Registry) -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let own = std::process::id();
+        let pids: Vec<u32> = entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != own)
+            .collect();
+        pids.into_iter()
+            .filter(|&pid| self.chosen(registry, pid))
+            .collect()
+    }
+
     /// Looks for CPython in `pid`; when found, its frames are walked from now on. Not found in a process that
     /// just exec'd (`loading`: its loader may map libpython any moment): looked for again until
     /// [`PENDING_WINDOW`] has passed.
@@ -550,7 +571,16 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     system::raise_open_files_limit();
     let (exits_tx, mut exits) = unbounded_channel();
     let mut targets = Targets {
-        probes: Probes::load(args.buffer_size)?,
+        probes: Probes::load(args.buffer_size, args.chooses_by_cgroup())?,
+        comms: args
+            .comms
+            .iter()
+            .map(|c| c.chars().take(15).collect())
+            .collect(),
+        selector: Selector {
+            containers: args.containers.clone(),
+            cgroups: args.cgroups.clone(),
+        },
         exits_tx,
         order: Vec::new(),
         probed: HashMap::new(),
@@ -572,17 +602,30 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         }
         attach_running(&mut targets, &mut state, pid)?;
     }
-    // Processes found by name come and go, and one may have just exec'd: each is attached once its allocator
-    // is mapped, and one that cannot be traced is said, not fatal.
-    for pid in args.comms.iter().flat_map(|c| processes_named(c)) {
-        targets.detect_python(&mut state, pid, true);
-        targets
-            .allocator_pending
-            .insert(pid, Instant::now() + PENDING_WINDOW);
+    // Processes found by name, container or cgroup come and go, and one may have just exec'd: each is attached
+    // once its allocator is mapped, and one that cannot be traced is said, not fatal.
+    if !targets.comms.is_empty() || !targets.selector.is_empty() {
+        for pid in targets.running_chosen(&mut state.registry) {
+            let _ = targets.probes.add_target(pid);
+            targets.detect_python(&mut state, pid, true);
+            targets
+                .allocator_pending
+                .insert(pid, Instant::now() + PENDING_WINDOW);
+        }
+        targets.attach_pending_allocators(&mut state.registry);
     }
-    targets.attach_pending_allocators(&mut state.registry);
     for comm in &args.comms {
         eprintln!("alloctrace: tracing processes named {comm}, running or started from now on");
+    }
+    for container in &args.containers {
+        eprintln!(
+            "alloctrace: tracing the processes of container {container}, running or started from now on"
+        );
+    }
+    for cgroup in &args.cgroups {
+        eprintln!(
+            "alloctrace: tracing the processes of cgroup {cgroup}, running or started from now on"
+        );
     }
 
     let mut child_events: Option<UnboundedReceiver<ChildEvent>> = None;
@@ -626,7 +669,8 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     let mut pending_timer = tokio::time::interval(PENDING_INTERVAL);
     // With --comm, processes may still come, and without targets alloctrace only watches: only the duration
     // or Ctrl-C end the trace then.
-    let waits_for_more = !args.comms.is_empty() || targets.order.is_empty();
+    let waits_for_more =
+        !args.comms.is_empty() || args.chooses_by_cgroup() || targets.order.is_empty();
     if oom_sink.is_some() && !targets.probes.oom_watched {
         bail!("this kernel has no usable oom:mark_victim tracepoint: OOM kills cannot be reported");
     }
@@ -644,7 +688,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
             }
             _ = drain_timer.tick() => {
                 while !drain_until_discovery(ring.get_mut(), &mut state) {
-                    follow_discoveries(&mut targets, &mut state, waits_for_more);
+                    follow_discoveries(&mut targets, &mut state);
                 }
             }
             // A loader maps an allocator and a shared libpython milliseconds after exec; allocations follow.
@@ -680,7 +724,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
             _ = sleep_until(deadline) => break,
             _ = &mut ctrl_c => break,
         }
-        follow_discoveries(&mut targets, &mut state, waits_for_more);
+        follow_discoveries(&mut targets, &mut state);
         let window = (start_ns, system::monotonic_ns());
         report_ooms(&mut state, &targets, window, &mut oom_sink)?;
     }
@@ -720,15 +764,22 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
 }
 
 /// Attaches to the processes the last records revealed.
-fn follow_discoveries(targets: &mut Targets, state: &mut State, waits_for_more: bool) {
+fn follow_discoveries(targets: &mut Targets, state: &mut State) {
     for discovery in std::mem::take(&mut state.discovered) {
         match discovery {
-            // A target's new image may use another allocator; a --comm match is new.
-            Discovery::Execed(pid) if targets.order.contains(&pid) || waits_for_more => {
-                targets.follow(state, discovery);
+            // A target's new image may use another allocator; a --comm, --container or --cgroup match is new.
+            Discovery::Execed(pid) => {
+                let known =
+                    targets.order.contains(&pid) || targets.allocator_pending.contains_key(&pid);
+                if known || targets.chosen(&mut state.registry, pid) {
+                    if !known {
+                        // A --comm match is marked by the kernel already; a cgroup match is marked here.
+                        let _ = targets.probes.add_target(pid);
+                    }
+                    targets.follow(state, discovery);
+                }
             }
             Discovery::Forked { .. } => targets.follow(state, discovery),
-            Discovery::Execed(_) => {}
         }
     }
 }

@@ -125,11 +125,50 @@ pub fn cgroup_path(reader: impl BufRead) -> io::Result<Option<String>> {
     Ok(v2.filter(|p| p != "/").or(memory).or(systemd))
 }
 
+/// Processes chosen by container (`--container NAME|ID`) or by cgroup (`--cgroup PATH`).
+#[derive(Clone, Debug, Default)]
+pub struct Selector {
+    pub containers: Vec<String>,
+    pub cgroups: Vec<String>,
+}
+
+impl Selector {
+    pub fn is_empty(&self) -> bool {
+        self.containers.is_empty() && self.cgroups.is_empty()
+    }
+
+    /// Whether a process in `container` (named, if its runtime could say) and cgroup `path` is chosen: a
+    /// container by its name or an id prefix of 12 hex digits or more; a cgroup by its path or an ancestor's.
+    pub fn matches(&self, container: Option<&Container>, path: Option<&str>) -> bool {
+        let by_container = container.is_some_and(|c| {
+            self.containers.iter().any(|wanted| {
+                let wanted = wanted.trim_start_matches('/');
+                c.name.as_deref() == Some(wanted)
+                    || (wanted.len() >= 12 && c.id.starts_with(wanted))
+            })
+        });
+        let by_cgroup = path.is_some_and(|path| {
+            self.cgroups.iter().any(|wanted| {
+                let wanted = wanted.trim_end_matches('/');
+                path == wanted
+                    || path
+                        .strip_prefix(wanted)
+                        .is_some_and(|rest| rest.starts_with('/'))
+            })
+        });
+        by_container || by_cgroup
+    }
+}
+
+/// The cgroup path of process `pid` (see [`cgroup_path`]).
+pub fn path_of_pid(pid: u32) -> Option<String> {
+    let file = File::open(format!("/proc/{pid}/cgroup")).ok()?;
+    cgroup_path(BufReader::new(file)).ok()?
+}
+
 /// The container of process `pid`, if it runs in one.
 pub fn of_pid(pid: u32) -> Option<Container> {
-    let file = File::open(format!("/proc/{pid}/cgroup")).ok()?;
-    let path = cgroup_path(BufReader::new(file)).ok()??;
-    from_cgroup_path(&path)
+    from_cgroup_path(&path_of_pid(pid)?)
 }
 
 #[cfg(test)]
@@ -140,6 +179,32 @@ mod tests {
 
     fn parse(path: &str) -> Option<(&'static str, String, Option<String>, Option<&'static str>)> {
         from_cgroup_path(path).map(|c| (c.runtime, c.id, c.pod_uid, c.qos_class))
+    }
+
+    #[test]
+    fn selectors_match_names_id_prefixes_and_cgroup_subtrees() {
+        let mut container = from_cgroup_path(&format!("/docker/{ID}")).unwrap();
+        container.name = Some("worker-3".to_owned());
+        let path = format!("/docker/{ID}");
+        let select = |containers: &[&str], cgroups: &[&str]| Selector {
+            containers: containers.iter().map(|s| (*s).to_owned()).collect(),
+            cgroups: cgroups.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        assert!(select(&["worker-3"], &[]).matches(Some(&container), Some(&path)));
+        assert!(select(&["/worker-3"], &[]).matches(Some(&container), Some(&path)));
+        assert!(select(&[&ID[..12]], &[]).matches(Some(&container), Some(&path)));
+        assert!(
+            !select(&[&ID[..6]], &[]).matches(Some(&container), Some(&path)),
+            "too short an id prefix"
+        );
+        assert!(!select(&["worker-4"], &[]).matches(Some(&container), Some(&path)));
+        assert!(select(&[], &["/docker"]).matches(None, Some(&path)));
+        assert!(select(&[], &["/docker/"]).matches(None, Some(&path)));
+        assert!(
+            !select(&[], &["/dock"]).matches(None, Some(&path)),
+            "a prefix of a name is no ancestor"
+        );
+        assert!(!select(&["worker-3"], &[]).matches(None, None));
     }
 
     #[test]
