@@ -44,7 +44,16 @@ fn two_containers_started_after_the_tracer_are_traced_exactly_by_name() {
     let report_path =
         std::env::temp_dir().join(format!("alloctrace-containers-{}.json", std::process::id()));
     let mut tracer = Command::new(alloctrace())
-        .args(["leaks", "--format", "json", "--top", "200", "-o"])
+        .args([
+            "leaks",
+            "--format",
+            "json",
+            "--top",
+            "200",
+            "--group-by",
+            "container",
+            "-o",
+        ])
         .arg(&report_path)
         .args(names.iter().flat_map(|n| ["--container", n.as_str()]))
         .stderr(Stdio::piped())
@@ -111,6 +120,18 @@ fn two_containers_started_after_the_tracer_are_traced_exactly_by_name() {
         serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
     std::fs::remove_file(&report_path).unwrap();
     assert_eq!(report["complete"], true, "{report:#}");
+    // Summed by container: each holds at least its workload's sites.
+    let held: u64 = SITES_EXPECTED.iter().map(|(_, _, bytes, _)| bytes).sum();
+    for name in &names {
+        let group = report["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["key"] == name.as_str())
+            .unwrap_or_else(|| panic!("no group for {name}: {report:#}"));
+        assert!(group["live_bytes"].as_u64().unwrap() >= held, "{group:#}");
+        assert_eq!(group["container"]["name"], name.as_str());
+    }
     for ((_, pid), name) in containers.iter().zip(&names) {
         for (kind, function, bytes, count) in SITES_EXPECTED {
             let site = report["sites"]

@@ -4,7 +4,7 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use crate::output::Format;
+use crate::{output::Format, report::GroupBy};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -98,6 +98,10 @@ pub struct LeaksArgs {
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub top: usize,
 
+    /// Also sum the sites up by process or container.
+    #[arg(long, value_enum, default_value_t = GroupBy::Stack)]
+    pub group_by: GroupBy,
+
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -118,6 +122,10 @@ pub struct LargeArgs {
     /// How many objects to show.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub top: usize,
+
+    /// Also sum the objects up by process or container.
+    #[arg(long, value_enum, default_value_t = GroupBy::Stack)]
+    pub group_by: GroupBy,
 
     #[command(flatten)]
     pub output: OutputArgs,

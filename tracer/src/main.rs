@@ -32,6 +32,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 min_age_ns: args.min_age.as_nanos() as u64,
                 min_size: args.min_size,
                 top: args.top,
+                group_by: args.group_by,
             };
             traced(&args.target, &args.output, |trace| {
                 Report::Leaks(leaks::build(trace, &options))
@@ -43,6 +44,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 min_size: args.min_size,
                 min_age_ns: args.min_age.as_nanos() as u64,
                 top: args.top,
+                group_by: args.group_by,
             };
             traced(&args.target, &args.output, |trace| {
                 Report::Large(large::build(trace, &options))

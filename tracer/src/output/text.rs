@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use crate::{
     procs::Frame,
     report::{
-        Exit, Header, Losses,
+        Exit, Group, Header, Losses,
         large::LargeReport,
         leaks::{LeaksReport, SiteReport},
         oom::OomRecord,
@@ -186,6 +186,24 @@ fn header(out: &mut dyn Write, h: &Header) -> io::Result<()> {
     writeln!(out)
 }
 
+/// The `--group-by` summary, biggest first.
+fn groups(out: &mut dyn Write, groups: &[Group], members: &str) -> io::Result<()> {
+    for g in groups {
+        writeln!(
+            out,
+            "{}: {} live in {} blocks, {} {members}",
+            g.key,
+            bytes(g.live_bytes),
+            g.live_count,
+            g.members
+        )?;
+    }
+    if !groups.is_empty() {
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
 pub fn write_leaks(report: &LeaksReport, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
@@ -201,6 +219,7 @@ pub fn write_leaks(report: &LeaksReport, out: &mut dyn Write) -> io::Result<()> 
         }
     )?;
     header(out, &report.header)?;
+    groups(out, &report.groups, "sites")?;
     if report.sites.is_empty() {
         writeln!(out, "No live allocations.")?;
     }
@@ -291,6 +310,7 @@ pub fn write_large(report: &LargeReport, out: &mut dyn Write) -> io::Result<()> 
         }
     )?;
     header(out, &report.header)?;
+    groups(out, &report.groups, "objects")?;
     if report.objects.is_empty() {
         writeln!(out, "No large objects alive.")?;
     }

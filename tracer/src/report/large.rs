@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{Header, kind, stack};
+use super::{Group, GroupBy, Header, group, kind, stack};
 use crate::{
     procs::{Frame, container::Container},
     trace::Trace,
@@ -18,6 +18,8 @@ pub struct LargeReport {
     /// Objects listed before `--top` cut the list, and their bytes.
     pub object_count: usize,
     pub object_bytes: u64,
+    /// The objects summed by process or container (`--group-by`); empty when grouped by stack.
+    pub groups: Vec<Group>,
     pub objects: Vec<LargeObject>,
 }
 
@@ -39,6 +41,7 @@ pub struct LargeOptions {
     pub min_size: u64,
     pub min_age_ns: u64,
     pub top: usize,
+    pub group_by: GroupBy,
 }
 
 pub fn build(trace: &Trace, options: &LargeOptions) -> LargeReport {
@@ -61,8 +64,14 @@ pub fn build(trace: &Trace, options: &LargeOptions) -> LargeReport {
     objects.sort_by(|a, b| (b.size, a.pid, a.address).cmp(&(a.size, b.pid, b.address)));
     let object_count = objects.len();
     let object_bytes = objects.iter().map(|o| o.size).sum();
+    let groups = group(
+        &header,
+        options.group_by,
+        objects.iter().map(|o| (o.pid, o.size, 1)),
+    );
     objects.truncate(options.top);
     LargeReport {
+        groups,
         header,
         min_size: options.min_size,
         min_age_s: options.min_age_ns as f64 / 1e9,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use super::{
-    Header, kind, stack,
+    Group, GroupBy, Header, group, kind, stack,
     verdict::{self, Evidence, Verdict},
 };
 use crate::{
@@ -27,6 +27,8 @@ pub struct LeaksReport {
     pub live_count: u64,
     /// Sites listed before `--top` cut the list.
     pub site_count: usize,
+    /// The sites summed by process or container (`--group-by`); empty when grouped by stack.
+    pub groups: Vec<Group>,
     pub sites: Vec<SiteReport>,
 }
 
@@ -107,6 +109,7 @@ pub struct LeaksOptions {
     pub min_age_ns: u64,
     pub min_size: u64,
     pub top: usize,
+    pub group_by: GroupBy,
 }
 
 pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
@@ -189,8 +192,14 @@ pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
     let live_bytes = sites.iter().map(|s| s.live_bytes).sum();
     let live_count = sites.iter().map(|s| s.live_count).sum();
     let site_count = sites.len();
+    let groups = group(
+        &header,
+        options.group_by,
+        sites.iter().map(|s| (s.pid, s.live_bytes, s.live_count)),
+    );
     sites.truncate(options.top);
     LeaksReport {
+        groups,
         header,
         min_age_s: ns_to_s(options.min_age_ns),
         live_bytes,

@@ -15,6 +15,72 @@ use crate::{
     trace::Trace,
 };
 
+/// How `--group-by` sums a report up: by process, by container, or not at all (each stack its own site).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    Process,
+    Container,
+    #[default]
+    Stack,
+}
+
+/// Memory summed over the sites (or objects) of one process or container.
+#[derive(Clone, Debug, Serialize)]
+pub struct Group {
+    /// `pid 4242 python3`, a container's name (or id), or `host`.
+    pub key: String,
+    pub pid: Option<u32>,
+    pub container: Option<Container>,
+    pub live_bytes: u64,
+    pub live_count: u64,
+    /// Sites (for `leaks`) or objects (for `large`) summed.
+    pub members: usize,
+}
+
+/// Sums `(pid, live bytes, live count)` items into groups, most live bytes first; none for [`GroupBy::Stack`].
+pub fn group(
+    header: &Header,
+    by: GroupBy,
+    items: impl Iterator<Item = (u32, u64, u64)>,
+) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    for (pid, bytes, count) in items {
+        let (key, group_pid, container) = match by {
+            GroupBy::Stack => return Vec::new(),
+            GroupBy::Process => (
+                format!("pid {pid} {}", header.comm(pid)),
+                Some(pid),
+                header.container(pid),
+            ),
+            GroupBy::Container => {
+                let container = header.container(pid);
+                let key = container.as_ref().map_or_else(
+                    || "host".to_owned(),
+                    |c| c.name.clone().unwrap_or_else(|| c.id.clone()),
+                );
+                (key, None, container)
+            }
+        };
+        match groups.iter_mut().find(|g| g.key == key) {
+            Some(g) => {
+                g.live_bytes += bytes;
+                g.live_count += count;
+                g.members += 1;
+            }
+            None => groups.push(Group {
+                key,
+                pid: group_pid,
+                container,
+                live_bytes: bytes,
+                live_count: count,
+                members: 1,
+            }),
+        }
+    }
+    groups.sort_by(|a, b| (b.live_bytes, &a.key).cmp(&(a.live_bytes, &b.key)));
+    groups
+}
+
 /// Data lost on the way from the probes to the report, one counter per way it can be lost.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Losses {
