@@ -345,9 +345,11 @@ fn an_oom_kill_in_a_container_is_one_record_with_the_victims_stacks() {
     // A pause for the tracer to follow it from its exec, then 1 MiB a step into a 64 MiB limit, fast: a
     // slow climb spends minutes thrashing the page cache before the kill.
     let workload = "import time\ntime.sleep(0.5)\nheld = []\nwhile True:\n    held.append(bytes(1 << 20))  # grows\n";
+    let cidfile = std::env::temp_dir().join(format!("{name}.cid"));
     let run = Command::new("docker")
+        .args(["run", "--cidfile"])
+        .arg(&cidfile)
         .args([
-            "run",
             "--rm",
             "--network",
             "none",
@@ -382,12 +384,23 @@ fn an_oom_kill_in_a_container_is_one_record_with_the_victims_stacks() {
         "{record:#}"
     );
     assert_eq!(record["container"]["runtime"], "docker");
+    let id = std::fs::read_to_string(&cidfile).unwrap();
+    std::fs::remove_file(&cidfile).unwrap();
+    assert_eq!(record["container"]["id"], id.trim(), "{record:#}");
     assert_eq!(record["memcg"]["limit_bytes"], 64 << 20, "{record:#}");
     assert_eq!(
         record["memcg"]["path"], record["container"]["cgroup"],
         "{record:#}"
     );
     assert_eq!(record["traced"], true, "{record:#}");
+    // How it grew, up to the kill.
+    let growth = record["growth"].as_array().unwrap();
+    let last = growth.last().expect("a sample at the kill");
+    assert_eq!(last["seconds_before"], 0.0, "{record:#}");
+    assert!(
+        last["live_bytes"].as_u64().unwrap() > 32 << 20,
+        "{record:#}"
+    );
     // What it held: the list of 1 MiB buffers, named by its line.
     let top = &record["top_stacks"][0];
     assert!(top["live_bytes"].as_u64().unwrap() > 32 << 20, "{record:#}");

@@ -3,7 +3,7 @@
 //! gathered ledger to the report builders.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
@@ -35,6 +35,11 @@ use crate::{
     spawn::{self, ChildEvent},
     system,
 };
+
+/// How often each process's live memory is sampled, and how many samples are kept: five minutes of growth
+/// before an OOM kill.
+const GROWTH_INTERVAL: Duration = Duration::from_secs(5);
+const GROWTH_SAMPLES: usize = 60;
 
 /// How often the ring buffer is drained when the probes have not asked for it.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
@@ -79,6 +84,8 @@ struct State {
     stackless: u64,
     /// OOM kills read and not yet reported.
     ooms: Vec<OomEvent>,
+    /// Each process's live bytes, sampled every [`GROWTH_INTERVAL`] over the last [`GROWTH_SAMPLES`].
+    growth: HashMap<u32, VecDeque<(u64, u64)>>,
     cgroups: Cgroups,
     undecodable: u64,
     /// Processes that forked or exec'd, for the session to attach to.
@@ -552,6 +559,10 @@ fn report_ooms(
             ledger: &state.ledger,
             sites: &state.sites,
             traced: targets.order.contains(&kill.victim_pid),
+            samples: state
+                .growth
+                .get(&kill.victim_pid)
+                .map_or(&[][..], |samples| samples.as_slices().0),
             cgroups: &mut state.cgroups,
             window,
         });
@@ -667,6 +678,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     // The probes wake this loop only when a lot is waiting; the timer bounds how stale the ledger gets.
     let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
     let mut pending_timer = tokio::time::interval(PENDING_INTERVAL);
+    let mut growth_timer = tokio::time::interval(GROWTH_INTERVAL);
     // With --comm, processes may still come, and without targets alloctrace only watches: only the duration
     // or Ctrl-C end the trace then.
     let waits_for_more =
@@ -684,6 +696,17 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
                 // Left ready when records remain, so that the loop comes straight back for them.
                 if drain_until_discovery(guard.get_inner_mut(), &mut state) {
                     guard.clear_ready();
+                }
+            }
+            _ = growth_timer.tick() => {
+                let now = system::monotonic_ns();
+                for (pid, bytes) in state.ledger.live_bytes_by_pid() {
+                    let samples = state.growth.entry(pid).or_default();
+                    if samples.len() == GROWTH_SAMPLES {
+                        samples.pop_front();
+                    }
+                    samples.push_back((now, bytes));
+                    samples.make_contiguous();
                 }
             }
             _ = drain_timer.tick() => {

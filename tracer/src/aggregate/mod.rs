@@ -394,6 +394,15 @@ impl Ledger {
         blocks.chain(pieces)
     }
 
+    /// Outstanding bytes per process.
+    pub fn live_bytes_by_pid(&self) -> HashMap<u32, u64> {
+        let mut live: HashMap<u32, u64> = HashMap::new();
+        for object in self.objects() {
+            *live.entry(object.pid).or_default() += object.size;
+        }
+        live
+    }
+
     /// Outstanding memory per site, counting only what was allocated at or before `born_by_ns`; `window` is the
     /// trace's `[start, end]`, split in quarters for [`Live::born_by_quarter`].
     pub fn live_by_site(&self, born_by_ns: u64, window: (u64, u64)) -> HashMap<SiteId, Live> {

@@ -282,6 +282,18 @@ pub fn write_oom(record: &OomRecord, out: &mut dyn Write) -> io::Result<()> {
             "    (not traced: no stacks; name it with -p, --comm or a command to get them)"
         )?;
     }
+    if !record.growth.is_empty() {
+        let series: Vec<String> = record
+            .growth
+            .iter()
+            .map(|g| format!("{} at -{:.0}s", bytes(g.live_bytes), g.seconds_before))
+            .collect();
+        writeln!(
+            out,
+            "    live memory before the kill: {}",
+            series.join(", ")
+        )?;
+    }
     for (rank, s) in record.top_stacks.iter().enumerate() {
         writeln!(
             out,

@@ -30,9 +30,18 @@ pub struct OomRecord {
     pub container: Option<Container>,
     pub memcg: Option<Memcg>,
     pub task: Option<TaskIdentity>,
-    /// Whether alloctrace was tracing the victim's allocations (`top_stacks` is empty otherwise).
+    /// Whether alloctrace was tracing the victim's allocations (`top_stacks` and `growth` are empty otherwise).
     pub traced: bool,
     pub top_stacks: Vec<TopStack>,
+    /// The victim's live memory over the minutes before the kill, oldest first, the last at the kill.
+    pub growth: Vec<GrowthSample>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct GrowthSample {
+    /// Seconds before the kill (0 at the kill).
+    pub seconds_before: f64,
+    pub live_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -147,6 +156,8 @@ pub struct OomInput<'a> {
     pub ledger: &'a Ledger,
     pub sites: &'a Sites,
     pub traced: bool,
+    /// Samples of the victim's live bytes: (`bpf_ktime_get_ns` time, bytes), oldest first.
+    pub samples: &'a [(u64, u64)],
     pub cgroups: &'a mut Cgroups,
     /// `bpf_ktime_get_ns` time now, and the trace's start: for `live_by_site`.
     pub window: (u64, u64),
@@ -192,8 +203,25 @@ pub fn build(input: OomInput<'_>) -> OomRecord {
             stack: input.sites.get(site).frames.clone(),
         })
         .collect();
+    let live_now: u64 = top_stacks.iter().map(|s| s.live_bytes).sum();
     top_stacks.sort_by_key(|s| std::cmp::Reverse(s.live_bytes));
     top_stacks.truncate(TOP_STACKS);
+    let killed_at = event.header.ts_ns;
+    let mut growth: Vec<GrowthSample> = input
+        .samples
+        .iter()
+        .filter(|(at, _)| *at <= killed_at)
+        .map(|&(at, live_bytes)| GrowthSample {
+            seconds_before: (killed_at - at) as f64 / 1e9,
+            live_bytes,
+        })
+        .collect();
+    if input.traced {
+        growth.push(GrowthSample {
+            seconds_before: 0.0,
+            live_bytes: live_now,
+        });
+    }
     let kib = |k: u64| k * 1024;
     OomRecord {
         schema: 1,
@@ -218,6 +246,7 @@ pub fn build(input: OomInput<'_>) -> OomRecord {
         task: info.task.clone(),
         traced: input.traced,
         top_stacks,
+        growth,
     }
 }
 
