@@ -224,8 +224,6 @@ pub struct AllocEvent {
     pub addr: u64,
     /// Bytes requested (`nmemb * size` for calloc).
     pub size: u64,
-    /// `realloc`'s, `reallocarray`'s and `mremap`'s input address, 0 for the other functions.
-    pub old_addr: u64,
     /// Key of the user stack in [`StackEvent`]s; 0 when no stack could be taken.
     pub stack_id: u64,
 }
@@ -342,7 +340,6 @@ pub struct SyscallInFlight {
     pub func: u32,
     pub _pad: u32,
     pub len: u64,
-    pub old_addr: u64,
 }
 
 /// Per-thread state between an allocator's entry and its return.
@@ -355,12 +352,12 @@ pub struct InFlight {
     /// recorded on their own.
     pub nested: u32,
     pub size: u64,
-    /// `realloc`'s input block, or where `posix_memalign` stores its result.
-    pub old_addr: u64,
+    /// Where `posix_memalign` stores its result; 0 for the other functions.
+    pub result_ptr: u64,
 }
 
 const _: () = assert!(size_of::<EventHeader>() == 32);
-const _: () = assert!(size_of::<AllocEvent>() == 72);
+const _: () = assert!(size_of::<AllocEvent>() == 64);
 const _: () = assert!(size_of::<FreeEvent>() == 56);
 const _: () = assert!(size_of::<ForkEvent>() == 40);
 const _: () = assert!(size_of::<OomEvent>() == 88);
@@ -369,7 +366,7 @@ const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH + 8 + 
 const _: () = assert!(size_of::<PyProcess>() == 56);
 const _: () = assert!(size_of::<PyFrame>() == 16);
 const _: () = assert!(size_of::<InFlight>() == 24);
-const _: () = assert!(size_of::<SyscallInFlight>() == 24);
+const _: () = assert!(size_of::<SyscallInFlight>() == 16);
 
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, made only of integers, no implicit padding (its size is asserted above).

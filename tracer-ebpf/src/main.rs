@@ -159,7 +159,7 @@ fn header(kind: EventKind) -> EventHeader {
 /// Records the entry of an allocator call. A call made while another allocator call of the same thread is in
 /// flight (glibc's `realloc(NULL, n)` calls `malloc`) only deepens the nesting: the outer call is the one recorded.
 #[inline(always)]
-fn enter(func: AllocFn, size: u64, old_addr: u64) -> bool {
+fn enter(func: AllocFn, size: u64, result_ptr: u64) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
     if let Some(in_flight) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
         // SAFETY: a value of this thread's own key: no other CPU runs this thread now.
@@ -170,7 +170,7 @@ fn enter(func: AllocFn, size: u64, old_addr: u64) -> bool {
         func: func as u32,
         nested: 0,
         size,
-        old_addr,
+        result_ptr,
     };
     if IN_FLIGHT.insert(pid_tgid, state, 0).is_err() {
         count_loss(Loss::InFlightFull);
@@ -250,7 +250,7 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
 /// fails.
 #[inline(always)]
 fn reallocate(func: AllocFn, old_addr: u64, size: u64) {
-    if enter(func, size, old_addr) && old_addr != 0 {
+    if enter(func, size, 0) && old_addr != 0 {
         emit_release(func, old_addr, 0);
     }
 }
@@ -270,16 +270,15 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     }
     let _ = IN_FLIGHT.remove(pid_tgid);
     let returned: u64 = ctx.ret();
-    let (addr, old_addr) = if state.func == AllocFn::PosixMemalign as u32 {
+    let addr = if state.func == AllocFn::PosixMemalign as u32 {
         // posix_memalign returns an error number, and stores the block only on success.
         if returned != 0 {
             return 0;
         }
         // SAFETY: reading the caller's result pointer, which posix_memalign has just written.
-        let addr = unsafe { bpf_probe_read_user(state.old_addr as *const u64) }.unwrap_or(0);
-        (addr, 0)
+        unsafe { bpf_probe_read_user(state.result_ptr as *const u64) }.unwrap_or(0)
     } else {
-        (returned, state.old_addr)
+        returned
     };
     // A failed allocation changes nothing, except for realloc, whose released block userspace must restore.
     let reallocates =
@@ -294,7 +293,6 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         flags: 0,
         addr,
         size: state.size,
-        old_addr,
         stack_id,
     };
     let _ = output(&event);
@@ -533,14 +531,7 @@ fn word_on_user_stack() -> u64 {
 
 /// Sends a range being mapped (or the break having moved) with its stack.
 #[inline(always)]
-fn emit_mapping(
-    ctx: &TracePointContext,
-    func: AllocFn,
-    addr: u64,
-    size: u64,
-    old_addr: u64,
-    flags: u32,
-) {
+fn emit_mapping(ctx: &TracePointContext, func: AllocFn, addr: u64, size: u64, flags: u32) {
     let stack_id = if flags & ALLOC_BY_ALLOCATOR == 0 {
         capture_stack(ctx.as_ptr(), Some(word_on_user_stack()))
     } else {
@@ -552,7 +543,6 @@ fn emit_mapping(
         flags,
         addr,
         size,
-        old_addr,
         stack_id,
     };
     let _ = output(&event);
@@ -575,7 +565,6 @@ pub fn mmap_enter(ctx: TracePointContext) -> u32 {
         func: AllocFn::Mmap as u32,
         _pad: 0,
         len,
-        old_addr: 0,
     };
     if SYSCALLS
         .insert(bpf_get_current_pid_tgid(), state, 0)
@@ -598,7 +587,6 @@ pub fn mremap_enter(ctx: TracePointContext) -> u32 {
         func: AllocFn::Mremap as u32,
         _pad: 0,
         len: field(&ctx, SYSCALL_ARG0 + 16),
-        old_addr,
     };
     if SYSCALLS
         .insert(bpf_get_current_pid_tgid(), state, 0)
@@ -625,9 +613,9 @@ pub fn map_exit(ctx: TracePointContext) -> u32 {
     if state.func == AllocFn::Mremap as u32 {
         // A failed mremap keeps the old range, which userspace restores on a 0 address.
         let addr = if failed { 0 } else { ret };
-        emit_mapping(&ctx, AllocFn::Mremap, addr, state.len, state.old_addr, 0);
+        emit_mapping(&ctx, AllocFn::Mremap, addr, state.len, 0);
     } else if !failed {
-        emit_mapping(&ctx, AllocFn::Mmap, ret, state.len, 0, 0);
+        emit_mapping(&ctx, AllocFn::Mmap, ret, state.len, 0);
     }
     0
 }
@@ -658,7 +646,7 @@ pub fn brk_exit(ctx: TracePointContext) -> u32 {
     } else {
         0
     };
-    emit_mapping(&ctx, AllocFn::Brk, field(&ctx, SYSCALL_RET), 0, 0, flags);
+    emit_mapping(&ctx, AllocFn::Brk, field(&ctx, SYSCALL_RET), 0, flags);
     0
 }
 

@@ -13,7 +13,6 @@ pub enum Event {
         func: AllocFn,
         addr: u64,
         size: u64,
-        old_addr: u64,
         stack_id: u64,
         /// A `brk` made inside an allocator call.
         by_allocator: bool,
@@ -95,7 +94,6 @@ impl TryFrom<&[u8]> for Event {
                     func: func(e.func)?,
                     addr: e.addr,
                     size: e.size,
-                    old_addr: e.old_addr,
                     stack_id: e.stack_id,
                     by_allocator: e.flags & ALLOC_BY_ALLOCATOR != 0,
                 }
@@ -166,7 +164,6 @@ mod tests {
             flags: 0,
             addr: 0x5555_0000_1000,
             size: 4096,
-            old_addr: 0,
             stack_id: 0xabcd,
         };
         assert_eq!(
@@ -176,7 +173,6 @@ mod tests {
                 func: AllocFn::Calloc,
                 addr: 0x5555_0000_1000,
                 size: 4096,
-                old_addr: 0,
                 stack_id: 0xabcd,
                 by_allocator: false,
             })
