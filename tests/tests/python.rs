@@ -185,6 +185,38 @@ fn check(python: &Path, version: &str) {
         .map(|f| f["function"].as_str().unwrap())
         .collect();
     assert_eq!(python[..2], ["cache_results", "main"], "{stack:#?}");
+    assert!(
+        stack
+            .iter()
+            .all(|f| f["lang"] != "python" || f["file"].is_string()),
+        "a whole stack has no missing-frames mark: {stack:#?}"
+    );
+    // Sixty calls deep, more than a record holds: the innermost frames are there, and the outermost are said
+    // to be missing rather than silently dropped.
+    let deep = site(&report, "recurse_then_allocate", marker("deep"));
+    assert_holds(deep, 1, 120_000);
+    let python: Vec<&Value> = deep["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["lang"] == "python")
+        .collect();
+    let (missing, captured) = python.split_last().unwrap();
+    assert_eq!(
+        (&missing["function"], &missing["file"]),
+        (
+            &Value::from("(outer frames not captured: deeper than 48)"),
+            &Value::Null
+        ),
+        "{deep:#}"
+    );
+    assert!(
+        captured.len() >= 40
+            && captured
+                .iter()
+                .all(|f| f["function"] == "recurse_then_allocate"),
+        "{deep:#}"
+    );
 }
 
 #[test]

@@ -34,6 +34,13 @@ def thread_worker():
         KEPT.append(bytes(200_000))  # site: thread
 
 
+def recurse_then_allocate(depth):
+    if depth == 0:
+        KEPT.append(bytes(120_000))  # site: deep
+        return
+    recurse_then_allocate(depth - 1)
+
+
 def malloc_without_the_gil():
     import ctypes
 
@@ -70,6 +77,8 @@ def main():
     cache_results(40)
     keep_one_large_object()
     drop_buffers()
+    # Deeper than a record holds (48 frames): the report says the outer frames are missing.
+    recurse_then_allocate(60)
     worker = threading.Thread(target=thread_worker)
     worker.start()
     worker.join()

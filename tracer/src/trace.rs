@@ -14,7 +14,7 @@ use tokio::{
     io::unix::AsyncFd,
     sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel},
 };
-use tracer_common::{AllocFn, Loss, OomEvent, PyFrame};
+use tracer_common::{AllocFn, Loss, OomEvent, PyFrame, PyStatus};
 
 use crate::{
     aggregate::{Ledger, Site, SiteId, Sites},
@@ -22,7 +22,7 @@ use crate::{
     decode::Event,
     probes::Probes,
     procs::{
-        ProcessInfo, Registry,
+        Frame, ProcessInfo, Registry,
         allocator::{self, Allocator},
         container::{self, Selector},
         maps::FileId,
@@ -98,6 +98,8 @@ struct Stack {
     /// `native[1]` is a guessed caller (a system call's stack).
     guessed_caller: bool,
     python: Vec<PyFrame>,
+    /// The Python stack was deeper than a record holds: its outermost frames are missing.
+    python_truncated: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +128,7 @@ impl State {
                 let stack = Stack {
                     native: frames,
                     guessed_caller,
+                    python_truncated: python.status == PyStatus::Truncated,
                     python: python.frames,
                 };
                 self.stacks.insert(stack_id, stack);
@@ -201,11 +204,17 @@ impl State {
             .registry
             .symbolize(pid, &stack.native, stack.guessed_caller);
         let python = match self.pythons.get_mut(&pid) {
-            Some(reader) => stack
-                .python
-                .iter()
-                .filter_map(|f| reader.frame(f))
-                .collect(),
+            Some(reader) => {
+                let mut python: Vec<Frame> = stack
+                    .python
+                    .iter()
+                    .filter_map(|f| reader.frame(f))
+                    .collect();
+                if stack.python_truncated {
+                    python.push(Frame::outer_python_frames_missing());
+                }
+                python
+            }
             None => Vec::new(),
         };
         let frames = runtime::merge(native, python);

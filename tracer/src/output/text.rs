@@ -90,7 +90,9 @@ fn stack(out: &mut dyn Write, frames: &[Frame]) -> io::Result<()> {
     }
     writeln!(out, "    Traceback (most recent call last):")?;
     for f in frames[first..=last].iter().rev() {
-        if f.is_python() {
+        if f.is_python() && f.file.is_none() {
+            writeln!(out, "      {}", f.function.as_deref().unwrap_or("?"))?;
+        } else if f.is_python() {
             let line = f.line.map_or_else(|| "?".to_owned(), |l| l.to_string());
             writeln!(
                 out,
@@ -382,6 +384,24 @@ mod tests {
         assert_eq!(
             losses(&lost),
             "3 records dropped (ring buffer full), 1 allocations without a stack"
+        );
+    }
+
+    #[test]
+    fn a_truncated_python_stack_says_so_where_its_outer_frames_would_be() {
+        let frames = [
+            Frame::python("recurse".to_owned(), "/app/deep.py".to_owned(), Some(7)),
+            Frame::python("recurse".to_owned(), "/app/deep.py".to_owned(), Some(9)),
+            Frame::outer_python_frames_missing(),
+        ];
+        let mut out = Vec::new();
+        stack(&mut out, &frames).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "    Traceback (most recent call last):\n      \
+             (outer frames not captured: deeper than 48)\n      \
+             File \"/app/deep.py\", line 9, in recurse\n      \
+             File \"/app/deep.py\", line 7, in recurse\n"
         );
     }
 }

@@ -72,6 +72,23 @@ impl Frame {
         }
     }
 
+    /// Stands for the outermost Python frames of a stack deeper than a record holds
+    /// ([`tracer_common::MAX_PY_FRAMES`]): a Python frame with no file.
+    pub fn outer_python_frames_missing() -> Self {
+        Self {
+            function: Some(format!(
+                "(outer frames not captured: deeper than {})",
+                tracer_common::MAX_PY_FRAMES
+            )),
+            module: None,
+            offset: None,
+            function_offset: 0,
+            file: None,
+            line: None,
+            lang: "python",
+        }
+    }
+
     pub fn is_python(&self) -> bool {
         self.lang == "python"
     }
