@@ -33,6 +33,30 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// pyenv's installation of CPython `3.X` (the newest patch release installed): its prefix, which holds
+/// `bin/python3.X`.
+pub fn pyenv_prefix(version: &str) -> PathBuf {
+    let home = std::env::var("HOME").unwrap();
+    let versions = Path::new(&home).join(".pyenv/versions");
+    let found = std::fs::read_dir(&versions)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}: the Python tests need pyenv's interpreters",
+                versions.display()
+            )
+        })
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&format!("{version}."))
+                && name[version.len() + 1..]
+                    .chars()
+                    .all(|c| c.is_ascii_digit())
+        })
+        .unwrap_or_else(|| panic!("no CPython {version} under {}", versions.display()));
+    found.path()
+}
+
 /// Fails the test, saying why, when it does not run as root.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

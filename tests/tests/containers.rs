@@ -9,26 +9,13 @@ use std::{
 };
 
 use alloctrace_tests::{
-    SITES_EXPECTED, alloctrace, docker, live, require_root, workload, workspace,
+    SITES_EXPECTED, alloctrace, docker, live, pyenv_prefix, require_root, workload, workspace,
 };
 use serde_json::Value;
 
-/// pyenv's 3.12 prefix: the image the tests build from it has a libc and a loader of its own.
+/// An image of pyenv's 3.12, with a libc and a loader of its own.
 fn image() -> String {
-    let home = std::env::var("HOME").unwrap();
-    let versions = Path::new(&home).join(".pyenv/versions");
-    let prefix = std::fs::read_dir(&versions)
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}: the image is built from pyenv's CPython 3.12",
-                versions.display()
-            )
-        })
-        .filter_map(|e| e.ok())
-        .find(|e| e.file_name().to_string_lossy().starts_with("3.12."))
-        .expect("pyenv's CPython 3.12")
-        .path();
-    docker::python_image(&prefix, "3.12")
+    docker::python_image(&pyenv_prefix("3.12"), "3.12")
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use alloctrace_tests::{alloctrace, docker, require_root, workspace};
+use alloctrace_tests::{alloctrace, docker, pyenv_prefix, require_root, workspace};
 use serde_json::Value;
 
 /// The most bytes CPython adds to an object's payload (object header, bytearray's trailing NUL, alignment).
@@ -31,25 +31,7 @@ fn marker(name: &str) -> u64 {
 
 /// pyenv's interpreter for `3.X`.
 fn pyenv(version: &str) -> PathBuf {
-    let home = std::env::var("HOME").unwrap();
-    let versions = Path::new(&home).join(".pyenv/versions");
-    let found = std::fs::read_dir(&versions)
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}: the Python tests need pyenv's interpreters",
-                versions.display()
-            )
-        })
-        .filter_map(|e| e.ok())
-        .find(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with(&format!("{version}."))
-                && name[version.len() + 1..]
-                    .chars()
-                    .all(|c| c.is_ascii_digit())
-        })
-        .unwrap_or_else(|| panic!("no CPython {version} under {}", versions.display()));
-    found.path().join(format!("bin/python{version}"))
+    pyenv_prefix(version).join(format!("bin/python{version}"))
 }
 
 /// Runs the workload on `python` under `alloctrace leaks`, and stops the trace (as Ctrl-C does) once the
@@ -258,12 +240,7 @@ fn debian_cpython_3_11_linked_into_its_executable() {
 fn cpython_in_a_container_with_its_own_libc_and_libpython() {
     require_root();
     docker::require_docker();
-    let prefix = pyenv("3.12")
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    let prefix = pyenv_prefix("3.12");
     let image = docker::python_image(&prefix, "3.12");
     let name = format!("alloctrace-test-{}", std::process::id());
     let interpreter = prefix.join("bin/python3.12");
@@ -351,12 +328,7 @@ fn cpython_in_a_container_with_its_own_libc_and_libpython() {
 fn an_oom_kill_in_a_container_is_one_record_with_the_victims_stacks() {
     require_root();
     docker::require_docker();
-    let prefix = pyenv("3.12")
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    let prefix = pyenv_prefix("3.12");
     let image = docker::python_image(&prefix, "3.12");
     let name = format!("alloctrace-oom-{}", std::process::id());
     let records = std::env::temp_dir().join(format!("{name}.jsonl"));
