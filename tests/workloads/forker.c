@@ -1,5 +1,7 @@
 /* A parent and the child it forks, each with its own site; with an argument, the child execs that program
- * instead. The child waits a little first, so that its probes are in place before it allocates. */
+ * instead. The child waits a second first, so that its probes are in place before it allocates, and so that the
+ * tracer, busy attaching to the child it just saw forked, reads the exec'd image's maps before it exits: with
+ * parallel tests loading the machine, 0.3 s was once not enough, and the exec'd sites went unnamed. */
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -20,7 +22,7 @@ int main(int argc, char **argv) {
     parent_site();
     pid_t child = fork();
     if (child == 0) {
-        struct timespec wait = {0, 300 * 1000 * 1000};
+        struct timespec wait = {1, 0};
         nanosleep(&wait, NULL);
         if (argc > 1) {
             execv(argv[1], argv + 1);
