@@ -60,15 +60,11 @@ pub struct Trace {
 
 impl Trace {
     /// A command alloctrace started lives as long as its trace: when the trace ended first (--duration,
-    /// Ctrl-C), it was held then, and is terminated once the report shows what it held.
+    /// Ctrl-C), it is stopped, once the report shows what it held.
     pub fn stop_unfinished_command(&self) {
         if let Some(pid) = self.unfinished_command {
-            // SAFETY: signalling our own child, not yet reaped, so its pid cannot have been reused. The
-            // termination is pending while it is held, and acted on once it continues.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
-                libc::kill(pid as libc::pid_t, libc::SIGCONT);
-            }
+            // SAFETY: signalling our own child, not yet reaped, so its pid cannot have been reused.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         }
     }
 }
@@ -787,15 +783,8 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
             python: state.pythons.get(&pid).map(|r| r.info().clone()),
         })
         .collect();
-    let unfinished_command = child_pid.filter(|pid| !targets.exited.contains_key(pid));
-    if let Some(pid) = unfinished_command {
-        // Held where the trace ended until the report is written: taking the probes down takes a second or
-        // more, and what the command did (or printed) meanwhile must not land in, or after, the report.
-        // SAFETY: signalling our own child, not yet reaped.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
-    }
     Ok(Trace {
-        unfinished_command,
+        unfinished_command: child_pid.filter(|pid| !targets.exited.contains_key(pid)),
         ledger: state.ledger,
         sites: state.sites,
         processes,
