@@ -8,7 +8,7 @@ use std::{
 };
 
 use alloctrace_tests::{
-    alloctrace, assert_sites_exact, json_report, require_root, site, workload, workspace,
+    alloctrace, assert_sites_exact, json_report, live, require_root, site, workload, workspace,
 };
 
 #[test]
@@ -288,4 +288,50 @@ fn demo_leak_comes_first() {
         "{first:#}"
     );
     assert_eq!(first["verdict"], "leak", "{first:#}");
+}
+
+/// A process that is already allocating at full speed when the probes go on: every call from then on is seen,
+/// and none is taken for a call nested in one the probes caught half-way.
+#[test]
+fn a_process_already_busy_allocating_is_traced_by_pid() {
+    require_root();
+    let mut target = Command::new(workload("busy"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut target_out = BufReader::new(target.stdout.take().unwrap());
+    let mut line = String::new();
+    target_out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let mut tracer = Command::new(alloctrace())
+        .args(["leaks", "--format", "json", "--top", "100", "--pid"])
+        .arg(target.id().to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut tracer_err = BufReader::new(tracer.stderr.take().unwrap());
+    let mut notice = String::new();
+    tracer_err.read_line(&mut notice).unwrap();
+    assert!(notice.starts_with("alloctrace: tracing pid"), "{notice}");
+    writeln!(target.stdin.as_mut().unwrap()).unwrap();
+    line.clear();
+    target_out.read_line(&mut line).unwrap();
+    assert_eq!(line, "kept\n");
+    // SAFETY: signalling a child of this test, not yet reaped.
+    unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };
+    let out = tracer.wait_with_output().unwrap();
+    target.kill().unwrap();
+    target.wait().unwrap();
+    let report = json_report(&out);
+    let kept = site(&report, "malloc", "keep_site");
+    assert_eq!(live(kept), (100_000, 100), "{kept:#}");
+    let churn = site(&report, "malloc", "churn_site");
+    assert!(
+        churn["total_count"].as_u64().unwrap() >= 99 * 10_000,
+        "every churned block from the attach on is seen: {churn:#}"
+    );
+    assert!(live(churn).1 <= 1, "{churn:#}");
+    assert_eq!(report["lost"]["events"], 0, "{report:#}");
 }

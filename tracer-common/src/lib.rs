@@ -354,7 +354,14 @@ pub struct InFlight {
     pub size: u64,
     /// Where `posix_memalign` stores its result; 0 for the other functions.
     pub result_ptr: u64,
+    /// When the call entered (`bpf_ktime_get_ns`): an entry older than [`IN_FLIGHT_STALE_NS`] never returned
+    /// (its return probe was not hit: the kernel's limit of nested return probes, or a `longjmp` out of a
+    /// signal handler), and must not make the thread's later calls look nested.
+    pub entered_ns: u64,
 }
+
+/// Age past which a call in flight is taken as one that will never return. No allocator call takes a second.
+pub const IN_FLIGHT_STALE_NS: u64 = 1_000_000_000;
 
 const _: () = assert!(size_of::<EventHeader>() == 32);
 const _: () = assert!(size_of::<AllocEvent>() == 64);
@@ -365,7 +372,7 @@ const _: () = assert!(size_of::<OomFields>() == 24);
 const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH + 8 + 16 * MAX_PY_FRAMES);
 const _: () = assert!(size_of::<PyProcess>() == 56);
 const _: () = assert!(size_of::<PyFrame>() == 16);
-const _: () = assert!(size_of::<InFlight>() == 24);
+const _: () = assert!(size_of::<InFlight>() == 32);
 const _: () = assert!(size_of::<SyscallInFlight>() == 16);
 
 #[cfg(feature = "user")]

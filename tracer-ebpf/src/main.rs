@@ -23,9 +23,9 @@ use aya_ebpf::{
 };
 use tracer_common::{
     ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ForkEvent, FreeEvent,
-    InFlight, LOSS_COUNTERS, Loss, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_DEPTH, OomEvent,
-    OomFields, PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame, PyProcess, PyStatus, StackEvent,
-    SyscallInFlight,
+    IN_FLIGHT_STALE_NS, InFlight, LOSS_COUNTERS, Loss, MAX_PY_FRAMES, MAX_PY_THREADS,
+    MAX_STACK_DEPTH, OomEvent, OomFields, PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame, PyProcess,
+    PyStatus, StackEvent, SyscallInFlight,
 };
 
 /// Every record for userspace, in the order the probes reserved them.
@@ -161,16 +161,24 @@ fn header(kind: EventKind) -> EventHeader {
 #[inline(always)]
 fn enter(func: AllocFn, size: u64, result_ptr: u64) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a plain helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     if let Some(in_flight) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
         // SAFETY: a value of this thread's own key: no other CPU runs this thread now.
-        unsafe { (*in_flight).nested += 1 };
-        return false;
+        let in_flight = unsafe { &mut *in_flight };
+        if now.wrapping_sub(in_flight.entered_ns) < IN_FLIGHT_STALE_NS {
+            in_flight.nested += 1;
+            return false;
+        }
+        // A call that never returned: what it allocated was not recorded.
+        count_loss(Loss::InFlightFull);
     }
     let state = InFlight {
         func: func as u32,
         nested: 0,
         size,
         result_ptr,
+        entered_ns: now,
     };
     if IN_FLIGHT.insert(pid_tgid, state, 0).is_err() {
         count_loss(Loss::InFlightFull);
@@ -307,7 +315,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     }
     // A free made by the allocator itself while one of its calls is in flight (realloc(p, 0) frees p) was
     // already recorded by that call.
-    if IN_FLIGHT.get_ptr(bpf_get_current_pid_tgid()).is_some() {
+    if in_allocator() {
         return 0;
     }
     emit_release(AllocFn::Free, addr, 0);
@@ -506,7 +514,13 @@ fn is_target() -> bool {
 /// True while one of the allocator's own calls runs on this thread: what it maps is its blocks' memory.
 #[inline(always)]
 fn in_allocator() -> bool {
-    IN_FLIGHT.get_ptr(bpf_get_current_pid_tgid()).is_some()
+    // SAFETY: this thread's own entry, copied out; and a plain helper.
+    match unsafe { IN_FLIGHT.get(bpf_get_current_pid_tgid()) } {
+        Some(state) => {
+            unsafe { bpf_ktime_get_ns() }.wrapping_sub(state.entered_ns) < IN_FLIGHT_STALE_NS
+        }
+        None => false,
+    }
 }
 
 #[inline(always)]

@@ -136,7 +136,10 @@ impl Probes {
             };
             let entry = (entry, point.file_offset + point.entry_offset);
             let exit = (point.func != AllocFn::Free).then_some((EXIT_PROGRAM, point.file_offset));
-            for (name, offset) in std::iter::once(entry).chain(exit) {
+            // The return probe goes first: a call whose entry is seen must have its return seen too. The other
+            // order leaves, in a process that is allocating as the probes go on, a call entered between the two
+            // attachments in flight forever, and every later call of that thread taken for a nested one.
+            for (name, offset) in exit.into_iter().chain(std::iter::once(entry)) {
                 let func = point.func;
                 let program: &mut UProbe = program(&mut self.ebpf, name)?.try_into()?;
                 let link = program
