@@ -188,10 +188,145 @@ pub enum Loss {
     InFlightFull = 1,
     /// `bpf_get_stack` failed: the allocation was recorded without a stack.
     StackUnavailable = 2,
+    /// The table of live blocks ([`LiveKey`] → [`LiveBlock`]) was full: that block was not recorded.
+    LiveTableFull = 3,
+    /// The table of sites ([`SiteKey`] → [`SiteCounters`]) was full: that allocation was not counted.
+    SiteTableFull = 4,
+    /// The table of sizes per site ([`SizeKey`]) was full: that size is missing from its site's histogram.
+    SizeTableFull = 5,
 }
 
 /// How many [`Loss`] counters there are.
-pub const LOSS_COUNTERS: u32 = 3;
+pub const LOSS_COUNTERS: u32 = 6;
+
+/// Events the kernel side counts that are not losses, each an index into the per-CPU `TALLIES` array. Values
+/// are part of the format: never reuse one.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tally {
+    /// A free of a block the live table never held: allocated before the trace began (normal with `-p`).
+    UnknownFree = 0,
+    /// A block found released only because the allocator handed its address out again: its release went
+    /// through a function alloctrace does not probe.
+    UnseenFree = 1,
+}
+
+/// How many [`Tally`] counters there are.
+pub const TALLY_COUNTERS: u32 = 2;
+
+/// Counts in [`SiteCounters`] are kept in units of `1 / COUNT_SCALE`, so that a sampled block can count as the
+/// fraction of blocks its weight says (exact traces add `COUNT_SCALE` per block).
+pub const COUNT_SCALE: u64 = 1 << 16;
+
+/// Sampling by bytes (`--sample-every`) picks a block of `size` bytes with probability `p = 1 - e^-x`,
+/// `x = size / interval`, and weighs it by `1 / p`: it stands for `interval * x / (1 - e^-x)` bytes. That
+/// factor is tabulated for `x` in steps of `1 / SAMPLE_WEIGHT_STEPS` up to `SAMPLE_WEIGHT_SPAN` and
+/// interpolated; past the span the block is sampled with certainty (`p > 1 - 1e-7`) and weighs its size.
+pub const SAMPLE_WEIGHT_STEPS: u64 = 16;
+pub const SAMPLE_WEIGHT_SPAN: u64 = 16;
+/// Entries of the table of `x / (1 - e^-x)`, in units of `1 / COUNT_SCALE`.
+pub const SAMPLE_WEIGHT_ENTRIES: usize = (SAMPLE_WEIGHT_STEPS * SAMPLE_WEIGHT_SPAN) as usize + 1;
+/// Entries of the table of exponentially distributed intervals between samples, drawn by a random index.
+pub const SAMPLE_INTERVAL_ENTRIES: usize = 256;
+/// The largest sampling interval: keeps `size * SAMPLE_WEIGHT_STEPS * COUNT_SCALE` within 64 bits below the span.
+pub const SAMPLE_INTERVAL_MAX: u64 = 1 << 36;
+
+/// What a block of `size` bytes stands for: `(count in units of 1 / COUNT_SCALE, bytes)`. With `interval` 0
+/// (an exact trace) that is one block of `size` bytes; sampled, it is the block's weight, from `weights` (the
+/// table above). The kernel counts with it and userspace weighs the live blocks with it: one definition, so
+/// that what a site allocated and freed and what it holds agree.
+#[inline(always)]
+pub fn sample_weight(
+    size: u64,
+    interval: u64,
+    weights: &[u64; SAMPLE_WEIGHT_ENTRIES],
+) -> (u64, u64) {
+    if interval == 0 || size == 0 || interval > SAMPLE_INTERVAL_MAX {
+        return (COUNT_SCALE, size);
+    }
+    if size >= interval * SAMPLE_WEIGHT_SPAN {
+        return (COUNT_SCALE, size);
+    }
+    // x in units of 1 / (STEPS * COUNT_SCALE): an index into the table, and the fraction past it.
+    let scaled = size * SAMPLE_WEIGHT_STEPS * COUNT_SCALE / interval;
+    let index = ((scaled / COUNT_SCALE) as usize) & (SAMPLE_WEIGHT_ENTRIES - 2);
+    let fraction = scaled % COUNT_SCALE;
+    let low = weights[index];
+    let high = weights[index + 1];
+    let factor = low + (high.saturating_sub(low) * fraction) / COUNT_SCALE;
+    // Within 64 bits: interval ≤ 2^36 and factor ≤ SPAN * COUNT_SCALE = 2^20; bytes < 2^41.
+    let bytes = interval * factor / COUNT_SCALE;
+    let bytes = if bytes < size { size } else { bytes };
+    (bytes * COUNT_SCALE / size, bytes)
+}
+
+/// A heap block in the kernel's table of live blocks: the process, and the address the allocator returned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LiveKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// What the kernel keeps of a live heap block: blocks that die young cost a table update, never a record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveBlock {
+    pub size: u64,
+    /// The allocation's stack ([`StackEvent::stack_id`]); 0 when none could be taken.
+    pub stack_id: u64,
+    /// `bpf_ktime_get_ns()` at the allocation.
+    pub ts_ns: u64,
+    /// The [`AllocFn`] that allocated it.
+    pub func: u32,
+    pub _pad: u32,
+}
+
+/// A site as the kernel counts it: a process, an allocator function, and a stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SiteKey {
+    pub tgid: u32,
+    /// An [`AllocFn`] value.
+    pub func: u32,
+    pub stack_id: u64,
+}
+
+/// What a site allocated and released, per CPU. Counts are in units of `1 / COUNT_SCALE`; bytes are bytes
+/// (weighted estimates when sampling).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteCounters {
+    pub allocated_count: u64,
+    pub allocated_bytes: u64,
+    pub freed_count: u64,
+    pub freed_bytes: u64,
+    /// The smallest and largest size allocated (`u64::MAX` and 0 before the first).
+    pub smallest: u64,
+    pub largest: u64,
+}
+
+/// One size class of a site's size histogram: sizes keep their 8 most significant bits, which is the
+/// resolution of a 2-significant-digit HdrHistogram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SizeKey {
+    pub site: SiteKey,
+    pub size_class: u64,
+}
+
+/// The size class of `size`: its 8 most significant bits, the rest zeroed.
+#[inline(always)]
+pub const fn size_class(size: u64) -> u64 {
+    let bits = 64 - size.leading_zeros();
+    if bits <= 8 {
+        size
+    } else {
+        let shift = bits - 8;
+        (size >> shift) << shift
+    }
+}
 
 /// First field of every record.
 #[repr(C)]
@@ -358,6 +493,9 @@ pub struct InFlight {
     /// (its return probe was not hit: the kernel's limit of nested return probes, or a `longjmp` out of a
     /// signal handler), and must not make the thread's later calls look nested.
     pub entered_ns: u64,
+    /// The block a `realloc` released on entry (`released.size` 0 when none): restored if the call fails.
+    pub released_addr: u64,
+    pub released: LiveBlock,
 }
 
 /// Age past which a call in flight is taken as one that will never return. No allocator call takes a second.
@@ -372,7 +510,12 @@ const _: () = assert!(size_of::<OomFields>() == 24);
 const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH + 8 + 16 * MAX_PY_FRAMES);
 const _: () = assert!(size_of::<PyProcess>() == 56);
 const _: () = assert!(size_of::<PyFrame>() == 16);
-const _: () = assert!(size_of::<InFlight>() == 32);
+const _: () = assert!(size_of::<InFlight>() == 72);
+const _: () = assert!(size_of::<LiveKey>() == 16);
+const _: () = assert!(size_of::<LiveBlock>() == 32);
+const _: () = assert!(size_of::<SiteKey>() == 16);
+const _: () = assert!(size_of::<SiteCounters>() == 48);
+const _: () = assert!(size_of::<SizeKey>() == 24);
 const _: () = assert!(size_of::<SyscallInFlight>() == 16);
 
 #[cfg(feature = "user")]
@@ -382,3 +525,23 @@ unsafe impl aya::Pod for PyProcess {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for OomFields {}
+
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for LiveKey {}
+
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for LiveBlock {}
+
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for SiteKey {}
+
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for SiteCounters {}
+
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for SizeKey {}

@@ -1,31 +1,34 @@
-//! alloctrace's eBPF programs. Uprobes on the allocator family record each allocation (at return, with the user
-//! stack) and each release (at entry) into one ring buffer; they are attached with a pid filter, so only the
-//! traced processes ever run them. Tracepoints, which fire host-wide and so check `TARGETS` first, add what is
-//! not malloc'd (anonymous `mmap`/`mremap`/`munmap` and `brk`, skipped inside an allocator call, whose blocks
-//! already account for them), and follow processes: `fork` marks children, `exec` says an address space was
-//! replaced or a `--comm` name started. Userspace keeps the outstanding-allocation table: the kernel side only
-//! keeps what must live between an entry and its return, and the ids of stacks it has already sent.
+//! alloctrace's eBPF programs. Uprobes on the allocator family keep the traced processes' live heap blocks and
+//! per-site counters in maps: a block that dies young costs a few map updates and never reaches userspace,
+//! which reads the maps when it needs them. Only stack definitions, mappings and process events go through the
+//! ring buffer. The uprobes are attached with a pid filter, so only the traced processes ever run them.
+//! Tracepoints, which fire host-wide and so check `TARGETS` first, add what is not malloc'd (anonymous
+//! `mmap`/`mremap`/`munmap` and `brk`, skipped inside an allocator call, whose blocks already account for
+//! them), and follow processes: `fork` marks children, `exec` says an address space was replaced or a `--comm`
+//! name started. With `--sample-every`, allocations are sampled by bytes and weighted.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::BPF_F_NO_PREALLOC,
     bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_get_current_task_btf, bpf_get_stack, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
+        bpf_get_current_task, bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_get_stack,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
         bpf_probe_read_user_buf, bpf_task_pt_regs,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use tracer_common::{
     ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ForkEvent, FreeEvent,
-    IN_FLIGHT_STALE_NS, InFlight, LOSS_COUNTERS, Loss, MAX_PY_FRAMES, MAX_PY_THREADS,
-    MAX_STACK_DEPTH, OomEvent, OomFields, PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame, PyProcess,
-    PyStatus, StackEvent, SyscallInFlight,
+    IN_FLIGHT_STALE_NS, InFlight, LOSS_COUNTERS, LiveBlock, LiveKey, Loss, MAX_PY_FRAMES,
+    MAX_PY_THREADS, MAX_STACK_DEPTH, OomEvent, OomFields, PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame,
+    PyProcess, PyStatus, SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES, SiteCounters, SiteKey,
+    SizeKey, StackEvent, SyscallInFlight, TALLY_COUNTERS, Tally, sample_weight, size_class,
 };
 
 /// Every record for userspace, in the order the probes reserved them.
@@ -47,6 +50,41 @@ static STACK_SCRATCH: PerCpuArray<StackEvent> = PerCpuArray::with_max_entries(1,
 /// Per-CPU counters, one per `tracer_common::Loss`.
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_COUNTERS, 0);
+
+/// Per-CPU counters, one per `tracer_common::Tally`.
+#[map]
+static TALLIES: PerCpuArray<u64> = PerCpuArray::with_max_entries(TALLY_COUNTERS, 0);
+
+/// The traced processes' live heap blocks. Its size is set at load time (`--max-live-blocks`); entries are
+/// allocated as they come, so an idle table costs nothing.
+#[map]
+static LIVE: HashMap<LiveKey, LiveBlock> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+
+/// What each site allocated and released, per CPU (no two CPUs write one value).
+#[map]
+static SITES: PerCpuHashMap<SiteKey, SiteCounters> =
+    PerCpuHashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+/// Each site's size histogram: blocks per size class, per CPU.
+#[map]
+static SIZES: PerCpuHashMap<SizeKey, u64> =
+    PerCpuHashMap::with_max_entries(1 << 18, BPF_F_NO_PREALLOC);
+
+/// Per-CPU bytes still to allocate before the next sampled block (`--sample-every`); 0 before the first draw.
+#[map]
+static SAMPLE_COUNTDOWN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `--sample-every` in bytes; 0 for an exact trace, where every block is recorded.
+#[unsafe(no_mangle)]
+static SAMPLE_INTERVAL: u64 = 0;
+
+/// Exponentially distributed intervals between samples (mean `SAMPLE_INTERVAL`), drawn by a random index.
+#[unsafe(no_mangle)]
+static SAMPLE_INTERVALS: [u64; SAMPLE_INTERVAL_ENTRIES] = [0; SAMPLE_INTERVAL_ENTRIES];
+
+/// The weights of sampled blocks (`tracer_common::sample_weight`'s table), set at load time.
+#[unsafe(no_mangle)]
+static SAMPLE_WEIGHTS: [u64; SAMPLE_WEIGHT_ENTRIES] = [0; SAMPLE_WEIGHT_ENTRIES];
 
 /// Processes being traced (tgid → unused): tracepoints fire for every process on the host.
 #[map]
@@ -143,6 +181,166 @@ fn count_loss(loss: Loss) {
 }
 
 #[inline(always)]
+fn tally(tally: Tally) {
+    if let Some(counter) = TALLIES.get_ptr_mut(tally as u32) {
+        // SAFETY: as in `count_loss`.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn sample_interval() -> u64 {
+    // SAFETY: a plain global set at load time.
+    unsafe { core::ptr::read_volatile(&SAMPLE_INTERVAL) }
+}
+
+/// `(count in units of 1 / COUNT_SCALE, bytes)` a block of `size` stands for.
+#[inline(always)]
+fn weight(size: u64) -> (u64, u64) {
+    let interval = sample_interval();
+    if interval == 0 {
+        return sample_weight(size, 0, &[0; SAMPLE_WEIGHT_ENTRIES]);
+    }
+    // SAFETY: a global set at load time, read through a pointer the compiler cannot see through, so that
+    // the loader's values are used rather than the zeros it was compiled with.
+    let weights = unsafe { &*core::hint::black_box(core::ptr::addr_of!(SAMPLE_WEIGHTS)) };
+    sample_weight(size, interval, weights)
+}
+
+/// Whether an allocation of `size` bytes is recorded: always in an exact trace; sampled by bytes otherwise,
+/// the per-CPU countdown drawn again from an exponential distribution after each sample.
+#[inline(always)]
+fn sampled(size: u64) -> bool {
+    let interval = sample_interval();
+    if interval == 0 {
+        return true;
+    }
+    let Some(left) = SAMPLE_COUNTDOWN.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: this CPU's slot; no other program on this CPU runs until this one returns.
+    let left = unsafe { &mut *left };
+    if *left == 0 {
+        *left = next_interval();
+    }
+    if *left > size {
+        *left -= size;
+        return false;
+    }
+    *left = next_interval();
+    true
+}
+
+#[inline(always)]
+fn next_interval() -> u64 {
+    // SAFETY: a plain helper; the index is masked into the table, a global set at load time.
+    unsafe {
+        let index = bpf_get_prandom_u32() as usize & (SAMPLE_INTERVAL_ENTRIES - 1);
+        let table = core::hint::black_box(core::ptr::addr_of!(SAMPLE_INTERVALS)).cast::<u64>();
+        core::ptr::read_volatile(table.add(index)).max(1)
+    }
+}
+
+/// Adds a block to its site's counters and size histogram.
+#[inline(always)]
+fn count_allocation(tgid: u32, block: &LiveBlock) {
+    let site = SiteKey {
+        tgid,
+        func: block.func,
+        stack_id: block.stack_id,
+    };
+    let (count, bytes) = weight(block.size);
+    if let Some(counters) = site_counters(&site) {
+        counters.allocated_count += count;
+        counters.allocated_bytes += bytes;
+        if block.size < counters.smallest {
+            counters.smallest = block.size;
+        }
+        if block.size > counters.largest {
+            counters.largest = block.size;
+        }
+    }
+    let key = SizeKey {
+        site,
+        size_class: size_class(block.size),
+    };
+    if let Some(blocks) = SIZES.get_ptr_mut(&key) {
+        // SAFETY: this CPU's value.
+        unsafe { *blocks += 1 };
+    } else if SIZES.insert(&key, &1, 0).is_err() {
+        count_loss(Loss::SizeTableFull);
+    }
+}
+
+/// Adds a released block to its site's counters.
+#[inline(always)]
+fn count_release(tgid: u32, block: &LiveBlock) {
+    let site = SiteKey {
+        tgid,
+        func: block.func,
+        stack_id: block.stack_id,
+    };
+    let (count, bytes) = weight(block.size);
+    if let Some(counters) = site_counters(&site) {
+        counters.freed_count += count;
+        counters.freed_bytes += bytes;
+    }
+}
+
+/// This CPU's counters of a site, made on first use; `None` (counted) when the table is full.
+#[inline(always)]
+fn site_counters(site: &SiteKey) -> Option<&'static mut SiteCounters> {
+    if SITES.get_ptr_mut(site).is_none() {
+        let fresh = SiteCounters {
+            smallest: u64::MAX,
+            ..SiteCounters::default()
+        };
+        if SITES.insert(site, &fresh, 0).is_err() {
+            count_loss(Loss::SiteTableFull);
+            return None;
+        }
+    }
+    // SAFETY: this CPU's value of an entry that exists; no other program on this CPU runs meanwhile.
+    SITES
+        .get_ptr_mut(site)
+        .map(|counters| unsafe { &mut *counters })
+}
+
+/// A block the allocator returned: into the live table, and counted at its site. An address still in the
+/// table was released by a function alloctrace does not probe: that block is gone all the same.
+#[inline(always)]
+fn record_block(tgid: u32, addr: u64, block: &LiveBlock) {
+    let key = LiveKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    // SAFETY: copied out at once.
+    if let Some(stale) = unsafe { LIVE.get(&key) }.copied() {
+        count_release(tgid, &stale);
+        tally(Tally::UnseenFree);
+    }
+    if LIVE.insert(&key, block, 0).is_err() {
+        count_loss(Loss::LiveTableFull);
+    }
+    count_allocation(tgid, block);
+}
+
+/// Takes a block out of the live table: `None` when the table never held it.
+#[inline(always)]
+fn take_block(tgid: u32, addr: u64) -> Option<LiveBlock> {
+    let key = LiveKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    // SAFETY: copied out at once.
+    let block = unsafe { LIVE.get(&key) }.copied()?;
+    let _ = LIVE.remove(&key);
+    Some(block)
+}
+
+#[inline(always)]
 fn header(kind: EventKind) -> EventHeader {
     let pid_tgid = bpf_get_current_pid_tgid();
     EventHeader {
@@ -157,9 +355,22 @@ fn header(kind: EventKind) -> EventHeader {
 }
 
 /// Records the entry of an allocator call. A call made while another allocator call of the same thread is in
-/// flight (glibc's `realloc(NULL, n)` calls `malloc`) only deepens the nesting: the outer call is the one recorded.
+/// flight (glibc's `realloc(NULL, n)` calls `malloc`) only deepens the nesting: the outer call is the one
+/// recorded. A call that is not sampled is not recorded at all.
 #[inline(always)]
 fn enter(func: AllocFn, size: u64, result_ptr: u64) -> bool {
+    enter_releasing(func, size, result_ptr, None)
+}
+
+/// [`enter`], for a call that releases a block the live table held (`realloc`): such a call is always
+/// recorded, so that its block is put back if it fails.
+#[inline(always)]
+fn enter_releasing(
+    func: AllocFn,
+    size: u64,
+    result_ptr: u64,
+    released: Option<(u64, LiveBlock)>,
+) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: a plain helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -173,12 +384,18 @@ fn enter(func: AllocFn, size: u64, result_ptr: u64) -> bool {
         // A call that never returned: what it allocated was not recorded.
         count_loss(Loss::InFlightFull);
     }
+    if released.is_none() && !sampled(size) {
+        return false;
+    }
+    let (released_addr, released) = released.unwrap_or_default();
     let state = InFlight {
         func: func as u32,
         nested: 0,
         size,
         result_ptr,
         entered_ns: now,
+        released_addr,
+        released,
     };
     if IN_FLIGHT.insert(pid_tgid, state, 0).is_err() {
         count_loss(Loss::InFlightFull);
@@ -254,12 +471,25 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
 }
 
 /// realloc and reallocarray release their input block before they return, and another thread may be handed
-/// the same address by then: the release is recorded now, in order. Userspace restores the block if the call
-/// fails.
+/// the same address by then: the block leaves the live table now, and is put back if the call fails.
 #[inline(always)]
 fn reallocate(func: AllocFn, old_addr: u64, size: u64) {
-    if enter(func, size, 0) && old_addr != 0 {
-        emit_release(func, old_addr, 0);
+    // A call nested in another allocator call is the allocator's own business.
+    if in_allocator() || old_addr == 0 {
+        let _ = enter(func, size, 0);
+        return;
+    }
+    let tgid = current_tgid();
+    let Some(block) = take_block(tgid, old_addr) else {
+        if sample_interval() == 0 {
+            tally(Tally::UnknownFree);
+        }
+        let _ = enter(func, size, 0);
+        return;
+    };
+    if !enter_releasing(func, size, 0, Some((old_addr, block))) {
+        // Not recorded (the in-flight table is full, counted): the block is released all the same.
+        count_release(tgid, &block);
     }
 }
 
@@ -288,22 +518,36 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     } else {
         returned
     };
-    // A failed allocation changes nothing, except for realloc, whose released block userspace must restore.
-    let reallocates =
-        state.func == AllocFn::Realloc as u32 || state.func == AllocFn::Reallocarray as u32;
-    if addr == 0 && !reallocates {
+    let tgid = current_tgid();
+    if state.released_addr != 0 {
+        if addr == 0 && state.size != 0 {
+            // realloc failed and kept its block.
+            let key = LiveKey {
+                tgid,
+                _pad: 0,
+                addr: state.released_addr,
+            };
+            if LIVE.insert(&key, &state.released, 0).is_err() {
+                count_loss(Loss::LiveTableFull);
+            }
+            return 0;
+        }
+        // It moved, grew in place, or (size 0) freed the block: the old one is gone for good.
+        count_release(tgid, &state.released);
+    }
+    // A failed allocation changes nothing.
+    if addr == 0 {
         return 0;
     }
-    let stack_id = capture_stack(ctx.as_ptr(), None);
-    let event = AllocEvent {
-        header: header(EventKind::Alloc),
-        func: state.func,
-        flags: 0,
-        addr,
+    let block = LiveBlock {
         size: state.size,
-        stack_id,
+        stack_id: capture_stack(ctx.as_ptr(), None),
+        // SAFETY: a plain helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        func: state.func,
+        _pad: 0,
     };
-    let _ = output(&event);
+    record_block(tgid, addr, &block);
     0
 }
 
@@ -318,7 +562,13 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
     if in_allocator() {
         return 0;
     }
-    emit_release(AllocFn::Free, addr, 0);
+    let tgid = current_tgid();
+    match take_block(tgid, addr) {
+        Some(block) => count_release(tgid, &block),
+        // Sampled, most blocks were never recorded: only an exact trace knows this one predates it.
+        None if sample_interval() == 0 => tally(Tally::UnknownFree),
+        None => {}
+    }
     0
 }
 

@@ -10,6 +10,8 @@ pub mod probes;
 pub mod procs;
 pub mod python;
 pub mod report;
+pub mod sampling;
 pub mod spawn;
 pub mod system;
+pub mod tables;
 pub mod trace;

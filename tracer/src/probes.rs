@@ -1,21 +1,31 @@
 //! Loads the eBPF programs and attaches them: allocator uprobes per traced process (with a pid filter, so no
 //! other process on the host hits a breakpoint), and the tracepoints for mapped memory and for following
-//! processes. Each tracepoint's kernel requirement is in [`TRACEPOINTS`]. Reads the kernel-side loss counters.
+//! processes. Each tracepoint's kernel requirement is in [`TRACEPOINTS`]. Reads the kernel's tables of live
+//! blocks and site counters, and its loss counters.
 
-use std::{collections::HashMap, num::NonZeroU32};
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    os::fd::{AsFd as _, BorrowedFd},
+};
 
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
     },
 };
-use tracer_common::{AllocFn, LOSS_COUNTERS, Loss, OomFields, PyProcess};
+use tracer_common::{
+    AllocFn, LOSS_COUNTERS, LiveBlock, LiveKey, OomFields, PyProcess, SiteCounters, SiteKey,
+    SizeKey, TALLY_COUNTERS,
+};
 
-use crate::{procs::allocator::Allocator, system};
+use crate::{
+    aggregate::HeapTables, procs::allocator::Allocator, sampling::Sampling, system, tables,
+};
 
 /// The entry program of an allocator function. Every function but `free` also gets `alloc_exit` on return.
 fn entry_program(func: AllocFn) -> Option<&'static str> {
@@ -49,8 +59,24 @@ const TRACEPOINTS: [(&str, &str, &str); 9] = [
     ("sched_process_exit", "sched", "sched_process_exit"),
 ];
 
+/// What the programs are loaded with.
+pub struct LoadOptions {
+    /// Bytes of the ring buffer (a power of two).
+    pub buffer_size: u64,
+    /// Every exec on the host is reported, for userspace to choose what to trace.
+    pub watch_execs: bool,
+    pub sampling: Sampling,
+    /// Capacity of the kernel's table of live blocks.
+    pub max_live_blocks: u32,
+}
+
 pub struct Probes {
     ebpf: Ebpf,
+    live: Map,
+    sites: Map,
+    sizes: Map,
+    /// Possible CPUs: the number of values of a per-CPU map entry.
+    cpus: usize,
     /// Each traced process's uprobe links, removed when it exits.
     links: HashMap<u32, Vec<UProbeLink>>,
     /// Whether OOM kills reach the ring buffer.
@@ -71,10 +97,10 @@ fn oom_fields() -> Option<OomFields> {
 }
 
 impl Probes {
-    /// Loads the programs, with a ring buffer of `buffer_size` bytes (a power of two). `watch_execs`: every
-    /// exec on the host is reported, for userspace to choose what to trace.
-    pub fn load(buffer_size: u64, watch_execs: bool) -> anyhow::Result<Self> {
-        let watch_execs = u32::from(watch_execs);
+    pub fn load(options: &LoadOptions) -> anyhow::Result<Self> {
+        let watch_execs = u32::from(options.watch_execs);
+        let buffer_size = options.buffer_size;
+        let intervals = options.sampling.intervals();
         let child_pid_offset =
             system::tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
         let buffer_size =
@@ -87,7 +113,11 @@ impl Probes {
             .override_global("TASK_FSBASE_OFFSET", &fsbase_offset, true)
             .override_global("OOM_FIELDS", &oom_fields.unwrap_or_default(), true)
             .override_global("WATCH_EXECS", &watch_execs, true)
+            .override_global("SAMPLE_INTERVAL", &options.sampling.interval, true)
+            .override_global("SAMPLE_INTERVALS", &intervals, true)
+            .override_global("SAMPLE_WEIGHTS", &options.sampling.weights, true)
             .map_max_entries("EVENTS", buffer_size)
+            .map_max_entries("LIVE", options.max_live_blocks)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/tracer"
@@ -119,8 +149,20 @@ impl Probes {
                 "alloctrace: this kernel has no usable oom:mark_victim tracepoint: OOM kills are not reported"
             );
         }
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("the eBPF object has no map {name}"))
+        };
+        let (live, sites, sizes) = (take("LIVE")?, take("SITES")?, take("SIZES")?);
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, err)| err)
+            .context("cannot count the possible CPUs")?;
         Ok(Self {
             ebpf,
+            live,
+            sites,
+            sizes,
+            cpus,
             links: HashMap::new(),
             oom_watched,
         })
@@ -224,19 +266,97 @@ impl Probes {
         Ok(RingBuf::try_from(map)?)
     }
 
-    /// The kernel-side loss counters, summed over CPUs, indexed by [`Loss`].
+    /// The kernel-side loss counters, summed over CPUs, indexed by `tracer_common::Loss`.
     pub fn losses(&self) -> anyhow::Result<[u64; LOSS_COUNTERS as usize]> {
-        let counters: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map("LOSSES").context("no LOSSES map")?)?;
-        let mut sums = [0; LOSS_COUNTERS as usize];
-        for loss in [
-            Loss::RingBufFull,
-            Loss::InFlightFull,
-            Loss::StackUnavailable,
-        ] {
-            sums[loss as usize] = counters.get(&(loss as u32), 0)?.iter().sum();
+        self.counters("LOSSES")
+    }
+
+    /// The kernel-side tallies, summed over CPUs, indexed by `tracer_common::Tally`.
+    pub fn tallies(&self) -> anyhow::Result<[u64; TALLY_COUNTERS as usize]> {
+        self.counters("TALLIES")
+    }
+
+    fn counters<const N: usize>(&self, name: &str) -> anyhow::Result<[u64; N]> {
+        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(name)
+                .with_context(|| format!("no {name} map"))?,
+        )?;
+        let mut sums = [0; N];
+        for (index, sum) in sums.iter_mut().enumerate() {
+            *sum = counters.get(&(index as u32), 0)?.iter().sum();
         }
         Ok(sums)
+    }
+
+    /// Every site's counters, summed over CPUs.
+    pub fn site_counters(&self) -> anyhow::Result<Vec<(SiteKey, SiteCounters)>> {
+        let entries = tables::read_all::<SiteKey, SiteCounters>(fd(&self.sites)?, Some(self.cpus))
+            .context("cannot read the table of sites")?;
+        Ok(entries
+            .into_iter()
+            .map(|(key, per_cpu)| (key, sum_counters(&per_cpu)))
+            .collect())
+    }
+
+    /// The heap tables as they are now.
+    pub fn heap_tables(&self) -> anyhow::Result<HeapTables> {
+        let sizes = tables::read_all::<SizeKey, u64>(fd(&self.sizes)?, Some(self.cpus))
+            .context("cannot read the table of sizes")?
+            .into_iter()
+            .map(|(key, per_cpu)| (key, per_cpu.iter().sum()))
+            .collect();
+        let blocks = tables::read_all::<LiveKey, LiveBlock>(fd(&self.live)?, None)
+            .context("cannot read the table of live blocks")?
+            .into_iter()
+            .filter_map(|(key, mut block)| Some((key, block.pop()?)))
+            .collect();
+        Ok(HeapTables {
+            sites: self.site_counters()?,
+            sizes,
+            blocks,
+        })
+    }
+
+    /// Drops the blocks `pid` allocated before `before_ns`: its image was replaced, and its address space with
+    /// it.
+    pub fn forget_blocks(&self, pid: u32, before_ns: u64) -> anyhow::Result<()> {
+        let live = fd(&self.live)?;
+        let stale: Vec<LiveKey> = tables::read_all::<LiveKey, LiveBlock>(live, None)
+            .context("cannot read the table of live blocks")?
+            .into_iter()
+            .filter(|(key, block)| {
+                key.tgid == pid && block.first().is_some_and(|b| b.ts_ns < before_ns)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        tables::delete(live, &stale).context("cannot prune the table of live blocks")
+    }
+}
+
+/// Sums a site's per-CPU counters; the extremes are the extremes over CPUs.
+fn sum_counters(per_cpu: &[SiteCounters]) -> SiteCounters {
+    per_cpu.iter().fold(
+        SiteCounters {
+            smallest: u64::MAX,
+            ..SiteCounters::default()
+        },
+        |sum, cpu| SiteCounters {
+            allocated_count: sum.allocated_count + cpu.allocated_count,
+            allocated_bytes: sum.allocated_bytes + cpu.allocated_bytes,
+            freed_count: sum.freed_count + cpu.freed_count,
+            freed_bytes: sum.freed_bytes + cpu.freed_bytes,
+            smallest: sum.smallest.min(cpu.smallest),
+            largest: sum.largest.max(cpu.largest),
+        },
+    )
+}
+
+/// The descriptor of a hash map taken out of the object.
+fn fd(map: &Map) -> anyhow::Result<BorrowedFd<'_>> {
+    match map {
+        Map::HashMap(data) | Map::PerCpuHashMap(data) => Ok(data.fd().as_fd()),
+        _ => anyhow::bail!("not a hash map"),
     }
 }
 

@@ -14,13 +14,13 @@ use tokio::{
     io::unix::AsyncFd,
     sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel},
 };
-use tracer_common::{AllocFn, Loss, OomEvent, PyFrame, PyStatus};
+use tracer_common::{AllocFn, Loss, OomEvent, PyStatus, SiteKey, Tally};
 
 use crate::{
     aggregate::{Ledger, Site, SiteId, Sites},
     cli::TargetArgs,
     decode::Event,
-    probes::Probes,
+    probes::{LoadOptions, Probes},
     procs::{
         Frame, ProcessInfo, Registry,
         allocator::{self, Allocator},
@@ -32,6 +32,7 @@ use crate::{
         AllocatorReport, Exit, Losses, ProcessReport,
         oom::{self, Cgroups, OomInput, OomRecord},
     },
+    sampling::Sampling,
     spawn::{self, ChildEvent},
     system,
 };
@@ -54,6 +55,12 @@ pub struct Trace {
     pub duration_s: f64,
     /// `[start, end]` of the trace in `bpf_ktime_get_ns` time.
     pub window: (u64, u64),
+    /// How allocations were recorded: every one, or sampled by bytes.
+    pub sampling: Sampling,
+    /// Frees of blocks allocated before the trace began (exact traces only).
+    pub unknown_frees: u64,
+    /// Blocks found released only because their address was handed out again.
+    pub unseen_frees: u64,
     /// The command alloctrace started, when it was still running as the trace ended.
     unfinished_command: Option<u32>,
 }
@@ -75,12 +82,14 @@ struct State {
     registry: Registry,
     sites: Sites,
     ledger: Ledger,
-    /// Every stack received, by id.
-    stacks: HashMap<u64, Stack>,
+    /// Every stack received, by id, named as it arrived (while its process was alive).
+    stacks: HashMap<u64, Vec<Frame>>,
     /// The CPython processes among the targets, and what reads their frames.
     pythons: HashMap<u32, Reader>,
     /// Site of each (pid, function, stack id) already seen.
     site_of_stack: HashMap<(u32, AllocFn, u64), SiteId>,
+    /// Stack ids used by some site whose record never arrived, and how many.
+    missing_stacks: HashSet<u64>,
     stackless: u64,
     /// OOM kills read and not yet reported.
     ooms: Vec<OomEvent>,
@@ -92,20 +101,17 @@ struct State {
     discovered: Vec<Discovery>,
 }
 
-/// A stack record's frames.
-struct Stack {
-    native: Vec<u64>,
-    /// `native[1]` is a guessed caller (a system call's stack).
-    guessed_caller: bool,
-    python: Vec<PyFrame>,
-    /// The Python stack was deeper than a record holds: its outermost frames are missing.
-    python_truncated: bool,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Discovery {
-    Forked { parent: u32, child: u32 },
-    Execed(u32),
+    Forked {
+        parent: u32,
+        child: u32,
+    },
+    /// A process replaced its image at `ts_ns`.
+    Execed {
+        pid: u32,
+        ts_ns: u64,
+    },
 }
 
 impl State {
@@ -119,19 +125,30 @@ impl State {
         };
         match event {
             Event::Stack {
+                header,
                 stack_id,
                 frames,
                 guessed_caller,
                 python,
-                ..
             } => {
-                let stack = Stack {
-                    native: frames,
-                    guessed_caller,
-                    python_truncated: python.status == PyStatus::Truncated,
-                    python: python.frames,
+                // Named now, while the process that sent it is alive: its blocks may outlive it.
+                let pid = header.pid;
+                let native = self.registry.symbolize(pid, &frames, guessed_caller);
+                let python = match self.pythons.get_mut(&pid) {
+                    Some(reader) => {
+                        let mut named: Vec<Frame> = python
+                            .frames
+                            .iter()
+                            .filter_map(|f| reader.frame(f))
+                            .collect();
+                        if python.status == PyStatus::Truncated {
+                            named.push(Frame::outer_python_frames_missing());
+                        }
+                        named
+                    }
+                    None => Vec::new(),
                 };
-                self.stacks.insert(stack_id, stack);
+                self.stacks.insert(stack_id, runtime::merge(native, python));
             }
             Event::Alloc {
                 header,
@@ -140,7 +157,6 @@ impl State {
                 size,
                 stack_id,
                 by_allocator,
-                ..
             } => match func {
                 AllocFn::Brk => {
                     let site = (!by_allocator).then(|| self.site(header.pid, func, stack_id));
@@ -150,11 +166,12 @@ impl State {
                     let site = self.site(header.pid, func, stack_id);
                     self.ledger.remapped(&header, addr, size, site);
                 }
-                _ if addr == 0 => self.ledger.realloc_returned_null(header.tid, size),
-                _ => {
+                AllocFn::Mmap => {
                     let site = self.site(header.pid, func, stack_id);
-                    self.ledger.allocated(&header, func, addr, size, site);
+                    self.ledger.mapped(&header, addr, size, site);
                 }
+                // Heap blocks are counted in the kernel's tables, never sent.
+                _ => self.undecodable += 1,
             },
             Event::Free {
                 header,
@@ -166,14 +183,17 @@ impl State {
                     self.ledger
                         .unmapped(header.pid, header.tid, func, addr, size);
                 } else {
-                    self.ledger.freed(header.pid, header.tid, func, addr);
+                    self.undecodable += 1;
                 }
             }
             Event::Exec { header } => {
                 self.ledger.exec(header.pid);
                 self.site_of_stack.retain(|&(pid, ..), _| pid != header.pid);
                 self.registry.refresh(header.pid);
-                self.discovered.push(Discovery::Execed(header.pid));
+                self.discovered.push(Discovery::Execed {
+                    pid: header.pid,
+                    ts_ns: header.ts_ns,
+                });
             }
             Event::Fork { header, child_pid } => {
                 self.discovered.push(Discovery::Forked {
@@ -185,40 +205,40 @@ impl State {
         }
     }
 
+    /// Takes the heap from the kernel's tables into the ledger.
+    fn take_heap(&mut self, probes: &Probes, sampling: &Sampling) -> anyhow::Result<()> {
+        let tables = probes.heap_tables()?;
+        let mut ledger = std::mem::take(&mut self.ledger);
+        ledger.set_heap(&tables, sampling, |key: &SiteKey| {
+            let func = AllocFn::from_u32(key.func).unwrap_or(AllocFn::Malloc);
+            self.site(key.tgid, func, key.stack_id)
+        });
+        self.ledger = ledger;
+        Ok(())
+    }
+
     /// The site of an allocation, named the first time its stack is seen, while the process is alive.
     fn site(&mut self, pid: u32, func: AllocFn, stack_id: u64) -> SiteId {
         if let Some(&site) = self.site_of_stack.get(&(pid, func, stack_id)) {
             return site;
         }
-        let Some(stack) = self.stacks.get(&stack_id) else {
-            // No stack: the kernel could not take it, or its record was lost. Not cached, so that the stack is
-            // used once it arrives.
-            self.stackless += 1;
+        let Some(frames) = self.stacks.get(&stack_id) else {
+            // No stack: the kernel could not take it (counted there), or its record was lost. Not cached, so
+            // that the stack is used once it arrives.
+            if stack_id != 0 && self.missing_stacks.insert(stack_id) {
+                self.stackless += 1;
+            }
             return self.sites.intern(Site {
                 pid,
                 func,
                 frames: Vec::new(),
             });
         };
-        let native = self
-            .registry
-            .symbolize(pid, &stack.native, stack.guessed_caller);
-        let python = match self.pythons.get_mut(&pid) {
-            Some(reader) => {
-                let mut python: Vec<Frame> = stack
-                    .python
-                    .iter()
-                    .filter_map(|f| reader.frame(f))
-                    .collect();
-                if stack.python_truncated {
-                    python.push(Frame::outer_python_frames_missing());
-                }
-                python
-            }
-            None => Vec::new(),
-        };
-        let frames = runtime::merge(native, python);
-        let site = self.sites.intern(Site { pid, func, frames });
+        let site = self.sites.intern(Site {
+            pid,
+            func,
+            frames: frames.clone(),
+        });
         self.site_of_stack.insert((pid, func, stack_id), site);
         site
     }
@@ -434,7 +454,11 @@ impl Targets {
     fn follow(&mut self, state: &mut State, discovery: Discovery) {
         match discovery {
             Discovery::Forked { parent, child } => self.follow_fork(state, parent, child),
-            Discovery::Execed(pid) => {
+            Discovery::Execed { pid, ts_ns } => {
+                // Its old address space is gone, and the blocks in it.
+                if let Err(err) = self.probes.forget_blocks(pid, ts_ns) {
+                    eprintln!("alloctrace: {err:#}");
+                }
                 state.pythons.remove(&pid);
                 let _ = self.probes.remove_python(pid);
                 // Before anything slow: a shared libpython is mapped within milliseconds, and looked for
@@ -554,6 +578,7 @@ pub type OomSink<'a> = &'a mut dyn FnMut(&OomRecord) -> anyhow::Result<()>;
 fn report_ooms(
     state: &mut State,
     targets: &Targets,
+    sampling: &Sampling,
     window: (u64, u64),
     sink: &mut Option<OomSink<'_>>,
 ) -> anyhow::Result<()> {
@@ -561,6 +586,11 @@ fn report_ooms(
         state.ooms.clear();
         return Ok(());
     };
+    if state.ooms.is_empty() {
+        return Ok(());
+    }
+    // What the victims held: the kernel's tables as they are now.
+    state.take_heap(&targets.probes, sampling)?;
     for kill in std::mem::take(&mut state.ooms) {
         let record = oom::build(OomInput {
             event: &kill,
@@ -590,8 +620,16 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     // the usual soft limit of 1024.
     system::raise_open_files_limit();
     let (exits_tx, mut exits) = unbounded_channel();
+    let sampling = args
+        .sample_every
+        .map_or_else(Sampling::exact, Sampling::every);
     let mut targets = Targets {
-        probes: Probes::load(args.buffer_size, args.chooses_by_cgroup())?,
+        probes: Probes::load(&LoadOptions {
+            buffer_size: args.buffer_size,
+            watch_execs: args.chooses_by_cgroup(),
+            sampling: sampling.clone(),
+            max_live_blocks: args.max_live_blocks,
+        })?,
         comms: args
             .comms
             .iter()
@@ -709,7 +747,8 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
             }
             _ = growth_timer.tick() => {
                 let now = system::monotonic_ns();
-                for (pid, bytes) in state.ledger.live_bytes_by_pid() {
+                let heap = targets.probes.site_counters()?;
+                for (pid, bytes) in state.ledger.live_bytes_by_pid(&heap) {
                     let samples = state.growth.entry(pid).or_default();
                     if samples.len() == GROWTH_SAMPLES {
                         samples.pop_front();
@@ -758,16 +797,27 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         }
         follow_discoveries(&mut targets, &mut state);
         let window = (start_ns, system::monotonic_ns());
-        report_ooms(&mut state, &targets, window, &mut oom_sink)?;
+        report_ooms(&mut state, &targets, &sampling, window, &mut oom_sink)?;
     }
     drain(ring.get_mut(), &mut state);
     let end_ns = system::monotonic_ns().max(start_ns);
-    report_ooms(&mut state, &targets, (start_ns, end_ns), &mut oom_sink)?;
+    report_ooms(
+        &mut state,
+        &targets,
+        &sampling,
+        (start_ns, end_ns),
+        &mut oom_sink,
+    )?;
+    state.take_heap(&targets.probes, &sampling)?;
 
     let kernel = targets.probes.losses()?;
+    let tallies = targets.probes.tallies()?;
     let lost = Losses {
         events: kernel[Loss::RingBufFull as usize],
         untracked_calls: kernel[Loss::InFlightFull as usize],
+        untracked_blocks: kernel[Loss::LiveTableFull as usize],
+        untracked_sites: kernel[Loss::SiteTableFull as usize],
+        histogram_sizes: kernel[Loss::SizeTableFull as usize],
         stacks: kernel[Loss::StackUnavailable as usize] + state.stackless,
         undecodable: state.undecodable,
     };
@@ -792,6 +842,9 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         lost,
         duration_s: started.elapsed().as_secs_f64(),
         window: (start_ns, end_ns),
+        sampling,
+        unknown_frees: tallies[Tally::UnknownFree as usize],
+        unseen_frees: tallies[Tally::UnseenFree as usize],
     })
 }
 
@@ -800,7 +853,7 @@ fn follow_discoveries(targets: &mut Targets, state: &mut State) {
     for discovery in std::mem::take(&mut state.discovered) {
         match discovery {
             // A target's new image may use another allocator; a --comm, --container or --cgroup match is new.
-            Discovery::Execed(pid) => {
+            Discovery::Execed { pid, .. } => {
                 let known =
                     targets.order.contains(&pid) || targets.allocator_pending.contains_key(&pid);
                 if known || targets.chosen(&mut state.registry, pid) {

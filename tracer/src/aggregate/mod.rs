@@ -1,10 +1,10 @@
-//! The ledger of outstanding memory, fed with decoded events: heap blocks by address, mapped ranges by extent,
-//! and per-site statistics (totals, frees, a size histogram). Pure bookkeeping, no kernel, so every rule —
-//! realloc's and mremap's edge cases, partial munmap, brk, exec — is unit-tested with synthetic events.
+//! The ledger of outstanding memory: mapped ranges by extent, fed with decoded events (mmap, munmap, mremap,
+//! brk), and heap blocks with their sites' statistics (totals, frees, a size histogram) as the kernel's tables
+//! hold them. Pure bookkeeping, no kernel, so every rule — mremap's edge cases, partial munmap, brk, exec, the
+//! weighing of sampled blocks — is unit-tested with synthetic events and tables.
 //!
-//! It lives in userspace: the kernel streams each allocation and release through the ring buffer and keeps no
-//! per-block state, so the table's size is bounded by memory, not by a map's fixed capacity, and it answers
-//! questions about ages and growth that in-kernel counters cannot.
+//! Heap blocks are counted in the kernel (a block that lives microseconds costs a map update, never a record):
+//! the ledger takes a snapshot of those tables when a report needs it.
 
 pub mod regions;
 
@@ -12,9 +12,11 @@ use std::collections::{HashMap, hash_map::Entry};
 
 use hdrhistogram::Histogram;
 use regions::{Piece, Regions, Removed};
-use tracer_common::{AllocFn, EventHeader};
+use tracer_common::{
+    AllocFn, COUNT_SCALE, EventHeader, LiveBlock, LiveKey, SiteCounters, SiteKey, SizeKey,
+};
 
-use crate::procs::Frame;
+use crate::{procs::Frame, sampling::Sampling};
 
 /// Index of a site in a [`Sites`] table.
 pub type SiteId = usize;
@@ -97,50 +99,44 @@ pub struct Live {
 }
 
 /// One outstanding block or mapped piece.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LiveObject {
     pub pid: u32,
     pub addr: u64,
     pub size: u64,
     pub ts_ns: u64,
     pub site: SiteId,
+    /// What it stands for, `(blocks, bytes)`: itself, unless it is a sampled block.
+    pub weight: (f64, u64),
 }
 
-/// A block's key: (pid, address).
-type BlockKey = (u32, u64);
-
-/// An outstanding heap block. Kept small: a million live blocks are a million of these. With the address as key
-/// an entry takes 32 bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Block {
-    size: u64,
-    ts_ns: u64,
-    site: u32,
+/// The kernel's heap tables at one moment: every site's counters and size classes (summed over CPUs), and the
+/// live blocks.
+#[derive(Clone, Debug, Default)]
+pub struct HeapTables {
+    pub sites: Vec<(SiteKey, SiteCounters)>,
+    pub sizes: Vec<(SizeKey, u64)>,
+    pub blocks: Vec<(LiveKey, LiveBlock)>,
 }
 
-impl Block {
-    fn site(&self) -> SiteId {
-        self.site as SiteId
-    }
+/// The heap as the ledger last took it from the kernel's tables.
+#[derive(Default)]
+struct Heap {
+    stats: HashMap<SiteId, SiteStats>,
+    blocks: Vec<LiveObject>,
 }
 
 /// Outstanding memory, and per-site statistics.
 pub struct Ledger {
-    /// Heap blocks by process, then address.
-    blocks: HashMap<u32, HashMap<u64, Block>>,
+    heap: Heap,
     regions: Regions,
+    /// Statistics of the sites that map memory (mmap, mremap, brk), by site; heap sites' are in `heap`.
     stats: Vec<SiteStats>,
-    /// Blocks a `realloc` released on entry, by thread, until it returns: restored if it fails.
-    realloc_released: HashMap<u32, Option<(BlockKey, Block)>>,
     /// Pieces an `mremap` released on entry, by thread, until it returns: moved, or restored if it fails.
     remap_released: HashMap<u32, (u32, Vec<Piece>)>,
     /// The program break of each process, once known.
     breaks: HashMap<u32, u64>,
     page_size: u64,
-    /// Frees of blocks the ledger never saw: allocated before tracing began, or whose record was lost.
-    pub unknown_frees: u64,
-    /// Blocks found released only because their address was handed out again.
-    pub unseen_frees: u64,
 }
 
 impl Default for Ledger {
@@ -154,16 +150,59 @@ impl Default for Ledger {
 impl Ledger {
     pub fn with_page_size(page_size: u64) -> Self {
         Self {
-            blocks: HashMap::new(),
+            heap: Heap::default(),
             regions: Regions::default(),
             stats: Vec::new(),
-            realloc_released: HashMap::new(),
             remap_released: HashMap::new(),
             breaks: HashMap::new(),
             page_size,
-            unknown_frees: 0,
-            unseen_frees: 0,
         }
+    }
+
+    /// Takes the heap from the kernel's tables, replacing what an earlier snapshot gave. `site_of` says which
+    /// site a kernel site is (its process, function and stack); `sampling` weighs the blocks.
+    pub fn set_heap(
+        &mut self,
+        tables: &HeapTables,
+        sampling: &Sampling,
+        mut site_of: impl FnMut(&SiteKey) -> SiteId,
+    ) {
+        let mut heap = Heap::default();
+        let scale = COUNT_SCALE as f64;
+        for (key, counters) in &tables.sites {
+            let stats = heap.stats.entry(site_of(key)).or_default();
+            stats.allocated.count += (counters.allocated_count as f64 / scale).round() as u64;
+            stats.allocated.bytes += counters.allocated_bytes;
+            stats.freed.count += (counters.freed_count as f64 / scale).round() as u64;
+            stats.freed.bytes += counters.freed_bytes;
+            stats.smallest = stats.smallest.min(counters.smallest);
+            stats.largest = stats.largest.max(counters.largest);
+        }
+        for (key, blocks) in &tables.sizes {
+            let stats = heap.stats.entry(site_of(&key.site)).or_default();
+            let (weight, _) = sampling.weigh(key.size_class);
+            // A size class is a value the histogram resolves exactly: recording cannot fail.
+            let _ = stats
+                .sizes
+                .record_n(key.size_class, (*blocks as f64 * weight).round() as u64);
+        }
+        heap.blocks = tables
+            .blocks
+            .iter()
+            .map(|(key, block)| LiveObject {
+                pid: key.tgid,
+                addr: key.addr,
+                size: block.size,
+                ts_ns: block.ts_ns,
+                site: site_of(&SiteKey {
+                    tgid: key.tgid,
+                    func: block.func,
+                    stack_id: block.stack_id,
+                }),
+                weight: sampling.weigh(block.size),
+            })
+            .collect();
+        self.heap = heap;
     }
 
     fn stats_mut(&mut self, site: SiteId) -> &mut SiteStats {
@@ -193,45 +232,11 @@ impl Ledger {
         addr.saturating_add(len.div_ceil(self.page_size) * self.page_size)
     }
 
-    /// An allocator call (`header` says which process and thread, and when) returned the block `addr` of `size`
-    /// bytes, or `mmap` mapped `size` bytes at `addr`.
-    pub fn allocated(
-        &mut self,
-        header: &EventHeader,
-        func: AllocFn,
-        addr: u64,
-        size: u64,
-        site: SiteId,
-    ) {
-        if func == AllocFn::Mmap {
-            let end = self.page_end(addr, size);
-            self.count_allocation(site, end - addr);
-            self.map(header, addr, end, site);
-            return;
-        }
-        if func.reallocates()
-            && let Some(Some((_, old))) = self.realloc_released.remove(&header.tid)
-        {
-            // The call succeeded: the block it released is gone for good.
-            self.count_release(old.site(), old.size, true);
-        }
-        self.count_allocation(site, size);
-        let block = Block {
-            size,
-            ts_ns: header.ts_ns,
-            site: u32::try_from(site).expect("fewer than 4 billion sites"),
-        };
-        if let Some(stale) = self
-            .blocks
-            .entry(header.pid)
-            .or_default()
-            .insert(addr, block)
-        {
-            // The allocator handed out an address the ledger still held: its free was never seen (an
-            // unprobed release function, or a lost record). The old block is gone all the same.
-            self.count_release(stale.site(), stale.size, true);
-            self.unseen_frees += 1;
-        }
+    /// `mmap` (`header` says which process and thread, and when) mapped `size` bytes at `addr`.
+    pub fn mapped(&mut self, header: &EventHeader, addr: u64, size: u64, site: SiteId) {
+        let end = self.page_end(addr, size);
+        self.count_allocation(site, end - addr);
+        self.map(header, addr, end, site);
     }
 
     fn map(&mut self, header: &EventHeader, start: u64, end: u64, site: SiteId) {
@@ -251,36 +256,6 @@ impl Ledger {
         }
         for &site in &removed.whole {
             self.stats_mut(site).freed.count += 1;
-        }
-    }
-
-    /// `realloc(p, size)` returned NULL: with `size > 0` it failed and `p` is still allocated; with `size == 0`
-    /// it freed `p`.
-    pub fn realloc_returned_null(&mut self, tid: u32, size: u64) {
-        match self.realloc_released.remove(&tid) {
-            Some(Some(((pid, addr), block))) if size != 0 => {
-                self.blocks.entry(pid).or_default().insert(addr, block);
-            }
-            Some(Some((_, block))) => self.count_release(block.site(), block.size, true),
-            _ => {}
-        }
-    }
-
-    /// The heap block `addr` is being released: by `free`, or by `realloc` on entry.
-    pub fn freed(&mut self, pid: u32, tid: u32, func: AllocFn, addr: u64) {
-        let block = self
-            .blocks
-            .get_mut(&pid)
-            .and_then(|blocks| blocks.remove(&addr));
-        if block.is_none() {
-            self.unknown_frees += 1;
-        }
-        if func.reallocates() {
-            // Counted as released when realloc returns: it may fail and keep the block.
-            self.realloc_released
-                .insert(tid, block.map(|block| ((pid, addr), block)));
-        } else if let Some(block) = block {
-            self.count_release(block.site(), block.size, true);
         }
     }
 
@@ -354,51 +329,52 @@ impl Ledger {
         self.breaks.insert(pid, at);
     }
 
-    /// The process replaced its image: everything it had is gone with its address space.
+    /// The process replaced its image: everything it mapped is gone with its address space (its heap blocks
+    /// leave the kernel's table).
     pub fn exec(&mut self, pid: u32) {
-        self.blocks.remove(&pid);
         self.regions.clear(pid);
         self.breaks.remove(&pid);
     }
 
     pub fn stats(&self, site: SiteId) -> Option<&SiteStats> {
-        self.stats.get(site)
+        self.heap.stats.get(&site).or_else(|| self.stats.get(site))
     }
 
     /// Every site that allocated anything, with its statistics.
     pub fn sites(&self) -> impl Iterator<Item = (SiteId, &SiteStats)> {
-        self.stats
+        let mapping = self.stats.iter().enumerate();
+        self.heap
+            .stats
             .iter()
-            .enumerate()
+            .map(|(&site, stats)| (site, stats))
+            .chain(mapping)
             .filter(|(_, s)| s.allocated.count > 0)
     }
 
     /// Every outstanding block and mapped piece.
     pub fn objects(&self) -> impl Iterator<Item = LiveObject> + '_ {
-        let blocks = self.blocks.iter().flat_map(|(&pid, blocks)| {
-            blocks.iter().map(move |(&addr, b)| LiveObject {
-                pid,
-                addr,
-                size: b.size,
-                ts_ns: b.ts_ns,
-                site: b.site(),
-            })
-        });
         let pieces = self.regions.iter().map(|(pid, p)| LiveObject {
             pid,
             addr: p.start,
             size: p.bytes(),
             ts_ns: p.ts_ns,
             site: p.site,
+            weight: (1.0, p.bytes()),
         });
-        blocks.chain(pieces)
+        self.heap.blocks.iter().copied().chain(pieces)
     }
 
-    /// Outstanding bytes per process.
-    pub fn live_bytes_by_pid(&self) -> HashMap<u32, u64> {
+    /// Outstanding bytes per process: mapped pieces, and heap blocks as `heap` (the kernel's site counters)
+    /// gives them.
+    pub fn live_bytes_by_pid(&self, heap: &[(SiteKey, SiteCounters)]) -> HashMap<u32, u64> {
         let mut live: HashMap<u32, u64> = HashMap::new();
-        for object in self.objects() {
-            *live.entry(object.pid).or_default() += object.size;
+        for (pid, piece) in self.regions.iter() {
+            *live.entry(pid).or_default() += piece.bytes();
+        }
+        for (key, counters) in heap {
+            *live.entry(key.tgid).or_default() += counters
+                .allocated_bytes
+                .saturating_sub(counters.freed_bytes);
         }
         live
     }
@@ -409,16 +385,22 @@ impl Ledger {
         let (start, end) = window;
         let quarter = (end.saturating_sub(start) / 4).max(1);
         let mut live: HashMap<SiteId, Live> = HashMap::new();
+        let mut blocks: HashMap<SiteId, f64> = HashMap::new();
         for object in self.objects().filter(|o| o.ts_ns <= born_by_ns) {
             let entry = live.entry(object.site).or_insert(Live {
                 oldest_ns: u64::MAX,
                 ..Live::default()
             });
-            entry.bytes += object.size;
-            entry.count += 1;
+            entry.bytes += object.weight.1;
+            *blocks.entry(object.site).or_default() += object.weight.0;
             entry.oldest_ns = entry.oldest_ns.min(object.ts_ns);
             let q = (object.ts_ns.saturating_sub(start) / quarter).min(3) as usize;
             entry.born_by_quarter[q] += 1;
+        }
+        for (site, blocks) in blocks {
+            if let Some(entry) = live.get_mut(&site) {
+                entry.count = blocks.round() as u64;
+            }
         }
         live
     }

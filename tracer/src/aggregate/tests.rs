@@ -1,7 +1,7 @@
 //! The ledger's rules, on synthetic events.
 
 use super::*;
-use AllocFn::{Calloc, Free, Malloc, Mmap, Mremap, Munmap, Realloc};
+use AllocFn::{Calloc, Malloc, Mremap, Munmap};
 
 const PID: u32 = 10;
 const TID: u32 = 11;
@@ -35,83 +35,115 @@ fn totals(bytes: u64, count: u64) -> Totals {
     Totals { bytes, count }
 }
 
-#[test]
-fn malloc_and_free_balance() {
-    let mut l = ledger();
-    l.allocated(&at(PID, TID, 1), Malloc, 0x1000, 100, 0);
-    l.allocated(&at(PID, TID, 2), Calloc, 0x2000, 300, 0);
-    l.allocated(&at(PID, TID, 3), Malloc, 0x3000, 50, 1);
-    l.freed(PID, TID, Free, 0x1000);
-    assert_eq!(live(&l, 0), (300, 1));
-    assert_eq!(live(&l, 1), (50, 1));
-    assert_eq!(stats(&l, 0), (totals(400, 2), totals(100, 1)));
-    l.freed(PID, TID, Free, 0x9999);
-    assert_eq!(l.unknown_frees, 1);
-    let s = l.stats(0).unwrap();
-    assert_eq!((s.sizes.len(), s.smallest, s.largest), (2, 100, 300));
+/// Kernel tables holding `blocks` of one process, as `(func, stack, addr, size, ts)`, with each site's
+/// counters: everything it allocated (`allocated`, as `(stack, count, bytes)`) and freed.
+fn tables(blocks: &[(AllocFn, u64, u64, u64, u64)], allocated: &[(u64, u64, u64)]) -> HeapTables {
+    let key = |func: AllocFn, stack_id| SiteKey {
+        tgid: PID,
+        func: func as u32,
+        stack_id,
+    };
+    let mut tables = HeapTables {
+        blocks: blocks
+            .iter()
+            .map(|&(func, stack_id, addr, size, ts_ns)| {
+                let block = LiveBlock {
+                    size,
+                    stack_id,
+                    ts_ns,
+                    func: func as u32,
+                    _pad: 0,
+                };
+                let key = LiveKey {
+                    tgid: PID,
+                    _pad: 0,
+                    addr,
+                };
+                (key, block)
+            })
+            .collect(),
+        ..HeapTables::default()
+    };
+    for &(stack_id, count, bytes) in allocated {
+        let live: Vec<_> = blocks.iter().filter(|b| b.1 == stack_id).collect();
+        let live_bytes: u64 = live.iter().map(|b| b.3).sum();
+        let counters = SiteCounters {
+            allocated_count: count * COUNT_SCALE,
+            allocated_bytes: bytes,
+            freed_count: (count - live.len() as u64) * COUNT_SCALE,
+            freed_bytes: bytes - live_bytes,
+            smallest: 1,
+            largest: bytes,
+        };
+        tables.sites.push((key(Malloc, stack_id), counters));
+        let size_key = SizeKey {
+            site: key(Malloc, stack_id),
+            size_class: 100,
+        };
+        tables.sizes.push((size_key, count));
+    }
+    tables
+}
+
+/// Sites numbered by their stack id.
+fn by_stack(key: &SiteKey) -> SiteId {
+    key.stack_id as SiteId
 }
 
 #[test]
-fn same_address_in_two_processes_is_two_blocks() {
+fn the_heap_comes_from_the_kernel_tables_and_replaces_the_last_snapshot() {
     let mut l = ledger();
-    l.allocated(&at(1, 1, 1), Malloc, 0x1000, 10, 0);
-    l.allocated(&at(2, 2, 1), Malloc, 0x1000, 20, 1);
-    l.freed(1, 1, Free, 0x1000);
-    assert_eq!((live(&l, 0), live(&l, 1)), ((0, 0), (20, 1)));
-}
-
-#[test]
-fn realloc_moves_the_block_to_its_own_site() {
-    let mut l = ledger();
-    l.allocated(&at(PID, TID, 1), Malloc, 0x1000, 100, 0);
-    l.freed(PID, TID, Realloc, 0x1000);
-    l.allocated(&at(PID, TID, 2), Realloc, 0x5000, 200, 1);
-    assert_eq!((live(&l, 0), live(&l, 1)), ((0, 0), (200, 1)));
-    assert_eq!(stats(&l, 0).1, totals(100, 1));
-    // Grown in place: same address, new size.
-    l.freed(PID, TID, Realloc, 0x5000);
-    l.allocated(&at(PID, TID, 3), Realloc, 0x5000, 400, 1);
-    assert_eq!(live(&l, 1), (400, 1));
-    assert_eq!(stats(&l, 1).0, totals(600, 2));
-}
-
-#[test]
-fn realloc_of_null_is_malloc() {
-    let mut l = ledger();
-    l.allocated(&at(PID, TID, 1), Realloc, 0x1000, 64, 0);
-    assert_eq!(live(&l, 0), (64, 1));
-}
-
-#[test]
-fn failed_realloc_keeps_the_block_and_realloc_to_zero_frees_it() {
-    let mut l = ledger();
-    l.allocated(&at(PID, TID, 1), Malloc, 0x1000, 100, 0);
-    l.freed(PID, TID, Realloc, 0x1000);
-    l.realloc_returned_null(TID, 1 << 40);
+    let exact = Sampling::exact();
+    let blocks = [(Malloc, 0, 0x1000, 100, 1), (Calloc, 1, 0x2000, 300, 2)];
+    l.set_heap(&tables(&blocks, &[(0, 3, 500)]), &exact, by_stack);
     assert_eq!(live(&l, 0), (100, 1));
-    assert_eq!(stats(&l, 0).1, totals(0, 0));
-    l.freed(PID, TID, Realloc, 0x1000);
-    l.realloc_returned_null(TID, 0);
-    assert_eq!(live(&l, 0), (0, 0));
-    assert_eq!(stats(&l, 0).1, totals(100, 1));
+    assert_eq!(live(&l, 1), (300, 1));
+    assert_eq!(stats(&l, 0), (totals(500, 3), totals(400, 2)));
+    let s = l.stats(0).unwrap();
+    assert_eq!((s.sizes.len(), s.smallest, s.largest), (3, 1, 500));
+    l.set_heap(&tables(&blocks[..1], &[]), &exact, by_stack);
+    assert_eq!((live(&l, 0), live(&l, 1)), ((100, 1), (0, 0)));
+    assert!(l.stats(1).is_none());
+}
+
+#[test]
+fn sampled_blocks_count_for_what_they_stand_for() {
+    let mut l = ledger();
+    let sampling = Sampling::every(1 << 20);
+    let blocks = [
+        (Malloc, 0, 0x1000, 1 << 10, 1),
+        (Malloc, 0, 0x2000, 64 << 20, 2),
+    ];
+    l.set_heap(&tables(&blocks, &[]), &sampling, by_stack);
+    let small = sampling.weigh(1 << 10);
+    let (bytes, count) = live(&l, 0);
+    assert_eq!(bytes, small.1 + (64 << 20));
+    assert_eq!(count, (small.0 + 1.0).round() as u64);
+    // A kibibyte sampled every mebibyte stands for about a mebibyte.
+    assert!(
+        (1 << 20..(1 << 20) + (1 << 10)).contains(&small.1),
+        "{small:?}"
+    );
 }
 
 #[test]
 fn exec_drops_the_old_image() {
     let mut l = ledger();
-    l.allocated(&at(PID, TID, 1), Malloc, 0x1000, 100, 0);
-    l.allocated(&at(PID, TID, 1), Mmap, 0x10000, PAGE, 1);
-    l.allocated(&at(PID + 1, TID, 1), Malloc, 0x1000, 100, 0);
+    l.mapped(&at(PID, TID, 1), 0x10000, PAGE, 1);
+    l.mapped(&at(PID + 1, TID, 1), 0x10000, PAGE, 0);
     l.exec(PID);
-    assert_eq!((live(&l, 0), live(&l, 1)), ((100, 1), (0, 0)));
+    assert_eq!((live(&l, 0), live(&l, 1)), ((PAGE, 1), (0, 0)));
 }
 
 #[test]
 fn young_blocks_are_left_out_and_birth_quarters_are_counted() {
     let mut l = ledger();
-    l.allocated(&at(PID, TID, 10), Malloc, 0x1000, 1, 0);
-    l.allocated(&at(PID, TID, 60), Malloc, 0x2000, 2, 0);
-    l.allocated(&at(PID, TID, 90), Malloc, 0x3000, 4, 0);
+    let blocks = [
+        (Malloc, 0, 0x1000, 1, 10),
+        (Malloc, 0, 0x2000, 2, 60),
+        (Malloc, 0, 0x3000, 4, 90),
+    ];
+    l.set_heap(&tables(&blocks, &[(0, 3, 7)]), &Sampling::exact(), by_stack);
     let by_70 = l.live_by_site(70, (0, 100));
     assert_eq!(by_70[&0].bytes, 3);
     assert_eq!(by_70[&0].count, 2);
@@ -127,7 +159,7 @@ fn young_blocks_are_left_out_and_birth_quarters_are_counted() {
 fn mmap_is_counted_in_pages_and_partial_munmap_is_exact() {
     let mut l = ledger();
     // 3 pages and a bit: 4 pages mapped.
-    l.allocated(&at(PID, TID, 1), Mmap, 0x10000, 3 * PAGE + 1, 0);
+    l.mapped(&at(PID, TID, 1), 0x10000, 3 * PAGE + 1, 0);
     assert_eq!(live(&l, 0), (4 * PAGE, 1));
     // A page out of the middle: two pieces remain.
     l.unmapped(PID, TID, Munmap, 0x10000 + PAGE, PAGE);
@@ -144,7 +176,7 @@ fn mmap_is_counted_in_pages_and_partial_munmap_is_exact() {
 #[test]
 fn mremap_moves_grows_and_restores() {
     let mut l = ledger();
-    l.allocated(&at(PID, TID, 1), Mmap, 0x10000, 2 * PAGE, 0);
+    l.mapped(&at(PID, TID, 1), 0x10000, 2 * PAGE, 0);
     // Grown and moved: the range keeps its site and its age.
     l.unmapped(PID, TID, Mremap, 0x10000, 2 * PAGE);
     l.remapped(&at(PID, TID, 5), 0x40000, 5 * PAGE, 9);
@@ -190,8 +222,13 @@ fn brk_growth_outside_the_allocator_is_a_range_and_shrinking_releases_it() {
 #[test]
 fn objects_list_blocks_and_pieces() {
     let mut l = ledger();
-    l.allocated(&at(PID, TID, 1), Malloc, 0x1000, 100, 0);
-    l.allocated(&at(PID, TID, 2), Mmap, 0x10000, PAGE, 1);
+    let blocks = [(Malloc, 0, 0x1000, 100, 1)];
+    l.set_heap(
+        &tables(&blocks, &[(0, 1, 100)]),
+        &Sampling::exact(),
+        by_stack,
+    );
+    l.mapped(&at(PID, TID, 2), 0x10000, PAGE, 1);
     let mut objects: Vec<_> = l.objects().map(|o| (o.addr, o.size, o.site)).collect();
     objects.sort();
     assert_eq!(objects, [(0x1000, 100, 0), (0x10000, PAGE, 1)]);

@@ -88,6 +88,12 @@ pub struct Losses {
     pub events: u64,
     /// Calls not recorded because the kernel's table of calls in flight was full.
     pub untracked_calls: u64,
+    /// Blocks not kept because the kernel's table of live blocks was full (`--max-live-blocks`).
+    pub untracked_blocks: u64,
+    /// Allocations not counted because the kernel's table of sites was full.
+    pub untracked_sites: u64,
+    /// Sizes missing from a site's histogram because the kernel's table of sizes was full.
+    pub histogram_sizes: u64,
     /// Allocations recorded without their stack (the kernel could not take it, or its record was lost).
     pub stacks: u64,
     /// Records userspace could not decode.
@@ -96,7 +102,13 @@ pub struct Losses {
 
 impl Losses {
     pub fn total(&self) -> u64 {
-        self.events + self.untracked_calls + self.stacks + self.undecodable
+        self.events
+            + self.untracked_calls
+            + self.untracked_blocks
+            + self.untracked_sites
+            + self.histogram_sizes
+            + self.stacks
+            + self.undecodable
     }
 }
 
@@ -156,8 +168,8 @@ impl Header {
             duration_s: trace.duration_s,
             lost: trace.lost,
             complete: trace.lost.total() == 0,
-            frees_of_untraced_blocks: trace.ledger.unknown_frees,
-            frees_not_seen: trace.ledger.unseen_frees,
+            frees_of_untraced_blocks: trace.unknown_frees,
+            frees_not_seen: trace.unseen_frees,
             processes: trace.processes.clone(),
             allocators: trace.allocators.clone(),
             tracer_max_rss_bytes: crate::system::max_rss_bytes(),
