@@ -9,6 +9,8 @@
 #![no_std]
 #![no_main]
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_F_NO_PREALLOC,
@@ -16,8 +18,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_get_stack,
-        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
-        bpf_probe_read_user_buf, bpf_task_pt_regs,
+        bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_probe_read_user, bpf_probe_read_user_buf, bpf_task_pt_regs,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -662,9 +664,9 @@ fn read_user<T>(addr: u64) -> Option<T> {
 }
 
 /// Finds the current thread's Python thread state (the one whose `thread_id` is this thread's pointer) and
-/// reads its frames into `out`: code object and position, innermost first. Each loop has one counter and few
-/// branches, so that the verifier can prune its states: a shim frame takes a slot with code 0, which
-/// userspace skips.
+/// reads its frames into `out`: code object and position, innermost first. Both walks run under `bpf_loop`,
+/// so the verifier checks one step of each, not every unrolled iteration (which took seconds at load). A shim
+/// frame takes a slot with code 0, which userspace skips.
 #[inline(always)]
 fn walk_python(py: &PyProcess, out: &mut StackEvent) {
     // SAFETY: a plain global set at load time, and the current task's own thread pointer.
@@ -675,58 +677,126 @@ fn walk_python(py: &PyProcess, out: &mut StackEvent) {
     };
     out.py_status = PyStatus::NoThreadState as u32;
     let interp = read_user::<u64>(py.interpreters_head).unwrap_or(0);
-    let mut tstate = read_user::<u64>(interp + py.interp_threads_head as u64).unwrap_or(0);
-    let mut found = false;
-    for _ in 0..MAX_PY_THREADS {
-        if tstate == 0 {
-            break;
-        }
-        if read_user::<u64>(tstate + py.tstate_thread_id as u64).unwrap_or(0) == thread_pointer {
-            found = true;
-            break;
-        }
-        tstate = read_user::<u64>(tstate + py.tstate_next as u64).unwrap_or(0);
-    }
+    let mut search = ThreadSearch {
+        tstate: read_user::<u64>(interp + py.interp_threads_head as u64).unwrap_or(0),
+        thread_pointer,
+        tstate_next: py.tstate_next as u64,
+        tstate_thread_id: py.tstate_thread_id as u64,
+        found: 0,
+    };
+    // SAFETY: the callback is a BPF function taking (index, ctx); ctx points at `search` on this stack.
+    unsafe {
+        bpf_loop(
+            MAX_PY_THREADS as u32,
+            find_thread_state as *mut c_void,
+            (&mut search as *mut ThreadSearch).cast(),
+            0,
+        )
+    };
     // Past the search limit, another thread's state must not stand in for this one's.
-    if !found {
+    if search.found == 0 {
         return;
     }
     out.py_status = PyStatus::Read as u32;
-    let mut frame = read_user::<u64>(tstate + py.tstate_frame as u64).unwrap_or(0);
+    let mut frame = read_user::<u64>(search.tstate + py.tstate_frame as u64).unwrap_or(0);
     if py.cframe_current_frame != PY_NO_OFFSET && frame != 0 {
         frame = read_user::<u64>(frame + py.cframe_current_frame as u64).unwrap_or(0);
     }
-    let mut depth = 0;
-    let size = (py.frame_read_size as usize).min(PY_FRAME_READ_MAX);
-    let word = |words: &[u64; PY_FRAME_READ_MAX / 8], offset: u32| -> u64 {
-        words.get(offset as usize / 8).copied().unwrap_or(0)
+    let mut walk = FrameWalk {
+        frame,
+        depth: 0,
+        py: *py,
+        out,
     };
-    for slot in out.py_frames.iter_mut() {
-        if frame == 0 {
-            break;
-        }
-        // One read per frame: four small ones cost four times as much.
-        let mut words = [0u64; PY_FRAME_READ_MAX / 8];
-        // SAFETY: reading at most `PY_FRAME_READ_MAX` bytes of user memory into a buffer of that size.
-        let read = unsafe {
-            bpf_probe_read_user_buf(frame as *const u8, &mut words_as_bytes(&mut words)[..size])
-        };
-        if read.is_err() {
-            break;
-        }
-        let owner = if py.frame_owner == PY_NO_OFFSET {
-            0
-        } else {
-            (word(&words, py.frame_owner) >> ((py.frame_owner % 8) * 8)) as u8
-        };
-        let raw = word(&words, py.frame_instr);
-        // f_lasti (3.8–3.10) is a C int: the low half of its word.
-        let instr = if py.frame_instr_is_pointer != 0 {
-            raw
-        } else {
-            raw & 0xffff_ffff
-        };
-        let code = word(&words, py.frame_code);
+    // SAFETY: as above, with `walk`.
+    unsafe {
+        bpf_loop(
+            MAX_PY_FRAMES as u32,
+            read_frame as *mut c_void,
+            (&mut walk as *mut FrameWalk).cast(),
+            0,
+        )
+    };
+    if walk.frame != 0 {
+        walk.out.py_status = PyStatus::Truncated as u32;
+    }
+    walk.out.py_depth = walk.depth;
+}
+
+/// The state of the search for the current thread's Python thread state.
+#[repr(C)]
+struct ThreadSearch {
+    tstate: u64,
+    thread_pointer: u64,
+    tstate_next: u64,
+    tstate_thread_id: u64,
+    found: u64,
+}
+
+/// One step of the thread-state search: 1 stops the loop.
+extern "C" fn find_thread_state(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `ThreadSearch` `walk_python` passed to bpf_loop.
+    let search = unsafe { &mut *ctx.cast::<ThreadSearch>() };
+    if search.tstate == 0 {
+        return 1;
+    }
+    if read_user::<u64>(search.tstate + search.tstate_thread_id).unwrap_or(0)
+        == search.thread_pointer
+    {
+        search.found = 1;
+        return 1;
+    }
+    search.tstate = read_user::<u64>(search.tstate + search.tstate_next).unwrap_or(0);
+    0
+}
+
+/// The state of the walk up a thread's Python frames.
+#[repr(C)]
+struct FrameWalk<'a> {
+    frame: u64,
+    depth: u32,
+    py: PyProcess,
+    out: &'a mut StackEvent,
+}
+
+/// One step of the frame walk: reads the frame at `frame` into the next slot; 1 stops the loop.
+extern "C" fn read_frame(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `FrameWalk` `walk_python` passed to bpf_loop.
+    let walk = unsafe { &mut *ctx.cast::<FrameWalk>() };
+    let depth = walk.depth as usize;
+    if walk.frame == 0 || depth >= MAX_PY_FRAMES {
+        return 1;
+    }
+    let py = &walk.py;
+    let size = (py.frame_read_size as usize).min(PY_FRAME_READ_MAX);
+    // One read per frame: four small ones cost four times as much.
+    let mut words = [0u64; PY_FRAME_READ_MAX / 8];
+    // SAFETY: reading at most `PY_FRAME_READ_MAX` bytes of user memory into a buffer of that size.
+    let read = unsafe {
+        bpf_probe_read_user_buf(
+            walk.frame as *const u8,
+            &mut words_as_bytes(&mut words)[..size],
+        )
+    };
+    if read.is_err() {
+        return 1;
+    }
+    let word = |offset: u32| -> u64 { words.get(offset as usize / 8).copied().unwrap_or(0) };
+    let owner = if py.frame_owner == PY_NO_OFFSET {
+        0
+    } else {
+        (word(py.frame_owner) >> ((py.frame_owner % 8) * 8)) as u8
+    };
+    let raw = word(py.frame_instr);
+    // f_lasti (3.8–3.10) is a C int: the low half of its word.
+    let instr = if py.frame_instr_is_pointer != 0 {
+        raw
+    } else {
+        raw & 0xffff_ffff
+    };
+    let code = word(py.frame_code);
+    let next = word(py.frame_back);
+    if let Some(slot) = walk.out.py_frames.get_mut(depth) {
         *slot = PyFrame {
             code: if owner == FRAME_OWNED_BY_CSTACK {
                 0
@@ -735,13 +805,10 @@ fn walk_python(py: &PyProcess, out: &mut StackEvent) {
             },
             instr,
         };
-        depth += 1;
-        frame = word(&words, py.frame_back);
     }
-    if frame != 0 {
-        out.py_status = PyStatus::Truncated as u32;
-    }
-    out.py_depth = depth;
+    walk.depth += 1;
+    walk.frame = next;
+    0
 }
 
 #[inline(always)]
