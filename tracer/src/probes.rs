@@ -15,6 +15,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
+        trace_point::TracePointLink,
         uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
     },
 };
@@ -79,6 +80,7 @@ pub struct Probes {
     cpus: usize,
     /// Each traced process's uprobe links, removed when it exits.
     links: HashMap<u32, Vec<UProbeLink>>,
+    tracepoint_links: Vec<TracePointLink>,
     /// Whether OOM kills reach the ring buffer.
     pub oom_watched: bool,
 }
@@ -130,6 +132,7 @@ impl Probes {
                 .load()
                 .with_context(|| format!("the kernel refused the eBPF program {name}"))?;
         }
+        let mut tracepoint_links = Vec::new();
         for (name, category, event) in TRACEPOINTS {
             let program: &mut TracePoint = program(&mut ebpf, name)?.try_into()?;
             if program.fd().is_err() {
@@ -137,13 +140,22 @@ impl Probes {
                     .load()
                     .with_context(|| format!("the kernel refused the eBPF program {name}"))?;
             }
-            program
+            let link = program
                 .attach(category, event)
                 .with_context(|| format!("cannot attach to the tracepoint {category}:{event}"))?;
+            tracepoint_links.push(program.take_link(link)?);
         }
         let oom: &mut TracePoint = program(&mut ebpf, "oom_mark_victim")?.try_into()?;
-        let oom_watched =
-            oom_fields.is_some() && oom.load().is_ok() && oom.attach("oom", "mark_victim").is_ok();
+        let oom_link = if oom_fields.is_some() && oom.load().is_ok() {
+            match oom.attach("oom", "mark_victim") {
+                Ok(link) => Some(oom.take_link(link)?),
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        let oom_watched = oom_link.is_some();
+        tracepoint_links.extend(oom_link);
         if !oom_watched {
             eprintln!(
                 "alloctrace: this kernel has no usable oom:mark_victim tracepoint: OOM kills are not reported"
@@ -164,6 +176,7 @@ impl Probes {
             sizes,
             cpus,
             links: HashMap::new(),
+            tracepoint_links,
             oom_watched,
         })
     }
@@ -204,11 +217,10 @@ impl Probes {
         self.add_target(pid)
     }
 
-    /// Removes the uprobes of a process that exited. The kernel waits for an RCU grace period per uprobe
-    /// (about 0.1 s here): they are dropped on a thread of their own, not in the event loop.
+    /// Removes the uprobes of a process that exited, off the caller's thread (see [`detach_all`]).
     pub fn detach(&mut self, pid: u32) {
         if let Some(links) = self.links.remove(&pid) {
-            std::thread::spawn(move || drop(links));
+            std::thread::spawn(move || detach_all(links));
         }
     }
 
@@ -358,6 +370,31 @@ fn fd(map: &Map) -> anyhow::Result<BorrowedFd<'_>> {
         Map::HashMap(data) | Map::PerCpuHashMap(data) => Ok(data.fd().as_fd()),
         _ => anyhow::bail!("not a hash map"),
     }
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        let uprobes: Vec<UProbeLink> = std::mem::take(&mut self.links)
+            .into_values()
+            .flatten()
+            .collect();
+        let tracepoints = std::mem::take(&mut self.tracepoint_links);
+        std::thread::scope(|scope| {
+            scope.spawn(|| detach_all(uprobes));
+            scope.spawn(|| detach_all(tracepoints));
+        });
+    }
+}
+
+/// Detaches probes all at once: the kernel waits for an RCU grace period per probe it removes (about 0.1 s
+/// here), and one by one thirty probes held the report back by seconds. The periods overlap when each probe
+/// goes on a thread of its own.
+fn detach_all<L: Send>(links: Vec<L>) {
+    std::thread::scope(|scope| {
+        for link in links {
+            scope.spawn(move || drop(link));
+        }
+    });
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
