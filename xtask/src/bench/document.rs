@@ -13,7 +13,7 @@ use anyhow::Context as _;
 pub const RECORDS: u64 = 200_000;
 /// Part of the file's name: a change to what is generated must change it, so that a cached document of the old
 /// shape is not reused.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const WORDS: [&str; 32] = [
     "alpha", "bravo", "cargo", "delta", "ember", "fjord", "gamma", "harbor", "index", "juniper",
     "kernel", "lumen", "meadow", "nectar", "orbit", "pixel", "quartz", "river", "signal", "timber",
@@ -45,7 +45,7 @@ pub fn ensure(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// A JSON array of `records` records, one a line. Each has numbers, strings, a nested object, two lists and a
-/// description of 300 to 1,150 characters: most are over 512 bytes as Python strings, and so come from libc's
+/// description of 300 to 1,080 characters: most are over 512 bytes as Python strings, and so come from libc's
 /// malloc rather than pymalloc, as a service's text fields do.
 fn write_document(out: &mut impl std::io::Write, records: u64) -> std::io::Result<()> {
     let mut random = SplitMix64(0x5eed_0000_2026_0008);
@@ -59,7 +59,7 @@ fn write_document(out: &mut impl std::io::Write, records: u64) -> std::io::Resul
         let history: Vec<String> = (0..5 + random.below(11))
             .map(|_| random.below(100_000).to_string())
             .collect();
-        let description_length = 300 + random.below(851) as usize;
+        let description_length = 300 + random.below(781) as usize;
         let mut description = String::with_capacity(description_length + 16);
         while description.len() < description_length {
             if !description.is_empty() {
