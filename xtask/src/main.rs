@@ -40,12 +40,16 @@ enum Task {
         /// Only integration tests whose name contains this.
         filter: Option<String>,
     },
-    /// Build, then measure what tracing costs two allocation loops: untraced, under alloctrace, under a
-    /// memleak-style bpftrace script and under empty probes at alloctrace's places; medians and ratios.
+    /// Build, then measure what tracing costs the bench's workloads: untraced, under empty probes at
+    /// alloctrace's places, alloctrace exact, sampled and without Python frames, a memleak-style bpftrace script
+    /// and memray; medians and ratios in one Markdown table.
     Bench {
-        /// Runs of each configuration, whose median is reported.
-        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
-        runs: u32,
+        /// Only this workload (repeatable); all of them by default.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(bench::NAMES))]
+        only: Vec<String>,
+        /// Runs of each configuration, whose median is reported [default: 3 for seed, 5 for the others].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        runs: Option<u32>,
     },
 }
 
@@ -55,7 +59,7 @@ fn main() -> ExitCode {
         Task::Build => build::run().map(|_| ()),
         Task::Run { args } => run::run(args),
         Task::Test { filter } => test::run(filter),
-        Task::Bench { runs } => bench::run(runs),
+        Task::Bench { only, runs } => bench::run(&bench::Options { only, runs }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
