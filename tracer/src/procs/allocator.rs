@@ -3,6 +3,8 @@
 //! `/proc/PID/maps`; for a command about to start, from its dynamic loader's own `--list` resolution.
 
 use std::{
+    fs::File,
+    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
     process::Command,
     sync::Arc,
@@ -13,7 +15,12 @@ use tracer_common::AllocFn;
 
 use serde::Serialize;
 
-use super::{Registry, maps::FileId, module::Module, prologue};
+use super::{
+    Registry,
+    maps::FileId,
+    module::{self, Module},
+    prologue,
+};
 
 /// The functions an allocator must provide for alloctrace to account for it; the rest of [`AllocFn::ALLOCATOR`] is
 /// probed where the object defines it.
@@ -95,20 +102,33 @@ impl Allocator {
         })
     }
 
-    /// Moves entry-only probes to their cheapest correct instruction, reading the functions' first bytes.
+    /// Moves entry-only probes to their cheapest correct instruction, reading the functions' first bytes (and
+    /// nothing else of the file).
     fn place_probes(mut self) -> anyhow::Result<Self> {
-        let data = std::fs::read(&self.attach_path)
-            .with_context(|| format!("cannot read {}", self.path))?;
+        let file = module::open_object(&self.attach_path, &self.path)?;
         for point in &mut self.probes {
             if point.func == AllocFn::Free {
-                let start = point.file_offset as usize;
-                let code = data.get(start..).unwrap_or_default();
-                point.entry_offset =
-                    prologue::free_probe_offset(&code[..code.len().min(prologue::WINDOW)]);
+                let code = read_at_most(&file, point.file_offset, prologue::WINDOW)
+                    .with_context(|| format!("cannot read {}", self.path))?;
+                point.entry_offset = prologue::free_probe_offset(&code);
             }
         }
         Ok(self)
     }
+}
+
+/// Up to `len` bytes of `file` from `offset`: fewer at its end.
+fn read_at_most(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0; len];
+    let mut filled = 0;
+    while filled < len {
+        match file.read_at(&mut buf[filled..], offset + filled as u64)? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
 }
 
 /// Objects in the order the dynamic linker searches them for a symbol: the executable (whose own definitions
@@ -169,8 +189,7 @@ pub fn for_pid(registry: &mut Registry, pid: u32) -> anyhow::Result<Allocator> {
 /// finding its interpreter then must not wait for a 20 MiB libpython to be parsed again.
 pub fn for_command(registry: &mut Registry, exe: &Path) -> anyhow::Result<Allocator> {
     let exe_module = load(exe)?;
-    let data = std::fs::read(exe).with_context(|| format!("cannot read {}", exe.display()))?;
-    let interpreter = interpreter(&data);
+    let interpreter = interpreter(exe)?;
     let mut candidates = vec![(exe_module, exe.to_path_buf(), super::file_id(exe))];
     if let Some(interpreter) = interpreter {
         let output = Command::new(&interpreter)
@@ -212,19 +231,28 @@ fn load(path: &Path) -> anyhow::Result<Arc<Module>> {
     Ok(Arc::new(Module::load(path, &path.to_string_lossy())?))
 }
 
-/// The `PT_INTERP` path of an ELF executable: `None` for a static one.
-fn interpreter(data: &[u8]) -> Option<String> {
-    use object::read::elf::{ElfFile64, ProgramHeader as _};
-    let elf = ElfFile64::<object::Endianness>::parse(data).ok()?;
-    let endian = elf.endian();
-    elf.elf_program_headers().iter().find_map(|ph| {
+/// The `PT_INTERP` path of an ELF executable: `None` for a static one. Reads its header and program headers only.
+fn interpreter(exe: &Path) -> anyhow::Result<Option<String>> {
+    use object::read::elf::{FileHeader as _, ProgramHeader as _};
+    let name = exe.to_string_lossy();
+    let file = module::open_object(exe, &name)?;
+    // The header, the program headers and a path: a few KiB.
+    let data = &module::BoundedFile::new(file, 1 << 20);
+    let Ok(header) = object::elf::FileHeader64::<object::Endianness>::parse(data) else {
+        return Ok(None);
+    };
+    let Ok(endian) = header.endian() else {
+        return Ok(None);
+    };
+    let headers = header.program_headers(endian, data).unwrap_or_default();
+    Ok(headers.iter().find_map(|ph| {
         (ph.p_type(endian) == object::elf::PT_INTERP)
             .then(|| ph.data(endian, data).ok())
             .flatten()
             .map(|bytes| {
                 String::from_utf8_lossy(bytes.split(|&b| b == 0).next().unwrap_or(&[])).into_owned()
             })
-    })
+    }))
 }
 
 /// Library paths in `ld.so --list` output, in order: lines `name => /path (0x…)` and `/path (0x…)`.

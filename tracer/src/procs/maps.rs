@@ -1,10 +1,18 @@
 //! `/proc/PID/maps`: which file (device + inode) backs each range of a process's address space.
+//!
+//! The kernel writes the file, but the process chooses what it shows: up to `vm.max_map_count` mappings (65,530
+//! by default), each with a path of up to 4 KiB in any bytes. So a snapshot is bounded ([`MAX_MAPS_BYTES`]), and
+//! a path that is not UTF-8 is kept lossily rather than failing the whole snapshot.
 
 use std::{
     fs::File,
     io::{self, BufRead, BufReader},
     path::PathBuf,
 };
+
+/// The most bytes of `/proc/PID/maps` read for one snapshot: a large JVM or browser process has 30,000 mappings
+/// of about 100 bytes each. A longer one (tens of thousands of mappings of 4 KiB paths) is refused.
+pub const MAX_MAPS_BYTES: u64 = 32 << 20;
 
 /// A file that can be mapped: its device and inode, the identity uprobes and caches key on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -55,13 +63,27 @@ impl Maps {
     }
 
     pub fn from_reader(reader: impl BufRead) -> io::Result<Self> {
+        // One byte past the bound tells a snapshot of exactly the bound from a longer one.
+        let mut reader = reader.take(MAX_MAPS_BYTES + 1);
         let mut mappings = Vec::new();
-        for line in reader.lines() {
-            let line = line?;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                break;
+            }
+            if reader.limit() == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the memory map is longer than {MAX_MAPS_BYTES} bytes"),
+                ));
+            }
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches('\n');
             if line.trim().is_empty() {
                 continue;
             }
-            mappings.push(parse_line(&line).ok_or_else(|| {
+            mappings.push(parse_line(line).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("unexpected maps line: {line:?}"),
@@ -114,6 +136,28 @@ fn parse_line(line: &str) -> Option<Mapping> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_that_is_not_utf8_is_kept_lossily() {
+        let text = b"7f0000000000-7f0000001000 r-xp 00000000 fe:01 42      /tmp/\xff\xfe.so\n\
+                     7f0000001000-7f0000002000 rw-p 00000000 00:00 0 \n";
+        let maps = Maps::from_reader(&text[..]).unwrap();
+        assert_eq!(maps.mappings.len(), 2);
+        assert_eq!(maps.mappings[0].path, "/tmp/\u{fffd}\u{fffd}.so");
+        assert!(maps.mappings[0].executable);
+    }
+
+    #[test]
+    fn a_snapshot_longer_than_the_bound_is_refused() {
+        let line = format!(
+            "7f0000000000-7f0000001000 r-xp 00000000 fe:01 42 /{}\n",
+            "d".repeat(4000)
+        );
+        let lines = (MAX_MAPS_BYTES as usize).div_ceil(line.len());
+        let err = Maps::from_reader(line.repeat(lines).as_bytes()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(Maps::from_reader(line.repeat(lines - 1).as_bytes()).is_ok());
+    }
 
     #[test]
     fn parses_real_maps() {

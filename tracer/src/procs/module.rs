@@ -1,10 +1,36 @@
 //! An ELF object a process maps (executable or shared library): its function symbols, for naming stack frames,
 //! and its loadable segments, for turning file offsets into the addresses symbols use. Stripped objects load
 //! fine: what `.dynsym` still holds is used, and frames without a symbol are shown as module + offset.
+//!
+//! The files come from traced processes, which alloctrace (running as root) does not trust: a process can map a
+//! device, a sparse file of any size, or an ELF whose headers claim sections of gigabytes. So only regular files
+//! are opened, checked on the opened descriptor, only the ranges the parser asks for are read (never the whole
+//! file), within a budget per file, and the symbols kept are bounded too; what is cut is counted.
 
-use std::{collections::HashMap, fs, path::Path};
+use std::{
+    cell::Cell,
+    collections::HashMap,
+    fs::{File, OpenOptions},
+    ops::Range,
+    os::unix::fs::OpenOptionsExt as _,
+    path::Path,
+};
 
-use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
+use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, ReadCache, ReadRef, SymbolKind};
+
+/// The largest file opened as an object. The biggest real libraries (libLLVM, libxul with symbols) are a few
+/// hundred MiB; a larger "object" is a sparse file made to be large.
+pub const MAX_OBJECT_FILE_BYTES: u64 = 2 << 30;
+
+/// The most bytes read from one object: headers, symbol and string tables. A libpython with its full symbol
+/// table needs under 2 MiB; a file whose tables exceed this is refused rather than read.
+pub const MAX_OBJECT_READ_BYTES: u64 = 64 << 20;
+
+/// The most symbols (functions and data) kept per object: libpython has 15,000, libLLVM about 60,000.
+pub const MAX_SYMBOLS: usize = 1 << 18;
+
+/// The most bytes of symbol names kept per object (each name is stored twice: by address and by name).
+pub const MAX_SYMBOL_NAME_BYTES: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
@@ -13,11 +39,86 @@ pub enum ModuleError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{path} is not a regular file")]
+    NotRegular { path: String },
+    #[error(
+        "{path} is {size} bytes, more than the {MAX_OBJECT_FILE_BYTES} alloctrace reads objects of"
+    )]
+    TooLarge { path: String, size: u64 },
     #[error("{path} is not an ELF object alloctrace can read: {source}")]
     Parse {
         path: String,
         source: object::read::Error,
     },
+}
+
+/// Opens `path` for reading as an object: a regular file of at most [`MAX_OBJECT_FILE_BYTES`]. The type and size
+/// are checked on the opened descriptor, so a path swapped between a check and the open cannot slip a device
+/// in; `O_NONBLOCK` keeps the open itself from waiting on a FIFO.
+pub fn open_object(path: &Path, name: &str) -> Result<File, ModuleError> {
+    let read_error = |source| ModuleError::Read {
+        path: name.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(read_error)?;
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.file_type().is_file() {
+        return Err(ModuleError::NotRegular {
+            path: name.to_owned(),
+        });
+    }
+    if meta.len() > MAX_OBJECT_FILE_BYTES {
+        return Err(ModuleError::TooLarge {
+            path: name.to_owned(),
+            size: meta.len(),
+        });
+    }
+    Ok(file)
+}
+
+/// An object file read on demand: the parser's reads go through a cache (each range is read once), and they stop
+/// with an error once `budget` bytes have been asked for, before any buffer is allocated for them.
+pub struct BoundedFile {
+    cache: ReadCache<File>,
+    remaining: Cell<u64>,
+}
+
+impl BoundedFile {
+    pub fn new(file: File, budget: u64) -> Self {
+        Self {
+            cache: ReadCache::new(file),
+            remaining: Cell::new(budget),
+        }
+    }
+
+    fn spend(&self, size: u64) -> Result<(), ()> {
+        let remaining = self.remaining.get().checked_sub(size).ok_or(())?;
+        self.remaining.set(remaining);
+        Ok(())
+    }
+}
+
+impl<'a> ReadRef<'a> for &'a BoundedFile {
+    fn len(self) -> Result<u64, ()> {
+        ReadRef::len(&self.cache)
+    }
+
+    fn read_bytes_at(self, offset: u64, size: u64) -> Result<&'a [u8], ()> {
+        self.spend(size)?;
+        self.cache.read_bytes_at(offset, size)
+    }
+
+    /// `ReadCache` reads at most 4 KiB looking for the delimiter (names longer than that are refused): charged
+    /// for what it returns.
+    fn read_bytes_at_until(self, range: Range<u64>, delimiter: u8) -> Result<&'a [u8], ()> {
+        let bytes = self.cache.read_bytes_at_until(range, delimiter)?;
+        self.spend(bytes.len() as u64)?;
+        Ok(bytes)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,44 +149,51 @@ pub struct Module {
     /// Every function name defined here (aliases included) → (address, exported).
     by_name: HashMap<String, (u64, bool)>,
     segments: Vec<Segment>,
+    /// Symbols not kept because the object has more than [`MAX_SYMBOLS`] or [`MAX_SYMBOL_NAME_BYTES`].
+    symbols_cut: u64,
 }
 
 impl Module {
     /// Reads `open_path` (which may be a `/proc/PID/map_files` link); `path` is the name reports use.
     pub fn load(open_path: &Path, path: &str) -> Result<Self, ModuleError> {
-        let data = fs::read(open_path).map_err(|source| ModuleError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&data, path)
+        let file = BoundedFile::new(open_object(open_path, path)?, MAX_OBJECT_READ_BYTES);
+        Self::parse(&file, path)
     }
 
-    pub fn parse(data: &[u8], path: &str) -> Result<Self, ModuleError> {
+    pub fn parse<'data, R: ReadRef<'data>>(data: R, path: &str) -> Result<Self, ModuleError> {
         let file = object::File::parse(data).map_err(|source| ModuleError::Parse {
             path: path.to_owned(),
             source,
         })?;
-        let defined = || {
-            file.dynamic_symbols()
-                .map(|s| (s, true))
-                .chain(file.symbols().map(|s| (s, false)))
-                .filter(|(s, _)| s.is_definition() && s.address() != 0)
-        };
-        let data = defined()
-            .filter(|(s, _)| s.kind() == SymbolKind::Data)
-            .filter_map(|(s, _)| Some((s.name().ok()?.to_owned(), s.address())))
-            .collect();
-        let mut symbols: Vec<Symbol> = defined()
-            .filter(|(s, _)| s.kind() == SymbolKind::Text)
-            .filter_map(|(s, dynamic)| {
-                Some(Symbol {
+        let mut kept = KeptSymbols::default();
+        let defined = file
+            .dynamic_symbols()
+            .map(|s| (s, true))
+            .chain(file.symbols().map(|s| (s, false)))
+            .filter(|(s, _)| s.is_definition() && s.address() != 0);
+        // Exported symbols come first, so a cut keeps the ones other objects (and alloctrace) look up by name.
+        let mut data = HashMap::new();
+        let mut symbols: Vec<Symbol> = Vec::new();
+        for (s, dynamic) in defined {
+            let kind = s.kind();
+            if kind != SymbolKind::Text && kind != SymbolKind::Data {
+                continue;
+            }
+            let Ok(name) = s.name() else { continue };
+            if !kept.admit(name) {
+                continue;
+            }
+            if kind == SymbolKind::Data {
+                data.insert(name.to_owned(), s.address());
+            } else {
+                symbols.push(Symbol {
                     address: s.address(),
                     size: s.size(),
-                    name: s.name().ok()?.to_owned(),
+                    name: name.to_owned(),
                     dynamic,
-                })
-            })
-            .collect();
+                });
+            }
+        }
         let mut by_name: HashMap<String, (u64, bool)> = HashMap::new();
         for s in &symbols {
             let entry = by_name
@@ -124,7 +232,14 @@ impl Module {
             data,
             by_name,
             segments,
+            symbols_cut: kept.cut,
         })
+    }
+
+    /// How many of the object's symbols were not kept because of [`MAX_SYMBOLS`] and
+    /// [`MAX_SYMBOL_NAME_BYTES`]: frames in their functions are named by a neighbour or by module + offset.
+    pub fn symbols_cut(&self) -> u64 {
+        self.symbols_cut
     }
 
     /// The ELF address (what symbols and `addr2line` use) of a byte at `file_offset` in the file.
@@ -172,6 +287,28 @@ impl Module {
     }
 }
 
+/// Counts the symbols kept from one object against [`MAX_SYMBOLS`] and [`MAX_SYMBOL_NAME_BYTES`].
+#[derive(Default)]
+struct KeptSymbols {
+    count: usize,
+    name_bytes: usize,
+    cut: u64,
+}
+
+impl KeptSymbols {
+    /// Whether a symbol named `name` fits; one that does not is counted as cut.
+    fn admit(&mut self, name: &str) -> bool {
+        if self.count < MAX_SYMBOLS && self.name_bytes + name.len() <= MAX_SYMBOL_NAME_BYTES {
+            self.count += 1;
+            self.name_bytes += name.len();
+            true
+        } else {
+            self.cut += 1;
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,8 +349,70 @@ mod tests {
     }
 
     #[test]
+    fn opens_only_regular_files() {
+        let refused = |path: &Path| open_object(path, "target").unwrap_err().to_string();
+        assert_eq!(
+            refused(Path::new("/dev/zero")),
+            "target is not a regular file"
+        );
+        let dir = std::env::temp_dir().join(format!("alloctrace-module-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(refused(&dir), "target is not a regular file");
+        // A FIFO would block an open for reading until a writer came: it is neither waited on nor read.
+        let fifo = dir.join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        assert_eq!(refused(&fifo), "target is not a regular file");
+        // A sparse file one byte over the bound costs nothing to make.
+        let huge = dir.join("huge");
+        File::create(&huge)
+            .unwrap()
+            .set_len(MAX_OBJECT_FILE_BYTES + 1)
+            .unwrap();
+        assert!(refused(&huge).starts_with("target is 2147483649 bytes"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reads_only_what_it_parses_within_its_budget() {
+        let exe = std::env::current_exe().unwrap();
+        let size = std::fs::metadata(&exe).unwrap().len();
+        let open = || File::open(&exe).unwrap();
+        // The symbol tables of this test binary are a small part of it (most of it is code and debug info).
+        let file = BoundedFile::new(open(), size / 4);
+        let module = Module::parse(&file, "test").unwrap();
+        assert!(module.defined_function("main").is_some());
+        assert!(file.remaining.get() > 0);
+        // With too small a budget the parse fails; nothing past the budget is allocated or read.
+        let starved = BoundedFile::new(open(), 4096);
+        let err = Module::parse(&starved, "test").unwrap_err();
+        assert!(
+            err.to_string().starts_with("test is not an ELF object"),
+            "{err}"
+        );
+        assert!(starved.read_bytes_at(0, 4097).is_err());
+    }
+
+    #[test]
+    fn keeps_a_bounded_number_of_symbols_and_counts_the_rest() {
+        let mut kept = KeptSymbols::default();
+        for _ in 0..MAX_SYMBOLS {
+            assert!(kept.admit("f"));
+        }
+        assert!(!kept.admit("f"));
+        assert_eq!(kept.cut, 1);
+        let mut kept = KeptSymbols::default();
+        assert!(kept.admit(&"x".repeat(MAX_SYMBOL_NAME_BYTES - 1)));
+        assert!(!kept.admit("ab"));
+        assert!(kept.admit("a"));
+        assert!(!kept.admit("a"));
+        assert_eq!((kept.count, kept.cut), (2, 2));
+    }
+
+    #[test]
     fn rejects_what_is_not_elf() {
-        let err = Module::parse(b"#!/bin/sh\n", "script").unwrap_err();
+        let err = Module::parse(&b"#!/bin/sh\n"[..], "script").unwrap_err();
         assert!(err.to_string().starts_with("script is not an ELF object"));
     }
 }

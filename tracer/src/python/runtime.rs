@@ -3,7 +3,12 @@
 //! that each (code object, position) pair the probes recorded becomes a `file:function:line` frame.
 //!
 //! The version's offsets are checked against the live process before a frame is trusted: a code object must
-//! have the interpreter's own `PyCode_Type` as its type, or its frame is left out of the stack.
+//! have the interpreter's own `PyCode_Type` as its type. A frame whose code object cannot be read keeps its
+//! place in the stack as [`UNREADABLE_FRAME`], and is counted.
+//!
+//! The target is not trusted: every read of its memory is bounded ([`MAX_READ`]), names are read up to
+//! [`MAX_NAME_BYTES`] and marked with [`TRUNCATED_MARK`] when cut, line tables up to [`MAX_LINE_TABLE_BYTES`],
+//! and each cut is counted, so that a 1 MB `co_filename` neither costs a megabyte nor loses its frame.
 
 use std::{collections::HashMap, io, sync::Arc};
 
@@ -16,11 +21,35 @@ use super::{
 };
 use crate::procs::{Frame, Registry, maps::Mapping, module::Module};
 
-/// Longest string or line table read from a target: code objects are small; a larger length is corruption.
-const MAX_READ: usize = 1 << 20;
+/// The most bytes of a name (file name, function name, qualified name) read: longer names are cut and marked.
+pub const MAX_NAME_BYTES: usize = 4 << 10;
 
-/// Reads `len` bytes at `addr` in process `pid`.
+/// The most bytes of a line table read: one of a million-line module is about this size. A longer one is cut,
+/// and instructions past the cut have no line.
+pub const MAX_LINE_TABLE_BYTES: usize = 1 << 20;
+
+/// The largest single read of a target's memory: the largest thing read is a line table. The lengths come from
+/// the target (and, from 3.13, so do the offsets): a read longer than this is refused before any buffer exists.
+pub const MAX_READ: usize = MAX_LINE_TABLE_BYTES;
+
+/// The most bytes of code objects cached per process: a few thousand ordinary ones, or 32 with the longest line
+/// tables. When full, the cache is emptied and code objects are read again as frames need them.
+pub const MAX_CACHED_CODE_BYTES: usize = 32 << 20;
+
+/// Ends a name cut at [`MAX_NAME_BYTES`].
+pub const TRUNCATED_MARK: &str = "…(truncated)";
+
+/// The function of a Python frame whose code object could not be read.
+pub const UNREADABLE_FRAME: &str = "<unreadable Python frame>";
+
+/// Reads `len` bytes at `addr` in process `pid`; at most [`MAX_READ`].
 pub fn read_memory(pid: u32, addr: u64, len: usize) -> io::Result<Vec<u8>> {
+    if len > MAX_READ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a read of {len} bytes of process memory is more than the {MAX_READ} allowed"),
+        ));
+    }
     let mut buf = vec![0u8; len];
     let local = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -213,6 +242,8 @@ fn interpreter(
 /// A code object, read once.
 #[derive(Debug)]
 struct Code {
+    /// Whether the line table was cut at [`MAX_LINE_TABLE_BYTES`].
+    line_table_truncated: bool,
     filename: String,
     /// The qualified name where the version has one.
     name: String,
@@ -221,6 +252,13 @@ struct Code {
     /// The addresses of its file and name strings, and its first line: what tells it from a code object
     /// later allocated at the same address.
     identity: [u64; 3],
+}
+
+impl Code {
+    /// The bytes it holds, for the cache's bound.
+    fn cost(&self) -> usize {
+        size_of::<Self>() + self.filename.len() + self.name.len() + self.line_table.len()
+    }
 }
 
 /// What a code object's header says, read on every look-up.
@@ -235,6 +273,18 @@ pub struct Reader {
     pid: u32,
     interpreter: Interpreter,
     codes: HashMap<u64, Arc<Code>>,
+    /// What [`Reader::codes`] holds, by [`Code::cost`].
+    cached_bytes: usize,
+    evicted_codes: u64,
+    truncated_names: u64,
+    truncated_line_tables: u64,
+    unreadable_frames: u64,
+}
+
+/// A string or bytes object's content, possibly cut.
+struct Read<T> {
+    value: T,
+    truncated: bool,
 }
 
 impl Reader {
@@ -243,7 +293,33 @@ impl Reader {
             pid,
             interpreter,
             codes: HashMap::new(),
+            cached_bytes: 0,
+            evicted_codes: 0,
+            truncated_names: 0,
+            truncated_line_tables: 0,
+            unreadable_frames: 0,
         }
+    }
+
+    /// Names cut at [`MAX_NAME_BYTES`], once per code object read (a code object is read once, and again only
+    /// when its address is reused).
+    pub fn truncated_names(&self) -> u64 {
+        self.truncated_names
+    }
+
+    /// Line tables cut at [`MAX_LINE_TABLE_BYTES`], once per code object read.
+    pub fn truncated_line_tables(&self) -> u64 {
+        self.truncated_line_tables
+    }
+
+    /// Code objects dropped from the cache to keep it within [`MAX_CACHED_CODE_BYTES`] (they are read again).
+    pub fn evicted_codes(&self) -> u64 {
+        self.evicted_codes
+    }
+
+    /// Frames shown as [`UNREADABLE_FRAME`]: their code object could not be read (freed, or not a code object).
+    pub fn unreadable_frames(&self) -> u64 {
+        self.unreadable_frames
     }
 
     pub fn info(&self) -> &PythonInfo {
@@ -254,7 +330,8 @@ impl Reader {
         &self.interpreter
     }
 
-    fn string(&self, object: u64) -> Option<String> {
+    /// A compact `str` object's characters, the first [`MAX_NAME_BYTES`] of them.
+    fn string(&self, object: u64) -> Option<Read<String>> {
         let o = self.interpreter.offsets.as_ref()?;
         let header = read_memory(self.pid, object, o.unicode_compact_data as usize).ok()?;
         let length = usize::try_from(u64_at(&header, o.unicode_length)?).ok()?;
@@ -264,7 +341,7 @@ impl Reader {
             (state >> 5) & 1 == 1,
             (state >> 6) & 1 == 1,
         );
-        if !compact || length > MAX_READ / 4 {
+        if !compact {
             return None;
         }
         let (data, width) = if ascii {
@@ -272,8 +349,12 @@ impl Reader {
         } else {
             (o.unicode_compact_data, kind as usize)
         };
-        let bytes = read_memory(self.pid, object + data, length * width).ok()?;
-        Some(match width {
+        if ![1, 2, 4].contains(&width) {
+            return None;
+        }
+        let read = length.min(MAX_NAME_BYTES / width);
+        let bytes = read_memory(self.pid, object.checked_add(data)?, read * width).ok()?;
+        let mut value: String = match width {
             1 => bytes.iter().map(|&b| char::from(b)).collect(),
             2 => char::decode_utf16(
                 bytes
@@ -282,24 +363,31 @@ impl Reader {
             )
             .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
             .collect(),
-            4 => bytes
+            _ => bytes
                 .chunks_exact(4)
                 .map(|c| {
                     char::from_u32(u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).unwrap_or('?')
                 })
                 .collect(),
-            _ => return None,
-        })
+        };
+        let truncated = read < length;
+        if truncated {
+            value.push_str(TRUNCATED_MARK);
+        }
+        Some(Read { value, truncated })
     }
 
-    fn bytes(&self, object: u64) -> Option<Vec<u8>> {
+    /// A `bytes` object's content, the first [`MAX_LINE_TABLE_BYTES`] of it.
+    fn bytes(&self, object: u64) -> Option<Read<Vec<u8>>> {
         let o = self.interpreter.offsets.as_ref()?;
         let header = read_memory(self.pid, object, o.bytes_data as usize).ok()?;
         let size = usize::try_from(u64_at(&header, o.bytes_size)?).ok()?;
-        if size > MAX_READ {
-            return None;
-        }
-        read_memory(self.pid, object + o.bytes_data, size).ok()
+        let read = size.min(MAX_LINE_TABLE_BYTES);
+        let value = read_memory(self.pid, object.checked_add(o.bytes_data)?, read).ok()?;
+        Some(Read {
+            value,
+            truncated: read < size,
+        })
     }
 
     /// The code object at `address`. The cache is checked against the object's identity each time (a code
@@ -313,7 +401,15 @@ impl Reader {
             return Some(Arc::clone(cached));
         }
         let code = Arc::new(self.read_code(header)?);
-        self.codes.insert(address, Arc::clone(&code));
+        if self.cached_bytes + code.cost() > MAX_CACHED_CODE_BYTES {
+            self.evicted_codes += self.codes.len() as u64;
+            self.codes.clear();
+            self.cached_bytes = 0;
+        }
+        self.cached_bytes += code.cost();
+        if let Some(replaced) = self.codes.insert(address, Arc::clone(&code)) {
+            self.cached_bytes -= replaced.cost();
+        }
         Some(code)
     }
 
@@ -342,24 +438,35 @@ impl Reader {
         })
     }
 
-    fn read_code(&self, header: CodeHeader) -> Option<Code> {
+    fn read_code(&mut self, header: CodeHeader) -> Option<Code> {
         let [filename, name, first_line] = header.identity;
+        let filename = self.string(filename)?;
+        let name = self.string(name)?;
+        let line_table = self.bytes(header.line_table)?;
+        let first_line = u32::try_from(first_line).ok()?;
+        self.truncated_names += u64::from(filename.truncated) + u64::from(name.truncated);
+        self.truncated_line_tables += u64::from(line_table.truncated);
         Some(Code {
-            filename: self.string(filename)?,
-            name: self.string(name)?,
-            first_line: u32::try_from(first_line).ok()?,
-            line_table: self.bytes(header.line_table)?,
+            filename: filename.value,
+            name: name.value,
+            first_line,
+            line_table_truncated: line_table.truncated,
+            line_table: line_table.value,
             identity: header.identity,
         })
     }
 
-    /// Names a frame the probes recorded; `None` for an interpreter shim or a code object that cannot be read.
+    /// Names a frame the probes recorded; `None` for an interpreter shim. A frame whose code object cannot be
+    /// read is [`UNREADABLE_FRAME`], counted in [`Reader::unreadable_frames`].
     pub fn frame(&mut self, recorded: &PyFrame) -> Option<Frame> {
         let code_start = self.interpreter.offsets.as_ref()?.code_code_adaptive;
         if recorded.code == 0 {
             return None;
         }
-        let code = self.code(recorded.code)?;
+        let Some(code) = self.code(recorded.code) else {
+            self.unreadable_frames += 1;
+            return Some(unreadable_frame());
+        };
         let minor = self.interpreter.minor;
         let offset = match minor {
             // f_lasti: a byte offset; -1 before the first instruction.
@@ -378,6 +485,12 @@ impl Reader {
             }),
         };
         let line = match (offset, Format::for_version(3, minor)) {
+            // co_lnotab gives its last line to every offset past its end: past a cut, that would be a guess.
+            (Some(offset), Some(Format::Lnotab))
+                if code.line_table_truncated && offset >= lnotab_covers(&code.line_table) =>
+            {
+                None
+            }
             (Some(offset), Some(format)) => {
                 lines::line_at(format, code.first_line, &code.line_table, offset)
             }
@@ -388,6 +501,24 @@ impl Reader {
             code.filename.clone(),
             line,
         ))
+    }
+}
+
+/// The bytecode offsets a (cut) `co_lnotab` describes: the sum of its offset increments.
+fn lnotab_covers(table: &[u8]) -> u32 {
+    table.iter().step_by(2).map(|&b| u32::from(b)).sum()
+}
+
+/// Stands for a Python frame whose code object could not be read: a Python frame with no file.
+fn unreadable_frame() -> Frame {
+    Frame {
+        function: Some(UNREADABLE_FRAME.to_owned()),
+        module: None,
+        offset: None,
+        function_offset: 0,
+        file: None,
+        line: None,
+        lang: "python",
     }
 }
 
@@ -440,6 +571,222 @@ mod tests {
         );
         assert_eq!(version_from_name("/usr/bin/python3"), None);
         assert_eq!(version_from_name("/usr/lib/libc.so.6"), None);
+    }
+
+    /// CPython 3.12 objects laid out in this process's own memory, read back through `process_vm_readv` as
+    /// alloctrace reads a target's.
+    struct FakeObjects {
+        o: Offsets,
+        /// Keeps every object alive (and 8-byte aligned) while its address is used.
+        held: Vec<Vec<u64>>,
+    }
+
+    impl FakeObjects {
+        fn new() -> Self {
+            Self {
+                o: Offsets::for_version(3, 12).unwrap(),
+                held: Vec::new(),
+            }
+        }
+
+        /// An object of `size` bytes, filled by `fill`; its address.
+        fn object(&mut self, size: u64, fill: impl FnOnce(&mut [u8])) -> u64 {
+            let mut words = vec![0u64; size.div_ceil(8) as usize + 1];
+            // SAFETY: viewing the words' own bytes, within their length.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
+            };
+            fill(bytes);
+            let address = words.as_ptr() as u64;
+            self.held.push(words);
+            address
+        }
+
+        /// A compact `str` of `chars` characters of `width` bytes each.
+        fn string(&mut self, chars: &[u32], width: usize) -> u64 {
+            let o = self.o;
+            let data = if width == 1 {
+                o.unicode_ascii_data
+            } else {
+                o.unicode_compact_data
+            };
+            let state: u32 = (width as u32) << 2 | 1 << 5 | u32::from(width == 1) << 6;
+            self.object(data + (chars.len() * width) as u64, |b| {
+                let at = |offset: u64| offset as usize;
+                b[at(o.unicode_length)..][..8].copy_from_slice(&(chars.len() as u64).to_ne_bytes());
+                b[at(o.unicode_state)..][..4].copy_from_slice(&state.to_ne_bytes());
+                for (i, &c) in chars.iter().enumerate() {
+                    b[at(data) + i * width..][..width].copy_from_slice(&c.to_ne_bytes()[..width]);
+                }
+            })
+        }
+
+        fn ascii(&mut self, text: &str) -> u64 {
+            let chars: Vec<u32> = text.bytes().map(u32::from).collect();
+            self.string(&chars, 1)
+        }
+
+        fn bytes(&mut self, content: &[u8]) -> u64 {
+            let o = self.o;
+            self.object(o.bytes_data + content.len() as u64, |b| {
+                b[o.bytes_size as usize..][..8]
+                    .copy_from_slice(&(content.len() as u64).to_ne_bytes());
+                b[o.bytes_data as usize..][..content.len()].copy_from_slice(content);
+            })
+        }
+
+        /// A code object of type `code_type` named `name`, in `filename`, starting at `first_line`, with a line
+        /// table of `line_table_len` bytes.
+        fn code(
+            &mut self,
+            code_type: u64,
+            filename: u64,
+            name: u64,
+            first_line: u32,
+            line_table_len: usize,
+        ) -> u64 {
+            let o = self.o;
+            let line_table = self.bytes(&vec![0; line_table_len]);
+            self.object(o.code_code_adaptive.unwrap(), |b| {
+                let mut put = |offset: u64, value: &[u8]| {
+                    b[offset as usize..][..value.len()].copy_from_slice(value)
+                };
+                put(8, &code_type.to_ne_bytes());
+                put(o.code_filename, &filename.to_ne_bytes());
+                put(o.code_name, &name.to_ne_bytes());
+                put(o.code_qualname.unwrap(), &name.to_ne_bytes());
+                put(o.code_firstlineno, &first_line.to_ne_bytes());
+                put(o.code_linetable, &line_table.to_ne_bytes());
+            })
+        }
+
+        /// A reader of this process, as a 3.12 interpreter whose `PyCode_Type` is at `code_type`.
+        fn reader(&self, code_type: u64) -> Reader {
+            let interpreter = Interpreter {
+                info: PythonInfo {
+                    version: "3.12".to_owned(),
+                    path: "python3.12".to_owned(),
+                    unsupported: None,
+                },
+                minor: 12,
+                offsets: Some(self.o),
+                runtime: 0,
+                code_type,
+            };
+            Reader::new(std::process::id(), interpreter)
+        }
+    }
+
+    #[test]
+    fn reads_of_process_memory_are_bounded() {
+        let buffer = vec![0u8; MAX_READ + 1];
+        let at = buffer.as_ptr() as u64;
+        assert_eq!(
+            read_memory(std::process::id(), at, MAX_READ).unwrap().len(),
+            MAX_READ
+        );
+        let err = read_memory(std::process::id(), at, MAX_READ + 1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(read_memory(std::process::id(), at, usize::MAX).is_err());
+    }
+
+    #[test]
+    fn long_names_are_cut_marked_and_counted() {
+        let mut objects = FakeObjects::new();
+        let reader = objects.reader(0);
+        let short = objects.ascii("etl.py");
+        let read = reader.string(short).unwrap();
+        assert_eq!((read.value.as_str(), read.truncated), ("etl.py", false));
+        let exact = objects.ascii(&"a".repeat(MAX_NAME_BYTES));
+        assert!(!reader.string(exact).unwrap().truncated);
+        let long = objects.ascii(&"A".repeat(1_200_000));
+        let read = reader.string(long).unwrap();
+        assert!(read.truncated);
+        assert_eq!(
+            read.value,
+            format!("{}{TRUNCATED_MARK}", "A".repeat(MAX_NAME_BYTES))
+        );
+        // Two-byte characters: as many bytes, half as many characters.
+        let wide = objects.string(&vec![0x3b1; 5000], 2);
+        let read = reader.string(wide).unwrap();
+        assert_eq!(
+            read.value,
+            format!("{}{TRUNCATED_MARK}", "α".repeat(MAX_NAME_BYTES / 2))
+        );
+        let table = objects.bytes(&vec![7; MAX_LINE_TABLE_BYTES + 10]);
+        let read = reader.bytes(table).unwrap();
+        assert_eq!(
+            (read.value.len(), read.truncated),
+            (MAX_LINE_TABLE_BYTES, true)
+        );
+    }
+
+    #[test]
+    fn a_frame_with_a_long_file_name_keeps_its_place_and_its_function() {
+        let mut objects = FakeObjects::new();
+        let code_type = objects.object(8, |_| {});
+        let filename = objects.ascii(&"A".repeat(1_200_000));
+        let name = objects.ascii("allocate");
+        let code = objects.code(code_type, filename, name, 12, 0);
+        let mut reader = objects.reader(code_type);
+        let frame = reader.frame(&PyFrame { code, instr: 0 }).unwrap();
+        assert_eq!(frame.function.as_deref(), Some("allocate"));
+        assert_eq!(frame.line, Some(12));
+        let file = frame.file.unwrap();
+        assert!(
+            file.ends_with(TRUNCATED_MARK),
+            "{}",
+            &file[file.len() - 20..]
+        );
+        assert_eq!(file.len(), MAX_NAME_BYTES + TRUNCATED_MARK.len());
+        assert_eq!(reader.truncated_names(), 1);
+        // Named again from the cache: the cut is counted once per code object read.
+        reader.frame(&PyFrame { code, instr: 0 }).unwrap();
+        assert_eq!(reader.truncated_names(), 1);
+        assert_eq!(reader.unreadable_frames(), 0);
+    }
+
+    #[test]
+    fn a_frame_that_cannot_be_read_is_a_counted_placeholder() {
+        let mut objects = FakeObjects::new();
+        let code_type = objects.object(8, |_| {});
+        let other_type = objects.object(8, |_| {});
+        let name = objects.ascii("f");
+        // Not a code object (its type is another), and an address nothing maps.
+        let not_code = objects.code(other_type, name, name, 1, 0);
+        let mut reader = objects.reader(code_type);
+        for code in [not_code, 8] {
+            let frame = reader.frame(&PyFrame { code, instr: 0 }).unwrap();
+            assert_eq!(frame.function.as_deref(), Some(UNREADABLE_FRAME));
+            assert!(frame.is_python() && frame.file.is_none());
+        }
+        assert_eq!(reader.unreadable_frames(), 2);
+        // A shim frame (no code object) is no frame at all.
+        assert!(reader.frame(&PyFrame { code: 0, instr: 0 }).is_none());
+    }
+
+    #[test]
+    fn an_lnotab_covers_the_sum_of_its_offset_increments() {
+        assert_eq!(lnotab_covers(&[6, 1, 8, 2, 4]), 18);
+    }
+
+    #[test]
+    fn the_code_cache_is_bounded_and_counts_what_it_evicts() {
+        let mut objects = FakeObjects::new();
+        let code_type = objects.object(8, |_| {});
+        let name = objects.ascii("f");
+        let codes: Vec<u64> = (0..40)
+            .map(|line| objects.code(code_type, name, name, line, MAX_LINE_TABLE_BYTES))
+            .collect();
+        let mut reader = objects.reader(code_type);
+        for &code in &codes {
+            let frame = reader.frame(&PyFrame { code, instr: 0 }).unwrap();
+            assert_eq!(frame.function.as_deref(), Some("f"));
+            assert!(reader.cached_bytes <= MAX_CACHED_CODE_BYTES);
+        }
+        // 40 MiB of line tables through a 32 MiB cache: emptied once, when the 32nd did not fit.
+        assert_eq!(reader.evicted_codes(), 31);
+        assert_eq!(reader.codes.len(), 9);
     }
 
     fn native(function: &str) -> Frame {
