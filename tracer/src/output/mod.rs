@@ -1,5 +1,6 @@
 //! Renders reports: one module per format, chosen with `--format`.
 
+pub mod escape;
 pub mod json;
 pub mod text;
 
@@ -59,9 +60,6 @@ pub fn write_to(report: &Report, format: Format, path: Option<&Path>) -> anyhow:
 pub fn write_oom(record: &OomRecord, format: Format, out: &mut dyn Write) -> io::Result<()> {
     match format {
         Format::Text => text::write_oom(record, out),
-        Format::Json => {
-            serde_json::to_writer(&mut *out, record)?;
-            writeln!(out)
-        }
+        Format::Json => json::write_line(record, out),
     }
 }
