@@ -9,7 +9,9 @@ use std::{
     sync::OnceLock,
 };
 
-use alloctrace_tests::{alloctrace, json_report, live, require_root, workload, workspace};
+use alloctrace_tests::{
+    alloctrace, json_report, live, pyenv_prefix, require_root, workload, workspace,
+};
 
 /// The comm `hostile_names` gives itself, as the kernel reports it.
 const COMM: &str = "\x1b[2J\n\x1b]0;x\x07";
@@ -182,6 +184,61 @@ fn json_carries_a_targets_names_exactly_and_no_control_character() {
         .find(|s| s["stack"][0]["function"] == SYMBOL)
         .unwrap_or_else(|| panic!("no site in {SYMBOL:?}: {report:#}"));
     assert_eq!(live(site), (10_000, 10), "{site:#}");
+}
+
+#[test]
+fn python_file_and_function_names_cannot_forge_a_traceback() {
+    require_root();
+    let python = pyenv_prefix("3.12").join("bin/python3.12");
+    let mut tracer = Command::new(alloctrace())
+        .args(["leaks", "--top", "0", "--"])
+        .arg(&python)
+        .arg(workspace().join("tests/workloads/hostile_pynames.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The workload writes through alloctrace's stdout, which it inherits, and holds its bytearray until its
+    // input closes.
+    let mut out = BufReader::new(tracer.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n", "the workload did not get ready");
+    let input = tracer.stdin.take();
+    let mut errors = tracer.stderr.take().unwrap();
+    // SAFETY: signalling the child we spawned and have not reaped.
+    assert_eq!(
+        unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    let mut stdout = Vec::new();
+    out.read_to_end(&mut stdout).unwrap();
+    let status = tracer.wait().unwrap();
+    drop(input);
+    let mut stderr = Vec::new();
+    errors.read_to_end(&mut stderr).unwrap();
+    let (stdout, shown_err) = (
+        String::from_utf8_lossy(&stdout),
+        String::from_utf8_lossy(&stderr),
+    );
+    assert!(status.success(), "alloctrace failed: {shown_err}");
+    assert_eq!(controls(stdout.as_bytes()), [], "in the report:\n{stdout}");
+    assert_eq!(controls(&stderr), [], "on stderr:\n{shown_err}");
+    let frame = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(r#"File "/app/x\x1b[2J.py""#))
+        .unwrap_or_else(|| panic!("no frame in the hostile file:\n{stdout}"));
+    assert_eq!(
+        frame.trim_start(),
+        r#"File "/app/x\x1b[2J.py", line 9, in f\n  File "/etc/shadow", line 1", line 2, in hold\x1b]0;owned\x07\x9b31m"#
+    );
+    assert!(
+        !stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("File \"/etc/shadow\"")),
+        "a forged line:\n{stdout}"
+    );
 }
 
 /// Ends a trace of a target that still runs with `signal`: the report is written, the exit is 0.
