@@ -1,4 +1,5 @@
-//! Command-line arguments, as clap parses them.
+//! Command-line arguments, as clap parses them, and the checks that keep a mistyped or empty one (an unset
+//! shell variable) from tracing the wrong processes or running for ever.
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
@@ -39,21 +40,22 @@ pub struct TargetArgs {
 
     /// Trace every process with this name (the kernel's 15-character comm), running or started later
     /// (repeatable).
-    #[arg(long = "comm", value_name = "NAME")]
+    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
     pub comms: Vec<String>,
 
     /// Trace every process of this container (a name, or an id or its prefix of 12 or more hex digits),
     /// running or started later (repeatable).
-    #[arg(long = "container", value_name = "NAME|ID")]
+    #[arg(long = "container", value_name = "NAME|ID", value_parser = parse_container)]
     pub containers: Vec<String>,
 
-    /// Trace every process in this cgroup or below it (a path as `/proc/PID/cgroup` shows it), running or
-    /// started later (repeatable).
-    #[arg(long = "cgroup", value_name = "PATH")]
+    /// Trace every process in this cgroup or below it (an absolute path as `/proc/PID/cgroup` shows it, not
+    /// the root), running or started later (repeatable).
+    #[arg(long = "cgroup", value_name = "PATH", value_parser = parse_cgroup)]
     pub cgroups: Vec<String>,
 
-    /// Report after this long (e.g. `30s`, `5m`; a bare number is seconds). Ctrl-C also ends the trace, and so
-    /// does the exit of every traced process (unless --comm waits for more).
+    /// Report after this long (e.g. `30s`, `5m`; a bare number is seconds; at most 30 days). Ctrl-C, SIGTERM
+    /// and SIGHUP also end the trace with a report, and so does the exit of every traced process (unless
+    /// --comm, --container or --cgroup waits for more).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
@@ -87,7 +89,7 @@ pub struct OutputArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
-    /// Write the report to FILE instead of standard output.
+    /// Write the report to FILE instead of standard output (created, or emptied, when alloctrace starts).
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
 }
@@ -105,8 +107,8 @@ pub struct LeaksArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1MiB")]
     pub min_size: u64,
 
-    /// How many sites to show.
-    #[arg(long, value_name = "N", default_value_t = 10)]
+    /// How many sites to show (0: all).
+    #[arg(long, value_name = "N", value_parser = parse_top, default_value = "10")]
     pub top: usize,
 
     /// Also sum the sites up by process or container.
@@ -130,8 +132,8 @@ pub struct LargeArgs {
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "0s")]
     pub min_age: Duration,
 
-    /// How many objects to show.
-    #[arg(long, value_name = "N", default_value_t = 20)]
+    /// How many objects to show (0: all).
+    #[arg(long, value_name = "N", value_parser = parse_top, default_value = "20")]
     pub top: usize,
 
     /// Also sum the objects up by process or container.
@@ -169,12 +171,71 @@ impl TargetArgs {
     }
 }
 
-/// `1.5` (seconds), `250ms`, `30s`, `5m`, `1h 30m`.
+/// The longest `--duration` and `--min-age`: longer than any trace runs, and far enough from the limits of
+/// the clocks that no deadline computed from it overflows.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
+/// `1.5` (seconds), `250ms`, `30s`, `5m`, `1h 30m`; at most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    if let Ok(seconds) = text.parse::<f64>() {
-        return Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"));
+    const RANGE: &str = "a duration is from 0 to 30 days";
+    let duration = match text.trim().parse::<f64>() {
+        // NaN fails both comparisons: it is caught by the negation.
+        Ok(seconds) if !(0.0..=MAX_DURATION.as_secs_f64()).contains(&seconds) => {
+            return Err(RANGE.to_owned());
+        }
+        Ok(seconds) => Duration::from_secs_f64(seconds),
+        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string())?,
+    };
+    if duration > MAX_DURATION {
+        return Err(RANGE.to_owned());
     }
-    humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))
+    Ok(duration)
+}
+
+/// `--top N`: `0` stands for all.
+fn parse_top(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Ok(usize::MAX),
+        Ok(n) => Ok(n),
+        Err(_) => Err("a count is a whole number; 0 means all".to_owned()),
+    }
+}
+
+/// `--cgroup PATH`: absolute and plain. An empty path (an unset shell variable), the root, or `/.` would
+/// choose every process on the host; a relative one or one with `..` would not be the cgroup meant.
+fn parse_cgroup(text: &str) -> Result<String, String> {
+    if !text.starts_with('/') {
+        return Err(
+            "a cgroup is an absolute path, as /proc/PID/cgroup shows it (e.g. /system.slice/cron.service)"
+                .to_owned(),
+        );
+    }
+    if text.split('/').any(|part| part == "." || part == "..") {
+        return Err("a cgroup path has no . or .. in it".to_owned());
+    }
+    if text.trim_end_matches('/').is_empty() {
+        return Err(
+            "the root cgroup holds every process on the host: name the cgroup below it to trace"
+                .to_owned(),
+        );
+    }
+    Ok(text.to_owned())
+}
+
+/// `--container NAME|ID`: not empty (an unset shell variable).
+fn parse_container(text: &str) -> Result<String, String> {
+    if text.trim().trim_start_matches('/').is_empty() {
+        return Err("a container name or id is not empty".to_owned());
+    }
+    Ok(text.to_owned())
+}
+
+/// `--comm NAME`: not empty (an unset shell variable).
+fn parse_comm(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("a process name is not empty".to_owned());
+    }
+    Ok(text.to_owned())
 }
 
 /// `4096`, `512K`, `512KiB`, `1M`, `1MiB`, `2G`, `2GiB` (binary units; `B` optional, case ignored).
@@ -235,6 +296,148 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        assert_eq!(parse_duration("30d"), Ok(MAX_DURATION));
+        assert_eq!(parse_duration("2592000"), Ok(MAX_DURATION));
+        assert_eq!(parse_duration(" 2 "), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for text in [
+            "1e19",
+            "2592000.5",
+            "31d",
+            "1e308",
+            "inf",
+            "-inf",
+            "NaN",
+            "-0.5",
+            "-1s",
+            "18446744073709551615",
+            "584942417355y",
+            "99999999999999999999999s",
+            "",
+        ] {
+            let err = parse_duration(text).expect_err(text);
+            assert!(!err.contains('\n'), "{text}: {err}");
+        }
+        assert_eq!(
+            parse_duration("1e19"),
+            Err("a duration is from 0 to 30 days".to_owned())
+        );
+    }
+
+    /// Whatever the text, the parsers answer; they never panic.
+    #[test]
+    fn parsers_never_panic() {
+        let pieces = [
+            "",
+            "0",
+            "1",
+            "-",
+            ".",
+            "e",
+            "9",
+            "99999999999999999999",
+            "1e400",
+            "ms",
+            "ns",
+            "s",
+            "m",
+            "h",
+            "d",
+            "y",
+            "KiB",
+            "MiB",
+            "GiB",
+            "gb",
+            "b",
+            " ",
+            "\u{0}",
+            "\u{ff}",
+            "\u{1f600}",
+            "µs",
+            "ı",
+            "K",
+            "\x1b",
+            "NaN",
+            "inf",
+            "/",
+            "..",
+            "+",
+        ];
+        for a in pieces {
+            for b in pieces {
+                for c in pieces {
+                    let text = format!("{a}{b}{c}");
+                    let _ = parse_duration(&text);
+                    let _ = parse_size(&text);
+                    let _ = parse_buffer_size(&text);
+                    let _ = parse_top(&text);
+                    let _ = parse_cgroup(&text);
+                    let _ = parse_container(&text);
+                    let _ = parse_comm(&text);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn top_zero_means_all() {
+        assert_eq!(parse_top("0"), Ok(usize::MAX));
+        assert_eq!(parse_top("3"), Ok(3));
+        assert!(parse_top("-1").is_err());
+        let Command::Leaks(args) =
+            Cli::try_parse_from(["alloctrace", "leaks", "-p", "1", "--top", "0"])
+                .unwrap()
+                .command
+        else {
+            panic!("leaks");
+        };
+        assert_eq!(args.top, usize::MAX);
+        let Command::Large(args) = Cli::try_parse_from(["alloctrace", "large", "-p", "1"])
+            .unwrap()
+            .command
+        else {
+            panic!("large");
+        };
+        assert_eq!(args.top, 20);
+    }
+
+    #[test]
+    fn selectors_that_would_choose_every_process_are_refused() {
+        for cgroup in [
+            "",
+            "/",
+            "//",
+            "/.",
+            "/a/../..",
+            "/a/./b",
+            "system.slice",
+            "./a",
+        ] {
+            assert!(parse_cgroup(cgroup).is_err(), "{cgroup:?}");
+        }
+        for cgroup in ["/system.slice", "/system.slice/docker-1.scope/", "/a..b"] {
+            assert_eq!(parse_cgroup(cgroup).as_deref(), Ok(cgroup));
+        }
+        for container in ["", "/", " "] {
+            assert!(parse_container(container).is_err(), "{container:?}");
+        }
+        assert_eq!(parse_container("/web").as_deref(), Ok("/web"));
+        assert!(parse_comm("").is_err());
+        assert_eq!(parse_comm("python3").as_deref(), Ok("python3"));
+        for args in [
+            ["alloctrace", "leaks", "--cgroup", ""],
+            ["alloctrace", "leaks", "--container", ""],
+            ["alloctrace", "leaks", "--comm", ""],
+            ["alloctrace", "leaks", "--duration", "1e19"],
+            ["alloctrace", "large", "--min-age", "NaN"],
+        ] {
+            let err = Cli::try_parse_from(args).expect_err(args[3]);
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod aggregate;
 pub mod cli;
 pub mod decode;
+pub mod os;
 pub mod output;
 pub mod probes;
 pub mod procs;

@@ -1,14 +1,14 @@
 //! The `alloctrace` command: parses arguments, runs the subcommand, prints any error as one line and exits 2.
 
-use std::process::ExitCode;
+use std::{io::Write, process::ExitCode};
 
-use clap::Parser as _;
-use std::io::Write as _;
+use clap::{CommandFactory as _, Parser as _, error::ErrorKind};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use tracer::{
     cli::{Cli, Command, LargeArgs, LeaksArgs, OutputArgs, TargetArgs},
-    output::{self, Report},
+    os,
+    output::{self, Report, escape::Escaped},
     report::{
         large::{self, LargeOptions},
         leaks::{self, LeaksOptions},
@@ -54,7 +54,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Oom(args) => {
             let mut out = output::open(args.output.output.as_deref())?;
             if args.target.is_empty() {
-                eprintln!("alloctrace: watching for OOM kills on this host; Ctrl-C stops");
+                eprintln!(
+                    "alloctrace: watching for OOM kills on this host; Ctrl-C or SIGTERM stops"
+                );
             }
             let format = args.output.format;
             let mut sink = |record: &OomRecord| -> anyhow::Result<()> {
@@ -69,20 +71,45 @@ async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 /// Runs a trace, writes the report `build` makes of it, then stops the command alloctrace started if it
-/// still runs.
+/// still runs. The output is opened first: a path that cannot be written fails at once, not after the trace.
 async fn traced(
     target: &TargetArgs,
     output: &OutputArgs,
     build: impl FnOnce(&Trace) -> Report,
 ) -> anyhow::Result<()> {
+    let mut out = output::open(output.output.as_deref())?;
     let trace = trace::run(target, None).await?;
-    let written = output::write_to(&build(&trace), output.format, output.output.as_deref());
+    let written = output::write(&build(&trace), output.format, &mut out).and_then(|()| out.flush());
     trace.stop_unfinished_command();
-    written
+    Ok(written?)
+}
+
+/// Help and version as clap prints them; a usage error as `alloctrace: error: …` on its first line, then
+/// clap's usage and hint, exit 2.
+fn usage_error(err: clap::Error) -> ExitCode {
+    match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => err.exit(),
+        // clap would print the whole help: the usage says enough.
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!(
+                "alloctrace: error: name a command: leaks, large or oom\n\n{}\n\nFor more information, try '--help'.",
+                Cli::command().render_usage()
+            );
+        }
+        _ => {
+            let rendered = err.render().to_string();
+            let message = rendered.strip_prefix("error: ").unwrap_or(&rendered);
+            eprint!("alloctrace: error: {message}");
+        }
+    }
+    ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -93,11 +120,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    // The stop signals are caught before anything is attached: one that arrives meanwhile ends the trace
+    // as soon as it runs, with its report, instead of killing alloctrace.
+    let stopped_or_done = runtime.block_on(async {
+        os::catch_stop_signals().context("cannot catch SIGINT, SIGTERM and SIGHUP")?;
+        run(cli.command).await
+    });
+    match stopped_or_done {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("alloctrace: error: {err:#}");
+            // An error may quote a target's path or name.
+            eprintln!("alloctrace: error: {}", Escaped(&format!("{err:#}")));
             ExitCode::from(2)
         }
     }

@@ -1,11 +1,12 @@
 //! Renders reports: one module per format, chosen with `--format`.
 
+pub mod escape;
 pub mod json;
 pub mod text;
 
 use std::{
     fs::File,
-    io::{self, Write},
+    io::{self, BufWriter, Write},
     path::Path,
 };
 
@@ -37,31 +38,21 @@ pub fn write(report: &Report, format: Format, out: &mut dyn Write) -> io::Result
     }
 }
 
-/// `path`, created, or standard output.
+/// `path`, created (or emptied), or standard output. Opened when alloctrace starts, so that a path it cannot
+/// write fails before a trace, not after it.
 pub fn open(path: Option<&Path>) -> anyhow::Result<Box<dyn Write>> {
     Ok(match path {
-        Some(path) => Box::new(
+        Some(path) => Box::new(BufWriter::new(
             File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-        ),
+        )),
         None => Box::new(io::stdout()),
     })
-}
-
-/// Writes to `path`, or to standard output.
-pub fn write_to(report: &Report, format: Format, path: Option<&Path>) -> anyhow::Result<()> {
-    let mut out = open(path)?;
-    write(report, format, &mut out)?;
-    out.flush()?;
-    Ok(())
 }
 
 /// One OOM record: a JSON line, or a block of text.
 pub fn write_oom(record: &OomRecord, format: Format, out: &mut dyn Write) -> io::Result<()> {
     match format {
         Format::Text => text::write_oom(record, out),
-        Format::Json => {
-            serde_json::to_writer(&mut *out, record)?;
-            writeln!(out)
-        }
+        Format::Json => json::write_line(record, out),
     }
 }

@@ -1,7 +1,10 @@
-//! Text output for people: a summary, the losses, then one block per site, most live bytes first.
+//! Text output for people: a summary, the losses, then one block per site, most live bytes first. Every
+//! string that comes from a target is shown through [`Escaped`], so that none can drive the terminal or
+//! forge a line.
 
 use std::io::{self, Write};
 
+use super::escape::Escaped;
 use crate::{
     procs::Frame,
     report::{
@@ -61,11 +64,12 @@ fn losses(lost: &Losses) -> String {
 }
 
 fn frame(f: &Frame) -> String {
-    let module = f.module.as_deref().unwrap_or("?");
+    let module = Escaped(f.module.as_deref().unwrap_or("?"));
     let offset = f.offset.unwrap_or(0);
     match &f.function {
         Some(function) => format!(
-            "{function}+{:#x}  ({module}+{offset:#x})",
+            "{}+{:#x}  ({module}+{offset:#x})",
+            Escaped(function),
             f.function_offset
         ),
         None => format!("{module}+{offset:#x}"),
@@ -91,14 +95,18 @@ fn stack(out: &mut dyn Write, frames: &[Frame]) -> io::Result<()> {
     writeln!(out, "    Traceback (most recent call last):")?;
     for f in frames[first..=last].iter().rev() {
         if f.is_python() && f.file.is_none() {
-            writeln!(out, "      {}", f.function.as_deref().unwrap_or("?"))?;
+            writeln!(
+                out,
+                "      {}",
+                Escaped(f.function.as_deref().unwrap_or("?"))
+            )?;
         } else if f.is_python() {
             let line = f.line.map_or_else(|| "?".to_owned(), |l| l.to_string());
             writeln!(
                 out,
                 "      File \"{}\", line {line}, in {}",
-                f.file.as_deref().unwrap_or("?"),
-                f.function.as_deref().unwrap_or("?")
+                Escaped(f.file.as_deref().unwrap_or("?")),
+                Escaped(f.function.as_deref().unwrap_or("?"))
             )?;
         } else {
             writeln!(out, "      [native] {}", frame(f))?;
@@ -113,7 +121,7 @@ fn stack(out: &mut dyn Write, frames: &[Frame]) -> io::Result<()> {
 fn site(out: &mut dyn Write, rank: usize, s: &SiteReport, comm: &str) -> io::Result<()> {
     writeln!(
         out,
-        "#{rank} {} [{}]: {} live in {} blocks, oldest {}; {} allocated in {} calls; pid {} {comm}",
+        "#{rank} {} [{}]: {} live in {} blocks, oldest {}; {} allocated in {} calls; pid {} {}",
         s.kind,
         s.verdict.name(),
         bytes(s.live_bytes),
@@ -122,6 +130,7 @@ fn site(out: &mut dyn Write, rank: usize, s: &SiteReport, comm: &str) -> io::Res
         bytes(s.total_bytes),
         s.total_count,
         s.pid,
+        Escaped(comm),
     )?;
     let h = &s.size_histogram;
     writeln!(
@@ -151,9 +160,10 @@ fn header(out: &mut dyn Write, h: &Header) -> io::Result<()> {
         let container = p.info.container.as_ref().map_or_else(String::new, |c| {
             let short: String = c.id.chars().take(12).collect();
             format!(
-                " [{} {} {short}]",
+                " [{} {} {}]",
                 c.runtime,
-                c.name.as_deref().unwrap_or("?")
+                Escaped(c.name.as_deref().unwrap_or("?")),
+                Escaped(&short)
             )
         });
         let ns_pid = p
@@ -163,9 +173,9 @@ fn header(out: &mut dyn Write, h: &Header) -> io::Result<()> {
         let task = p.info.task.as_ref().map_or_else(String::new, |t| {
             format!(
                 " airflow {}.{} {}{}",
-                t.dag_id,
-                t.task_id,
-                t.run_id.as_deref().unwrap_or(""),
+                Escaped(&t.dag_id),
+                Escaped(&t.task_id),
+                Escaped(t.run_id.as_deref().unwrap_or("")),
                 t.try_number
                     .map_or_else(String::new, |n| format!(" try {n}"))
             )
@@ -174,8 +184,8 @@ fn header(out: &mut dyn Write, h: &Header) -> io::Result<()> {
             out,
             "process {}{ns_pid} {}{container}{task}: {}{exit}",
             p.info.pid,
-            p.info.comm,
-            p.info.cmdline.join(" ")
+            Escaped(&p.info.comm),
+            Escaped(&p.info.cmdline.join(" "))
         )?;
     }
     writeln!(out, "lost: {}", losses(&h.lost))?;
@@ -194,7 +204,7 @@ fn groups(out: &mut dyn Write, groups: &[Group], members: &str) -> io::Result<()
         writeln!(
             out,
             "{}: {} live in {} blocks, {} {members}",
-            g.key,
+            Escaped(&g.key),
             bytes(g.live_bytes),
             g.live_count,
             g.members
@@ -245,8 +255,8 @@ pub fn write_oom(record: &OomRecord, out: &mut dyn Write) -> io::Result<()> {
         "{} OOM kill: pid {} {} ({}): anon {}, file {}, shmem {}",
         record.time,
         v.pid,
-        v.comm,
-        v.cmdline.join(" "),
+        Escaped(&v.comm),
+        Escaped(&v.cmdline.join(" ")),
         bytes(v.anon_rss_bytes),
         bytes(v.file_rss_bytes),
         bytes(v.shmem_rss_bytes),
@@ -256,15 +266,15 @@ pub fn write_oom(record: &OomRecord, out: &mut dyn Write) -> io::Result<()> {
             out,
             "    container: {} {} ({})",
             c.runtime,
-            c.name.as_deref().unwrap_or("?"),
-            c.id
+            Escaped(c.name.as_deref().unwrap_or("?")),
+            Escaped(&c.id)
         )?;
     }
     match &record.memcg {
         Some(m) => writeln!(
             out,
             "    memory cgroup {} hit its limit of {}",
-            m.path,
+            Escaped(&m.path),
             bytes(m.limit_bytes)
         )?,
         None => writeln!(out, "    no memory cgroup limit: the host ran out")?,
@@ -273,9 +283,9 @@ pub fn write_oom(record: &OomRecord, out: &mut dyn Write) -> io::Result<()> {
         writeln!(
             out,
             "    airflow task {}.{} {}",
-            t.dag_id,
-            t.task_id,
-            t.run_id.as_deref().unwrap_or("")
+            Escaped(&t.dag_id),
+            Escaped(&t.task_id),
+            Escaped(t.run_id.as_deref().unwrap_or(""))
         )?;
     }
     if !record.traced {
@@ -338,7 +348,7 @@ pub fn write_large(report: &LargeReport, out: &mut dyn Write) -> io::Result<()> 
             age(o.age_s),
             o.kind,
             o.pid,
-            report.header.comm(o.pid),
+            Escaped(report.header.comm(o.pid)),
         )?;
         stack(out, &o.stack)?;
         writeln!(out)?;
@@ -356,6 +366,226 @@ pub fn write_large(report: &LargeReport, out: &mut dyn Write) -> io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        procs::{ProcessInfo, airflow::TaskIdentity, container::Container},
+        report::{
+            ProcessReport,
+            large::LargeObject,
+            leaks::SizeHistogram,
+            oom::{Memcg, TopStack, Victim},
+            verdict::Verdict,
+        },
+    };
+
+    /// What a hostile target puts in every string it controls: a screen clear, a window-title change, a C1
+    /// control sequence, and a newline that forges a traceback line.
+    const HOSTILE: &str = "x\x1b[2J\x1b]0;owned\x07\u{9b}31m\n  File \"/etc/shadow\", line 1";
+    const HOSTILE_SHOWN: &str =
+        "x\\x1b[2J\\x1b]0;owned\\x07\\x9b31m\\n  File \"/etc/shadow\", line 1";
+
+    fn hostile() -> String {
+        HOSTILE.to_owned()
+    }
+
+    /// Native, a traceback of four frames (one native, one without a file), native: 7 lines.
+    fn hostile_stack() -> Vec<Frame> {
+        let native = |function: Option<String>| Frame {
+            function,
+            module: Some(hostile()),
+            offset: Some(0x1234),
+            function_offset: 4,
+            file: None,
+            line: None,
+            lang: "native",
+        };
+        vec![
+            native(Some(hostile())),
+            Frame::python(hostile(), hostile(), Some(3)),
+            Frame {
+                file: None,
+                ..Frame::python(hostile(), hostile(), None)
+            },
+            native(Some(hostile())),
+            Frame::python(hostile(), hostile(), Some(1)),
+            native(None),
+        ]
+    }
+
+    fn hostile_container() -> Container {
+        Container {
+            id: hostile(),
+            name: Some(hostile()),
+            runtime: "docker",
+            cgroup: hostile(),
+            pod_uid: Some(hostile()),
+            qos_class: None,
+        }
+    }
+
+    fn hostile_task() -> TaskIdentity {
+        TaskIdentity {
+            dag_id: hostile(),
+            task_id: hostile(),
+            run_id: Some(hostile()),
+            try_number: Some(1),
+        }
+    }
+
+    fn hostile_header() -> Header {
+        Header {
+            schema: 1,
+            command: "leaks",
+            duration_s: 1.0,
+            lost: Losses::default(),
+            complete: true,
+            frees_of_untraced_blocks: 0,
+            frees_not_seen: 0,
+            processes: vec![ProcessReport {
+                info: ProcessInfo {
+                    pid: 42,
+                    ns_pid: Some(7),
+                    comm: hostile(),
+                    cmdline: vec![hostile(), hostile()],
+                    container: Some(hostile_container()),
+                    task: Some(hostile_task()),
+                },
+                exit: Some(Exit::Code(0)),
+                python: None,
+            }],
+            allocators: Vec::new(),
+            tracer_max_rss_bytes: 0,
+        }
+    }
+
+    fn hostile_group() -> Group {
+        Group {
+            key: hostile(),
+            pid: Some(42),
+            container: Some(hostile_container()),
+            live_bytes: 1,
+            live_count: 1,
+            members: 1,
+        }
+    }
+
+    /// Checks that `text`, a report rendered from hostile strings, shows them escaped, and that none of their
+    /// control characters or newlines got through: each line is one the writer wrote.
+    fn assert_escaped(text: &str, lines: usize) {
+        assert!(
+            !text.chars().any(|c| c != '\n' && c.is_control()),
+            "a control character reached the output:\n{text}"
+        );
+        assert!(text.contains(HOSTILE_SHOWN), "{text}");
+        assert_eq!(
+            text.matches("File \"/etc/shadow\"").count(),
+            text.matches(HOSTILE_SHOWN).count(),
+            "every /etc/shadow line is inside an escaped string:\n{text}"
+        );
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.trim_start().starts_with("File \"/etc/shadow\"")),
+            "a forged traceback line:\n{text}"
+        );
+        assert_eq!(text.lines().count(), lines, "{text}");
+    }
+
+    #[test]
+    fn no_string_from_a_target_reaches_the_terminal_raw_in_leaks() {
+        let report = LeaksReport {
+            header: hostile_header(),
+            min_age_s: 0.0,
+            live_bytes: 1,
+            live_count: 1,
+            site_count: 1,
+            groups: vec![hostile_group()],
+            sites: vec![SiteReport {
+                pid: 42,
+                container: Some(hostile_container()),
+                kind: "malloc",
+                live_bytes: 1,
+                live_count: 1,
+                total_bytes: 1,
+                total_count: 1,
+                freed_bytes: 0,
+                freed_count: 0,
+                alloc_rate_per_s: 1.0,
+                free_rate_per_s: 0.0,
+                oldest_age_s: 1.0,
+                size_histogram: SizeHistogram::default(),
+                verdict: Verdict::Leak,
+                verdict_reason: "grows".to_owned(),
+                stack: hostile_stack(),
+            }],
+        };
+        let mut out = Vec::new();
+        write_leaks(&report, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        // Title, process, losses, blank, group, blank, 3 site lines, 7 stack lines, blank.
+        assert_escaped(&text, 17);
+        assert!(text.contains("(pid 7 inside)"), "{text}");
+    }
+
+    #[test]
+    fn no_string_from_a_target_reaches_the_terminal_raw_in_large() {
+        let report = LargeReport {
+            header: hostile_header(),
+            min_size: 1,
+            min_age_s: 0.0,
+            object_count: 1,
+            object_bytes: 1,
+            groups: vec![hostile_group()],
+            objects: vec![LargeObject {
+                pid: 42,
+                container: Some(hostile_container()),
+                kind: "mmap",
+                address: 0x1000,
+                size: 1,
+                age_s: 1.0,
+                stack: hostile_stack(),
+            }],
+        };
+        let mut out = Vec::new();
+        write_large(&report, &mut out).unwrap();
+        // Title, process, losses, blank, group, blank, object, 7 stack lines, blank.
+        assert_escaped(&String::from_utf8(out).unwrap(), 15);
+    }
+
+    #[test]
+    fn no_string_from_a_target_reaches_the_terminal_raw_in_oom() {
+        let record = OomRecord {
+            schema: 1,
+            event: "oom_kill",
+            time: "2024-01-01T00:00:00Z".to_owned(),
+            victim: Victim {
+                pid: 42,
+                ns_pid: None,
+                comm: hostile(),
+                cmdline: vec![hostile()],
+                total_vm_bytes: 0,
+                anon_rss_bytes: 0,
+                file_rss_bytes: 0,
+                shmem_rss_bytes: 0,
+            },
+            container: Some(hostile_container()),
+            memcg: Some(Memcg {
+                path: hostile(),
+                limit_bytes: 1 << 20,
+            }),
+            task: Some(hostile_task()),
+            traced: true,
+            top_stacks: vec![TopStack {
+                live_bytes: 1,
+                live_count: 1,
+                stack: hostile_stack(),
+            }],
+            growth: Vec::new(),
+        };
+        let mut out = Vec::new();
+        write_oom(&record, &mut out).unwrap();
+        // Kill, container, memcg, task, stack title, 7 stack lines, blank.
+        assert_escaped(&String::from_utf8(out).unwrap(), 13);
+    }
 
     #[test]
     fn sizes_read_like_people_write_them() {
