@@ -27,6 +27,7 @@ use crate::{
         container::{self, Selector},
         maps::FileId,
     },
+    output::escape::Escaped,
     python::runtime::{self, Reader},
     report::{
         AllocatorReport, Exit, Losses, ProcessReport,
@@ -384,17 +385,17 @@ impl Targets {
                 match interpreter.bpf_config() {
                     Some(config) => {
                         if let Err(err) = self.probes.add_python(pid, &config) {
-                            eprintln!("alloctrace: no Python frames for pid {pid}: {err:#}");
+                            warn(format_args!("no Python frames for pid {pid}: {err:#}"));
                         }
                     }
-                    None => eprintln!(
-                        "alloctrace: no Python frames for pid {pid}: {}",
+                    None => warn(format_args!(
+                        "no Python frames for pid {pid}: {}",
                         interpreter
                             .info
                             .unsupported
                             .as_deref()
                             .unwrap_or("unsupported")
-                    ),
+                    )),
                 }
                 state.pythons.insert(pid, Reader::new(pid, interpreter));
             }
@@ -428,7 +429,7 @@ impl Targets {
             return Ok(());
         }
         self.probes.attach(pid, &allocator)?;
-        eprintln!("alloctrace: tracing pid {pid} through {}", allocator.path);
+        warn(format_args!("tracing pid {pid} through {}", allocator.path));
         self.allocators.push(AllocatorReport { pid, allocator });
         Ok(())
     }
@@ -457,7 +458,7 @@ impl Targets {
             Discovery::Execed { pid, ts_ns } => {
                 // Its old address space is gone, and the blocks in it.
                 if let Err(err) = self.probes.forget_blocks(pid, ts_ns) {
-                    eprintln!("alloctrace: {err:#}");
+                    warn(format_args!("{err:#}"));
                 }
                 state.pythons.remove(&pid);
                 let _ = self.probes.remove_python(pid);
@@ -511,7 +512,7 @@ impl Targets {
             .and_then(|()| self.track(child));
         if let Err(err) = result {
             // It may have exited already; the trace goes on for the others.
-            eprintln!("alloctrace: not tracing pid {child}: {err:#}");
+            warn(format_args!("not tracing pid {child}: {err:#}"));
         }
     }
 
@@ -534,12 +535,12 @@ impl Targets {
                     self.allocator_pending.remove(&pid);
                     let result = self.attach(pid, allocator).and_then(|()| self.track(pid));
                     if let Err(err) = result {
-                        eprintln!("alloctrace: not tracing pid {pid}: {err:#}");
+                        warn(format_args!("not tracing pid {pid}: {err:#}"));
                     }
                 }
                 Err(err) if until <= now => {
                     self.allocator_pending.remove(&pid);
-                    eprintln!("alloctrace: not tracing pid {pid}: {err:#}");
+                    warn(format_args!("not tracing pid {pid}: {err:#}"));
                 }
                 // Its loader has not mapped the allocator yet.
                 Err(_) => {}
@@ -558,14 +559,21 @@ fn attach_running(targets: &mut Targets, state: &mut State, pid: u32) -> anyhow:
         .with_context(|| format!("cannot find the allocator of pid {pid}"))?;
     // Python frames first: attaching announces the process as traced.
     targets.detect_python(state, pid, false);
-    targets.attach(pid, allocator)?;
-    if has_exited(&fd) {
-        bail!("process {pid} exited before probes were attached");
+    if let Err(err) = targets.attach(pid, allocator) {
+        if has_exited(&fd) {
+            bail!("process {pid} exited before probes were attached");
+        }
+        return Err(err);
     }
     if let Some(heap_end) = state.registry.heap_end(pid) {
         state.ledger.set_break(pid, heap_end);
     }
     targets.order.push(pid);
+    // Gone right after its probes went on: it is reported with what it did meanwhile.
+    if has_exited(&fd) {
+        targets.exited.insert(pid, Exit::Exited);
+        return Ok(());
+    }
     watch_exit(pid, fd, targets.exits_tx.clone())?;
     Ok(())
 }
@@ -673,7 +681,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         targets.attach_pending_allocators(&mut state.registry);
     }
     for comm in &args.comms {
-        eprintln!("alloctrace: tracing processes named {comm}, running or started from now on");
+        warn(format_args!("tracing processes named {comm}, running or started from now on"));
     }
     for container in &args.containers {
         eprintln!(
@@ -733,7 +741,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     if oom_sink.is_some() && !targets.probes.oom_watched {
         bail!("this kernel has no usable oom:mark_victim tracepoint: OOM kills cannot be reported");
     }
-    let ctrl_c = tokio::signal::ctrl_c();
+    let ctrl_c = crate::os::stop_requested();
     tokio::pin!(ctrl_c);
 
     while waits_for_more || targets.running() > 0 {
@@ -867,6 +875,12 @@ fn follow_discoveries(targets: &mut Targets, state: &mut State) {
             Discovery::Forked { .. } => targets.follow(state, discovery),
         }
     }
+}
+
+/// Says something to the user on stderr, as one line: what comes from a target (paths, names) is escaped, so
+/// that it can neither drive the terminal nor forge a line.
+fn warn(message: std::fmt::Arguments<'_>) {
+    eprintln!("alloctrace: {}", Escaped(&message.to_string()));
 }
 
 async fn recv<T>(receiver: &mut Option<UnboundedReceiver<T>>) -> Option<T> {
