@@ -65,7 +65,7 @@ pub enum EventKind {
     /// The frames of a stack seen for the first time: [`StackEvent`].
     Stack = 3,
     /// A traced process replaced its image with `execve`: its address space, and every block in it, is gone.
-    /// Also sent for a process whose new name matches a `--comm` filter.
+    /// Also sent for a process whose new name matches a `--comm` filter: [`ExecEvent`].
     Exec = 4,
     /// A traced process forked: [`ForkEvent`].
     Fork = 5,
@@ -380,6 +380,22 @@ pub struct FreeEvent {
     pub size: u64,
 }
 
+/// A process replaced its image with `execve`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    /// 1 when the process was stopped (`SIGSTOP`) before its new image ran its first instruction: userspace
+    /// attaches to it, then sends `SIGCONT`.
+    pub held: u32,
+    pub _pad: u32,
+}
+
+/// A value of the `TARGETS` map: a target with this bit is stopped at its next exec until userspace has read
+/// its new image and attached to it. Children forked by targets get it; a command alloctrace started, which it
+/// holds at exec by itself, does not.
+pub const HOLD_AT_EXEC: u8 = 1;
+
 /// A traced process forked `child_pid`, which is traced from then on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -505,6 +521,7 @@ const _: () = assert!(size_of::<EventHeader>() == 32);
 const _: () = assert!(size_of::<AllocEvent>() == 64);
 const _: () = assert!(size_of::<FreeEvent>() == 56);
 const _: () = assert!(size_of::<ForkEvent>() == 40);
+const _: () = assert!(size_of::<ExecEvent>() == 40);
 const _: () = assert!(size_of::<OomEvent>() == 88);
 const _: () = assert!(size_of::<OomFields>() == 24);
 const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH + 8 + 16 * MAX_PY_FRAMES);

@@ -19,18 +19,19 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_get_stack,
         bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
-        bpf_probe_read_user, bpf_probe_read_user_buf, bpf_task_pt_regs,
+        bpf_probe_read_user, bpf_probe_read_user_buf, bpf_send_signal, bpf_task_pt_regs,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use tracer_common::{
-    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ForkEvent, FreeEvent,
-    IN_FLIGHT_STALE_NS, InFlight, LOSS_COUNTERS, LiveBlock, LiveKey, Loss, MAX_PY_FRAMES,
-    MAX_PY_THREADS, MAX_STACK_DEPTH, OomEvent, OomFields, PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame,
-    PyProcess, PyStatus, SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES, SiteCounters, SiteKey,
-    SizeKey, StackEvent, SyscallInFlight, TALLY_COUNTERS, Tally, sample_weight, size_class,
+    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, ForkEvent,
+    FreeEvent, HOLD_AT_EXEC, IN_FLIGHT_STALE_NS, InFlight, LOSS_COUNTERS, LiveBlock, LiveKey, Loss,
+    MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_DEPTH, OomEvent, OomFields, PY_FRAME_READ_MAX,
+    PY_NO_OFFSET, PyFrame, PyProcess, PyStatus, SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES,
+    SiteCounters, SiteKey, SizeKey, StackEvent, SyscallInFlight, TALLY_COUNTERS, Tally,
+    sample_weight, size_class,
 };
 
 /// Every record for userspace, in the order the probes reserved them.
@@ -1042,8 +1043,8 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // Threads come through here too: userspace tells them apart. Marking the child now means its own
-    // system calls and forks are seen from its first instruction.
-    let _ = TARGETS.insert(child_pid, 0, 0);
+    // system calls and forks are seen from its first instruction, and that an exec of its is held.
+    let _ = TARGETS.insert(child_pid, HOLD_AT_EXEC, 0);
     let event = ForkEvent {
         header: header(EventKind::Fork),
         child_pid,
@@ -1053,23 +1054,43 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// A process replaced its image. A target that userspace must attach to again (a child of a target, a `--comm`
+/// match) is stopped before the new image runs its first instruction: userspace reads the image, attaches,
+/// then continues it, so that none of its allocations, nor its names, can be missed however fast it exits.
 #[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
-    if !is_target() {
-        let Ok(comm) = bpf_get_current_comm() else {
-            return 0;
-        };
-        // SAFETY: read-only look-up of a plain value.
-        if unsafe { COMMS.get(comm) }.is_some() {
-            let _ = TARGETS.insert(current_tgid(), 0, 0);
-        // SAFETY: a plain global set at load time.
-        } else if unsafe { core::ptr::read_volatile(&WATCH_EXECS) } == 0 {
-            return 0;
+    let tgid = current_tgid();
+    // SAFETY: read-only look-up of a plain value, copied out.
+    let hold = match unsafe { TARGETS.get(tgid) }.copied() {
+        Some(flags) => flags & HOLD_AT_EXEC != 0,
+        None => {
+            let Ok(comm) = bpf_get_current_comm() else {
+                return 0;
+            };
+            // SAFETY: read-only look-up of a plain value.
+            if unsafe { COMMS.get(comm) }.is_some() {
+                let _ = TARGETS.insert(tgid, HOLD_AT_EXEC, 0);
+                true
+            // SAFETY: a plain global set at load time.
+            } else if unsafe { core::ptr::read_volatile(&WATCH_EXECS) } != 0 {
+                false
+            } else {
+                return 0;
+            }
         }
-    }
-    let _ = output_now(&header(EventKind::Exec));
+    };
+    // SAFETY: a plain helper; the signal reaches the current process on its way back to user mode.
+    let held = hold && unsafe { bpf_send_signal(SIGSTOP) } == 0;
+    let event = ExecEvent {
+        header: header(EventKind::Exec),
+        held: u32::from(held),
+        _pad: 0,
+    };
+    let _ = output_now(&event);
     0
 }
+
+const SIGSTOP: u32 = 19;
 
 #[cfg(not(test))]
 #[panic_handler]

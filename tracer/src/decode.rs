@@ -1,8 +1,8 @@
 //! Ring-buffer records (bytes written by `tracer-ebpf`) into [`Event`]s.
 
 use tracer_common::{
-    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ForkEvent, FreeEvent,
-    MAX_PY_FRAMES, MAX_STACK_DEPTH, OomEvent, PyFrame, PyStatus, StackEvent,
+    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, ForkEvent,
+    FreeEvent, MAX_PY_FRAMES, MAX_STACK_DEPTH, OomEvent, PyFrame, PyStatus, StackEvent,
 };
 
 /// One decoded record.
@@ -35,6 +35,8 @@ pub enum Event {
     },
     Exec {
         header: EventHeader,
+        /// Stopped before its new image ran: to be continued once attached.
+        held: bool,
     },
     Fork {
         header: EventHeader,
@@ -123,7 +125,13 @@ impl TryFrom<&[u8]> for Event {
                     },
                 }
             }
-            EventKind::Exec => Self::Exec { header },
+            EventKind::Exec => {
+                let e: ExecEvent = read(bytes, Some(kind))?;
+                Self::Exec {
+                    header,
+                    held: e.held != 0,
+                }
+            }
             EventKind::Oom => Self::Oom(read(bytes, Some(kind))?),
             EventKind::Fork => {
                 let e: ForkEvent = read(bytes, Some(kind))?;
@@ -230,10 +238,17 @@ mod tests {
                 size: 8192,
             })
         );
-        let exec = header(EventKind::Exec);
+        let exec = ExecEvent {
+            header: header(EventKind::Exec),
+            held: 1,
+            _pad: 0,
+        };
         assert_eq!(
             Event::try_from(bytes_of(&exec)),
-            Ok(Event::Exec { header: exec })
+            Ok(Event::Exec {
+                header: exec.header,
+                held: true
+            })
         );
     }
 

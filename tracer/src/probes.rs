@@ -20,8 +20,8 @@ use aya::{
     },
 };
 use tracer_common::{
-    AllocFn, LOSS_COUNTERS, LiveBlock, LiveKey, OomFields, PyProcess, SiteCounters, SiteKey,
-    SizeKey, TALLY_COUNTERS,
+    AllocFn, HOLD_AT_EXEC, LOSS_COUNTERS, LiveBlock, LiveKey, OomFields, PyProcess, SiteCounters,
+    SiteKey, SizeKey, TALLY_COUNTERS,
 };
 
 use crate::{
@@ -226,10 +226,19 @@ impl Probes {
 
     /// Marks `pid` as traced for the tracepoints (its mappings, forks and execs).
     pub fn add_target(&mut self, pid: u32) -> anyhow::Result<()> {
+        self.mark_target(pid, HOLD_AT_EXEC)
+    }
+
+    /// Lets a target exec without being held: a command alloctrace started, which its own start-up holds.
+    pub fn do_not_hold_at_exec(&mut self, pid: u32) -> anyhow::Result<()> {
+        self.mark_target(pid, 0)
+    }
+
+    fn mark_target(&mut self, pid: u32, flags: u8) -> anyhow::Result<()> {
         let mut targets: BpfHashMap<_, u32, u8> =
             BpfHashMap::try_from(self.ebpf.map_mut("TARGETS").context("no TARGETS map")?)?;
         targets
-            .insert(pid, 0, 0)
+            .insert(pid, flags, 0)
             .with_context(|| format!("cannot add pid {pid} to the traced set"))
     }
 

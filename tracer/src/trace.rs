@@ -5,6 +5,7 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
 };
 
@@ -20,6 +21,7 @@ use crate::{
     aggregate::{Ledger, Site, SiteId, Sites},
     cli::TargetArgs,
     decode::Event,
+    output::escape::Escaped,
     probes::{LoadOptions, Probes},
     procs::{
         Frame, ProcessInfo, Registry,
@@ -27,7 +29,6 @@ use crate::{
         container::{self, Selector},
         maps::FileId,
     },
-    output::escape::Escaped,
     python::runtime::{self, Reader},
     report::{
         AllocatorReport, Exit, Losses, ProcessReport,
@@ -108,10 +109,11 @@ enum Discovery {
         parent: u32,
         child: u32,
     },
-    /// A process replaced its image at `ts_ns`.
+    /// A process replaced its image at `ts_ns`; `held`: it is stopped until it is attached to and continued.
     Execed {
         pid: u32,
         ts_ns: u64,
+        held: bool,
     },
 }
 
@@ -187,13 +189,14 @@ impl State {
                     self.undecodable += 1;
                 }
             }
-            Event::Exec { header } => {
+            Event::Exec { header, held } => {
                 self.ledger.exec(header.pid);
                 self.site_of_stack.retain(|&(pid, ..), _| pid != header.pid);
                 self.registry.refresh(header.pid);
                 self.discovered.push(Discovery::Execed {
                     pid: header.pid,
                     ts_ns: header.ts_ns,
+                    held,
                 });
             }
             Event::Fork { header, child_pid } => {
@@ -455,7 +458,7 @@ impl Targets {
     fn follow(&mut self, state: &mut State, discovery: Discovery) {
         match discovery {
             Discovery::Forked { parent, child } => self.follow_fork(state, parent, child),
-            Discovery::Execed { pid, ts_ns } => {
+            Discovery::Execed { pid, ts_ns, held } => {
                 // Its old address space is gone, and the blocks in it.
                 if let Err(err) = self.probes.forget_blocks(pid, ts_ns) {
                     warn(format_args!("{err:#}"));
@@ -470,6 +473,16 @@ impl Targets {
                     self.spawned_exec = None;
                     return;
                 }
+                if held {
+                    let attached = self.attach_held(state, pid);
+                    resume(pid);
+                    match attached {
+                        Ok(()) => return,
+                        Err(err) => warn(format_args!(
+                            "pid {pid} is attached to once its loader has run: {err:#}"
+                        )),
+                    }
+                }
                 // Its allocator is the one it maps, through its own mount namespace (a container's): found
                 // once its loader has mapped it.
                 self.allocator_pending
@@ -478,6 +491,27 @@ impl Targets {
                 self.attach_pending_allocators(&mut state.registry);
             }
         }
+    }
+
+    /// Attaches to a process stopped at its exec, before its new image has run: its allocator is the one its
+    /// loader will bind (`ld.so --list`), and its executable's symbols are read now, so that its stacks are
+    /// named even if it exits at once. Only for a process that sees the files alloctrace sees.
+    fn attach_held(&mut self, state: &mut State, pid: u32) -> anyhow::Result<()> {
+        let namespace =
+            |pid: &str| std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino());
+        if namespace(&pid.to_string())? != namespace("self")? {
+            bail!("it runs in another mount namespace");
+        }
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+        let allocator = allocator::for_command(&mut state.registry, &exe)?;
+        state.registry.refresh(pid);
+        if let Some(maps) = state.registry.maps(pid).cloned() {
+            for mapping in maps.mappings.iter().filter(|m| m.executable) {
+                let _ = state.registry.module(pid, mapping);
+            }
+        }
+        self.attach(pid, allocator)?;
+        self.track(pid)
     }
 
     /// A fork has its parent's address space: its allocator, its interpreter, its task.
@@ -681,7 +715,9 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         targets.attach_pending_allocators(&mut state.registry);
     }
     for comm in &args.comms {
-        warn(format_args!("tracing processes named {comm}, running or started from now on"));
+        warn(format_args!(
+            "tracing processes named {comm}, running or started from now on"
+        ));
     }
     for container in &args.containers {
         eprintln!(
@@ -703,6 +739,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         let child = spawn::spawn(&program, &args.command)?;
         let pid = child.pid;
         targets.attach(pid, allocator)?;
+        targets.probes.do_not_hold_at_exec(pid)?;
         let comm: String = program
             .file_name()
             .map(|n| n.to_string_lossy().chars().take(15).collect())
@@ -875,6 +912,12 @@ fn follow_discoveries(targets: &mut Targets, state: &mut State) {
             Discovery::Forked { .. } => targets.follow(state, discovery),
         }
     }
+}
+
+/// Continues a process the kernel stopped at its exec.
+fn resume(pid: u32) {
+    // SAFETY: kill takes a pid and a signal. The process is stopped, so its pid cannot have been reused.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
 }
 
 /// Says something to the user on stderr, as one line: what comes from a target (paths, names) is escaped, so
