@@ -76,11 +76,26 @@ fn trace(python: &Path) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// The site whose innermost Python frame is `function` at `line` of the workload and that holds the most there
-/// (a line can allocate more than its object: `CACHE[key] = bytes(n)` also grows the dict).
+/// The site of an allocator call whose innermost Python frame is `function` at `line` of the workload, and
+/// that holds the most there (a line can allocate more than its object: `CACHE[key] = bytes(n)` also grows the
+/// dict). A line can also grow the heap by `brk` or map a pymalloc arena by `mmap`: sites of their own, and
+/// not the object's.
 fn site<'a>(report: &'a Value, function: &str, line: u64) -> &'a Value {
     site_in(report, &workload(), function, line)
 }
+
+/// The kinds of sites that are allocator calls, as reports name them (not `brk`, `mmap` or `mremap`).
+const ALLOCATOR_CALLS: [&str; 9] = [
+    "malloc",
+    "calloc",
+    "realloc",
+    "reallocarray",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+    "pvalloc",
+];
 
 /// Like [`site`], for the workload seen at `file` (inside a container, say).
 fn site_in<'a>(report: &'a Value, file: &Path, function: &str, line: u64) -> &'a Value {
@@ -88,6 +103,7 @@ fn site_in<'a>(report: &'a Value, file: &Path, function: &str, line: u64) -> &'a
         .as_array()
         .unwrap()
         .iter()
+        .filter(|s| ALLOCATOR_CALLS.iter().any(|kind| s["kind"] == *kind))
         .filter(|s| {
             s["stack"]
                 .as_array()
@@ -104,7 +120,7 @@ fn site_in<'a>(report: &'a Value, file: &Path, function: &str, line: u64) -> &'a
     found
         .into_iter()
         .max_by_key(|s| s["live_bytes"].as_u64())
-        .unwrap_or_else(|| panic!("no site at {function}:{line}: {report:#}"))
+        .unwrap_or_else(|| panic!("no allocator call at {function}:{line}: {report:#}"))
 }
 
 fn assert_holds(site: &Value, count: u64, payload: u64) {

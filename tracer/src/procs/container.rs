@@ -116,7 +116,8 @@ pub fn cgroup_path(reader: impl BufRead) -> io::Result<Option<String>> {
             continue;
         };
         match controllers {
-            "" => v2 = Some(path.to_owned()),
+            // A process still in a cgroup that was removed (its container ended) reads `PATH (deleted)`.
+            "" => v2 = Some(path.trim_end_matches(" (deleted)").to_owned()),
             "name=systemd" => systemd = Some(path.to_owned()),
             c if c.split(',').any(|c| c == "memory") => memory = Some(path.to_owned()),
             _ => {}
@@ -286,6 +287,11 @@ mod tests {
         );
         assert_eq!(
             cgroup_path(hybrid.as_bytes()).unwrap(),
+            Some(format!("/docker/{ID}"))
+        );
+        let deleted = format!("0::/docker/{ID} (deleted)\n");
+        assert_eq!(
+            cgroup_path(deleted.as_bytes()).unwrap(),
             Some(format!("/docker/{ID}"))
         );
         let pure_v2 = format!("0::/system.slice/docker-{ID}.scope\n");

@@ -110,9 +110,12 @@ pub struct ProcessInfo {
 }
 
 impl ProcessInfo {
-    /// Reads comm, command line, pid namespace, container and task; `None` once the process is gone.
+    /// Reads comm, command line, pid namespace, container and task; `None` once the process is gone. Names are
+    /// bytes a process chooses (`prctl(PR_SET_NAME)`, any argv): what is not UTF-8 is converted lossily, never
+    /// a reason to drop the field.
     pub fn from_pid(pid: u32) -> Option<Self> {
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        let comm = fs::read(format!("/proc/{pid}/comm")).ok()?;
+        let comm = comm.strip_suffix(b"\n").unwrap_or(&comm);
         let cmdline: Vec<String> = fs::read(format!("/proc/{pid}/cmdline"))
             .ok()?
             .split(|&b| b == 0)
@@ -122,7 +125,7 @@ impl ProcessInfo {
         Some(Self {
             pid,
             ns_pid: ns_pid(pid).filter(|&ns| ns != pid),
-            comm: comm.trim_end().to_owned(),
+            comm: String::from_utf8_lossy(comm).into_owned(),
             task: airflow::of_pid(pid, &cmdline),
             cmdline,
             container: container::of_pid(pid),
@@ -132,12 +135,34 @@ impl ProcessInfo {
 
 /// The innermost pid of `NSpid:` in `/proc/PID/status`: the process's pid in its own namespace.
 fn ns_pid(pid: u32) -> Option<u32> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
+    // Bytes, not a string: its `Name:` line is the comm, which need not be UTF-8.
+    let status = fs::read(format!("/proc/{pid}/status")).ok()?;
+    String::from_utf8_lossy(&status)
         .lines()
         .find_map(|l| l.strip_prefix("NSpid:"))?
         .split_whitespace()
         .last()?
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` has begun to exit (`PF_EXITING` in the flags of `/proc/PID/stat`) or is gone.
+fn is_exiting(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = fs::read(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    stat_flags(&stat).is_none_or(|flags| flags & PF_EXITING != 0)
+}
+
+/// The `flags` field of a `/proc/PID/stat` line: the sixth after the comm, whose closing `)` is the last one
+/// (a comm may hold spaces and parentheses).
+fn stat_flags(stat: &[u8]) -> Option<u64> {
+    let after_comm = &stat[stat.iter().rposition(|&b| b == b')')? + 1..];
+    std::str::from_utf8(after_comm)
+        .ok()?
+        .split_whitespace()
+        .nth(6)?
         .parse()
         .ok()
 }
@@ -163,11 +188,24 @@ impl Registry {
         if let Some(container) = info.as_mut().and_then(|i| i.container.as_mut()) {
             self.name_container(container);
         }
-        // What was known stays known: a task identity seen once (or inherited) is not lost to a new title.
-        if let (Some(info), Some(known)) = (info.as_mut(), self.processes.get(&pid))
-            && info.task.is_none()
-        {
-            info.task = known.info.task.clone();
+        // What was known stays known: a task identity seen once (or inherited) is not lost to a new title, nor
+        // a container's name to a Docker daemon that does not answer this time.
+        if let (Some(info), Some(known)) = (info.as_mut(), self.processes.get(&pid)) {
+            if info.task.is_none() {
+                info.task = known.info.task.clone();
+            }
+            if let (Some(now), Some(known)) = (info.container.as_mut(), &known.info.container)
+                && now.id == known.id
+                && now.name.is_none()
+            {
+                now.name = known.name.clone();
+            }
+        }
+        // An exiting process reads as somebody else: no command line, v1 cgroups of `/`, and a v2 cgroup that
+        // its container's end deletes. Read after the rest: a process found not exiting was not exiting
+        // while it was read. What it was known as while it ran is what the report says.
+        if info.is_some() && self.processes.contains_key(&pid) && is_exiting(pid) {
+            info = None;
         }
         let maps = Maps::from_pid(pid).ok().filter(|m| !m.mappings.is_empty());
         match self.processes.get_mut(&pid) {
@@ -344,4 +382,24 @@ pub fn file_id(path: &Path) -> Option<FileId> {
         dev_minor: libc::minor(dev),
         inode: meta.ino(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_flags_of_a_stat_line_whatever_the_comm() {
+        let stat =
+            b"4242 (a) b (c) S 1 4242 4242 0 -1 4194564 120 0 0 0 1 2 0 0 20 0 1 0 5 1000 10\n";
+        assert_eq!(stat_flags(stat), Some(4_194_564));
+        let odd = b"7 (\xff\xfe) R 1 7 7 0 -1 4 0 0 0 0 0 0 0 0 20 0 1 0 5 1000 10\n";
+        assert_eq!(stat_flags(odd), Some(4));
+        assert_eq!(stat_flags(b"garbage"), None);
+    }
+
+    #[test]
+    fn this_process_is_not_exiting() {
+        assert!(!is_exiting(std::process::id()));
+    }
 }
