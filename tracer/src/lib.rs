@@ -11,6 +11,7 @@ pub mod probes;
 pub mod procs;
 pub mod python;
 pub mod report;
+pub mod ring;
 pub mod sampling;
 pub mod spawn;
 pub mod system;

@@ -10,7 +10,6 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
     sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel},
@@ -34,6 +33,7 @@ use crate::{
         AllocatorReport, Exit, Losses, ProcessReport,
         oom::{self, Cgroups, OomInput, OomRecord},
     },
+    ring::{Delivery, RingReader},
     sampling::Sampling,
     spawn::{self, ChildEvent},
     system,
@@ -43,9 +43,6 @@ use crate::{
 /// before an OOM kill.
 const GROWTH_INTERVAL: Duration = Duration::from_secs(5);
 const GROWTH_SAMPLES: usize = 60;
-
-/// How often the ring buffer is drained when the probes have not asked for it.
-const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What a finished trace gathered: the input of every report.
 pub struct Trace {
@@ -248,23 +245,26 @@ impl State {
     }
 }
 
-/// Consumes every record in the ring buffer now.
-fn drain(ring: &mut RingBuf<MapData>, state: &mut State) {
-    while let Some(record) = ring.next() {
+/// Handles records in order; a process a record reveals (a fork, an exec) is attached to before the records
+/// behind it are handled, since naming them may need its new image.
+fn consume(records: Vec<Vec<u8>>, targets: &mut Targets, state: &mut State) {
+    for record in records {
         state.handle(&record);
+        if !state.discovered.is_empty() {
+            follow_discoveries(targets, state);
+        }
     }
 }
 
-/// Consumes records until the ring is empty (true) or a process to attach to was found (false): a new
-/// process is attached to before the records behind it are named, which can take milliseconds.
-fn drain_until_discovery(ring: &mut RingBuf<MapData>, state: &mut State) -> bool {
-    while let Some(record) = ring.next() {
-        state.handle(&record);
-        if !state.discovered.is_empty() {
-            return false;
+/// Handles every record the probes wrote up to now.
+async fn flush(reader: &mut RingReader, targets: &mut Targets, state: &mut State) {
+    reader.request_flush();
+    while let Some(delivery) = reader.next().await {
+        match delivery {
+            Delivery::Records(records) => consume(records, targets, state),
+            Delivery::Flushed => return,
         }
     }
-    true
 }
 
 fn pidfd(pid: u32) -> std::io::Result<OwnedFd> {
@@ -760,15 +760,11 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         child_pid = Some(pid);
     }
 
-    // SAFETY: the AsyncFd owns the ring buffer, whose map descriptor stays open, and the same, while it lives.
-    let mut ring = unsafe { AsyncFd::register(targets.probes.take_ring_buffer()?) }
-        .map_err(std::io::Error::from)
-        .context("cannot poll the ring buffer")?;
+    let mut reader = RingReader::start(targets.probes.take_ring_buffer()?)
+        .context("cannot start the ring buffer's reader")?;
     let started = Instant::now();
     let start_ns = system::monotonic_ns();
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
-    // The probes wake this loop only when a lot is waiting; the timer bounds how stale the ledger gets.
-    let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
     let mut pending_timer = tokio::time::interval(PENDING_INTERVAL);
     let mut growth_timer = tokio::time::interval(GROWTH_INTERVAL);
     // With --comm, processes may still come, and without targets alloctrace only watches: only the duration
@@ -783,13 +779,11 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
 
     while waits_for_more || targets.running() > 0 {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("cannot poll the ring buffer")?;
-                // Left ready when records remain, so that the loop comes straight back for them.
-                if drain_until_discovery(guard.get_inner_mut(), &mut state) {
-                    guard.clear_ready();
-                }
-            }
+            delivery = reader.next() => match delivery {
+                Some(Delivery::Records(records)) => consume(records, &mut targets, &mut state),
+                Some(Delivery::Flushed) => {}
+                None => bail!("the ring buffer's reader stopped"),
+            },
             _ = growth_timer.tick() => {
                 let now = system::monotonic_ns();
                 let heap = targets.probes.site_counters()?;
@@ -802,18 +796,13 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
                     samples.make_contiguous();
                 }
             }
-            _ = drain_timer.tick() => {
-                while !drain_until_discovery(ring.get_mut(), &mut state) {
-                    follow_discoveries(&mut targets, &mut state);
-                }
-            }
             // A loader maps an allocator and a shared libpython milliseconds after exec; allocations follow.
             _ = pending_timer.tick(), if !targets.python_pending.is_empty() || !targets.allocator_pending.is_empty() => {
                 targets.attach_pending_allocators(&mut state.registry);
                 targets.detect_pending_pythons(&mut state);
             }
             Some(pid) = exits.recv() => {
-                drain(ring.get_mut(), &mut state);
+                flush(&mut reader, &mut targets, &mut state).await;
                 targets.exited.entry(pid).or_insert(Exit::Exited);
                 targets.probes.detach(pid);
             }
@@ -823,14 +812,14 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
                 }
                 ChildEvent::Exiting(release) => {
                     // Held at its exit with its memory still mapped: name what it allocated last.
-                    drain(ring.get_mut(), &mut state);
+                    flush(&mut reader, &mut targets, &mut state).await;
                     if let Some(pid) = child_pid {
                         state.registry.refresh(pid);
                     }
                     drop(release);
                 }
                 ChildEvent::Exited(exit) => {
-                    drain(ring.get_mut(), &mut state);
+                    flush(&mut reader, &mut targets, &mut state).await;
                     if let Some(pid) = child_pid {
                         targets.exited.insert(pid, exit);
                         targets.probes.detach(pid);
@@ -844,7 +833,8 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         let window = (start_ns, system::monotonic_ns());
         report_ooms(&mut state, &targets, &sampling, window, &mut oom_sink)?;
     }
-    drain(ring.get_mut(), &mut state);
+    flush(&mut reader, &mut targets, &mut state).await;
+    drop(reader);
     let end_ns = system::monotonic_ns().max(start_ns);
     report_ooms(
         &mut state,
