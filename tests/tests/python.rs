@@ -160,15 +160,15 @@ fn check(python: &Path, version: &str) {
     assert_holds(child, 5, 150_000);
     let parent = report["processes"][0]["pid"].as_u64();
     assert!(child["pid"].as_u64() != parent, "{child:#}");
-    // Dropped at once: nothing held there.
-    // Dropped at once, 200 times: nothing held, and listed only as churn.
+    // Dropped at once, 2000 times: nothing held, and listed only as churn (at least 100 a second over the whole
+    // trace, however long a loaded machine makes it).
     let dropped = site(&report, "drop_buffers", marker("dropped"));
     assert_eq!(
         (
             dropped["live_bytes"].as_u64(),
             dropped["total_count"].as_u64()
         ),
-        (Some(0), Some(200)),
+        (Some(0), Some(2000)),
         "{dropped:#}"
     );
     assert_eq!(dropped["verdict"], "churn", "{dropped:#}");

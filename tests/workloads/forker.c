@@ -1,10 +1,8 @@
 /* A parent and the child it forks, each with its own site; with an argument, the child execs that program
- * instead. The child waits a second first, so that its probes are in place before it allocates, and so that the
- * tracer, busy attaching to the child it just saw forked, reads the exec'd image's maps before it exits: with
- * parallel tests loading the machine, 0.3 s was once not enough, and the exec'd sites went unnamed. */
+ * instead. The child allocates (or execs) at once: the tracer holds it before its first instruction, and its
+ * new image before its first, until its probes are in place. */
 #include <stdlib.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #define NOINLINE __attribute__((noinline))
@@ -22,8 +20,6 @@ int main(int argc, char **argv) {
     parent_site();
     pid_t child = fork();
     if (child == 0) {
-        struct timespec wait = {1, 0};
-        nanosleep(&wait, NULL);
         if (argc > 1) {
             execv(argv[1], argv + 1);
             _exit(127);

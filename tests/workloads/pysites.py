@@ -24,8 +24,8 @@ def keep_one_large_object():
 
 
 def drop_buffers():
-    for _ in range(200):
-        buffer = b"x" * 300_000  # site: dropped
+    for _ in range(2000):
+        buffer = b"x" * 30_000  # site: dropped
         del buffer
 
 
@@ -57,11 +57,11 @@ def forked_child_site():
 
 
 def fork_a_child():
-    """Forks a child that allocates once the tracer has had time to follow it, and waits like its parent."""
+    """Forks a child that allocates at once (the tracer holds it until its probes are in place), and waits like
+    its parent."""
     ready_read, ready_write = os.pipe()
     if os.fork() == 0:
         os.close(ready_read)
-        time.sleep(0.5)
         forked_child_site()
         os.write(ready_write, b"x")
         sys.stdin.read()

@@ -396,12 +396,20 @@ pub struct ExecEvent {
 /// holds at exec by itself, does not.
 pub const HOLD_AT_EXEC: u8 = 1;
 
-/// A traced process forked `child_pid`, which is traced from then on.
+/// A value bit of the `TARGETS` map: a process a target forked, until it first returns to user mode.
+pub const FORKED: u8 = 2;
+
+/// A traced process forked `child_pid`, which is traced from then on. Sent from the child as it first returns
+/// to user mode, stopped there (`held`) until userspace has attached to it, so that it is traced from its first
+/// instruction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ForkEvent {
     pub header: EventHeader,
     pub child_pid: u32,
+    pub parent_pid: u32,
+    /// 1 when the child was stopped (`SIGSTOP`): userspace continues it once attached.
+    pub held: u32,
     pub _pad: u32,
 }
 
@@ -520,7 +528,7 @@ pub const IN_FLIGHT_STALE_NS: u64 = 1_000_000_000;
 const _: () = assert!(size_of::<EventHeader>() == 32);
 const _: () = assert!(size_of::<AllocEvent>() == 64);
 const _: () = assert!(size_of::<FreeEvent>() == 56);
-const _: () = assert!(size_of::<ForkEvent>() == 40);
+const _: () = assert!(size_of::<ForkEvent>() == 48);
 const _: () = assert!(size_of::<ExecEvent>() == 40);
 const _: () = assert!(size_of::<OomEvent>() == 88);
 const _: () = assert!(size_of::<OomFields>() == 24);

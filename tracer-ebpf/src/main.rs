@@ -26,7 +26,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use tracer_common::{
-    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, ForkEvent,
+    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, FORKED, ForkEvent,
     FreeEvent, HOLD_AT_EXEC, IN_FLIGHT_STALE_NS, InFlight, LOSS_COUNTERS, LiveBlock, LiveKey, Loss,
     MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_DEPTH, OomEvent, OomFields, PY_FRAME_READ_MAX,
     PY_NO_OFFSET, PyFrame, PyProcess, PyStatus, SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES,
@@ -92,6 +92,10 @@ static SAMPLE_WEIGHTS: [u64; SAMPLE_WEIGHT_ENTRIES] = [0; SAMPLE_WEIGHT_ENTRIES]
 /// Processes being traced (tgid → unused): tracepoints fire for every process on the host.
 #[map]
 static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
+
+/// The process that forked each child marked in `TARGETS`, until the child first runs.
+#[map]
+static PARENTS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
 
 /// Process names (`--comm`, NUL-padded to 16 bytes) whose processes are traced from their exec on.
 #[map]
@@ -1042,12 +1046,47 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     if child_pid == 0 {
         return 0;
     }
-    // Threads come through here too: userspace tells them apart. Marking the child now means its own
-    // system calls and forks are seen from its first instruction, and that an exec of its is held.
-    let _ = TARGETS.insert(child_pid, HOLD_AT_EXEC, 0);
+    // Threads come through here too, and are told apart when they first run. Marking the child now means its
+    // own system calls and forks are seen from its first instruction, and that an exec of its is held.
+    let _ = TARGETS.insert(child_pid, HOLD_AT_EXEC | FORKED, 0);
+    let _ = PARENTS.insert(child_pid, current_tgid(), 0);
+    0
+}
+
+/// The return of `clone`, `clone3`, `fork` and `vfork`, in the new task as it first returns to user mode. A
+/// process a target forked is stopped there, before its first instruction, and announced: userspace attaches
+/// its allocator probes, then continues it, so that none of its allocations can be missed. A new thread is no
+/// process of its own: it leaves the traced set.
+#[tracepoint]
+pub fn fork_child_start(ctx: TracePointContext) -> u32 {
+    if field(&ctx, SYSCALL_RET) != 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // SAFETY: read-only look-ups of plain values, copied out.
+    let Some(flags) = (unsafe { TARGETS.get(tid) }).copied() else {
+        return 0;
+    };
+    if flags & FORKED == 0 {
+        return 0;
+    }
+    if tid != tgid {
+        let _ = TARGETS.remove(tid);
+        let _ = PARENTS.remove(tid);
+        return 0;
+    }
+    let _ = TARGETS.insert(tgid, flags & !FORKED, 0);
+    // SAFETY: as above.
+    let parent_pid = unsafe { PARENTS.get(tgid) }.copied().unwrap_or(0);
+    let _ = PARENTS.remove(tgid);
+    // SAFETY: a plain helper; the signal reaches this process on its way back to user mode.
+    let held = unsafe { bpf_send_signal(SIGSTOP) } == 0;
     let event = ForkEvent {
         header: header(EventKind::Fork),
-        child_pid,
+        child_pid: tgid,
+        parent_pid,
+        held: u32::from(held),
         _pad: 0,
     };
     let _ = output_now(&event);

@@ -40,7 +40,10 @@ pub enum Event {
     },
     Fork {
         header: EventHeader,
+        parent_pid: u32,
         child_pid: u32,
+        /// Stopped before its first instruction: to be continued once attached.
+        held: bool,
     },
     Oom(OomEvent),
 }
@@ -137,7 +140,9 @@ impl TryFrom<&[u8]> for Event {
                 let e: ForkEvent = read(bytes, Some(kind))?;
                 Self::Fork {
                     header,
+                    parent_pid: e.parent_pid,
                     child_pid: e.child_pid,
+                    held: e.held != 0,
                 }
             }
         })
@@ -209,13 +214,17 @@ mod tests {
         let fork = ForkEvent {
             header: header(EventKind::Fork),
             child_pid: 99,
+            parent_pid: 98,
+            held: 1,
             _pad: 0,
         };
         assert_eq!(
             Event::try_from(bytes_of(&fork)),
             Ok(Event::Fork {
                 header: fork.header,
-                child_pid: 99
+                parent_pid: 98,
+                child_pid: 99,
+                held: true,
             })
         );
     }

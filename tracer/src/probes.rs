@@ -48,7 +48,7 @@ fn entry_program(func: AllocFn) -> Option<&'static str> {
 const EXIT_PROGRAM: &str = "alloc_exit";
 
 /// Tracepoints: (program, category, event). All exist since Linux 4.x wherever tracepoints are built in.
-const TRACEPOINTS: [(&str, &str, &str); 9] = [
+const TRACEPOINTS: [(&str, &str, &str); 13] = [
     ("mmap_enter", "syscalls", "sys_enter_mmap"),
     ("map_exit", "syscalls", "sys_exit_mmap"),
     ("mremap_enter", "syscalls", "sys_enter_mremap"),
@@ -56,6 +56,10 @@ const TRACEPOINTS: [(&str, &str, &str); 9] = [
     ("munmap_enter", "syscalls", "sys_enter_munmap"),
     ("brk_exit", "syscalls", "sys_exit_brk"),
     ("sched_process_fork", "sched", "sched_process_fork"),
+    ("fork_child_start", "syscalls", "sys_exit_clone"),
+    ("fork_child_start", "syscalls", "sys_exit_clone3"),
+    ("fork_child_start", "syscalls", "sys_exit_fork"),
+    ("fork_child_start", "syscalls", "sys_exit_vfork"),
     ("sched_process_exec", "sched", "sched_process_exec"),
     ("sched_process_exit", "sched", "sched_process_exit"),
 ];
@@ -240,15 +244,6 @@ impl Probes {
         targets
             .insert(pid, flags, 0)
             .with_context(|| format!("cannot add pid {pid} to the traced set"))
-    }
-
-    /// Forgets a thread the fork tracepoint marked: only processes are targets.
-    pub fn remove_target(&mut self, tid: u32) -> anyhow::Result<()> {
-        let mut targets: BpfHashMap<_, u32, u8> =
-            BpfHashMap::try_from(self.ebpf.map_mut("TARGETS").context("no TARGETS map")?)?;
-        targets
-            .remove(&tid)
-            .with_context(|| format!("cannot remove thread {tid} from the traced set"))
     }
 
     /// Walks the Python frames of `pid` at every allocation from now on.

@@ -102,16 +102,10 @@ struct State {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Discovery {
-    Forked {
-        parent: u32,
-        child: u32,
-    },
+    /// `held`: the child is stopped before its first instruction until it is attached to and continued.
+    Forked { parent: u32, child: u32, held: bool },
     /// A process replaced its image at `ts_ns`; `held`: it is stopped until it is attached to and continued.
-    Execed {
-        pid: u32,
-        ts_ns: u64,
-        held: bool,
-    },
+    Execed { pid: u32, ts_ns: u64, held: bool },
 }
 
 impl State {
@@ -196,10 +190,16 @@ impl State {
                     held,
                 });
             }
-            Event::Fork { header, child_pid } => {
+            Event::Fork {
+                parent_pid,
+                child_pid,
+                held,
+                ..
+            } => {
                 self.discovered.push(Discovery::Forked {
-                    parent: header.pid,
+                    parent: parent_pid,
                     child: child_pid,
+                    held,
                 });
             }
             Event::Oom(kill) => self.ooms.push(kill),
@@ -248,6 +248,12 @@ impl State {
 /// Handles records in order; a process a record reveals (a fork, an exec) is attached to before the records
 /// behind it are handled, since naming them may need its new image.
 fn consume(records: Vec<Vec<u8>>, targets: &mut Targets, state: &mut State) {
+    // An OOM kill's cgroup goes away with its victim: read it before naming the stacks ahead of it.
+    for record in &records {
+        if let Ok(Event::Oom(kill)) = Event::try_from(&record[..]) {
+            state.cgroups.remember(kill.header.cgroup_id);
+        }
+    }
     for record in records {
         state.handle(&record);
         if !state.discovered.is_empty() {
@@ -299,16 +305,6 @@ fn watch_exit(pid: u32, fd: OwnedFd, exits: UnboundedSender<u32>) -> anyhow::Res
         let _ = exits.send(pid);
     });
     Ok(())
-}
-
-/// True when `pid` is a process (a thread-group leader), not a thread.
-fn is_process(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Tgid:"))
-            .is_some_and(|tgid| tgid.trim() == pid.to_string())
-    })
 }
 
 /// The session's targets and how they are doing.
@@ -457,7 +453,16 @@ impl Targets {
     /// not. A fork has its parent's interpreter at the same addresses; an exec starts a new image.
     fn follow(&mut self, state: &mut State, discovery: Discovery) {
         match discovery {
-            Discovery::Forked { parent, child } => self.follow_fork(state, parent, child),
+            Discovery::Forked {
+                parent,
+                child,
+                held,
+            } => {
+                self.follow_fork(state, parent, child);
+                if held {
+                    resume(child);
+                }
+            }
             Discovery::Execed { pid, ts_ns, held } => {
                 // Its old address space is gone, and the blocks in it.
                 if let Err(err) = self.probes.forget_blocks(pid, ts_ns) {
@@ -518,11 +523,6 @@ impl Targets {
     fn follow_fork(&mut self, state: &mut State, parent: u32, child: u32) {
         if !std::path::Path::new(&format!("/proc/{child}")).exists() {
             // Gone before its record was read: what it did while traced is already counted.
-            return;
-        }
-        if !is_process(child) {
-            // A thread: its process is traced already.
-            let _ = self.probes.remove_target(child);
             return;
         }
         if let Some(interpreter) = state.pythons.get(&parent).map(Reader::interpreter) {

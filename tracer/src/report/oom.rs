@@ -76,6 +76,8 @@ pub struct TopStack {
 #[derive(Default)]
 pub struct Cgroups {
     paths: HashMap<u64, Option<String>>,
+    /// The nearest limited memory cgroup of each path, read once: a killed container's cgroup is soon removed.
+    memcgs: HashMap<String, Option<Memcg>>,
 }
 
 /// The v2 hierarchy: `/sys/fs/cgroup/unified` on hybrid hosts, `/sys/fs/cgroup` on pure v2 ones.
@@ -112,6 +114,21 @@ impl Cgroups {
                 Some(format!("/{}", relative.display()))
             })
             .clone()
+    }
+
+    /// The nearest cgroup with a memory limit, from `path` up.
+    pub fn memcg(&mut self, path: &str) -> Option<Memcg> {
+        self.memcgs
+            .entry(path.to_owned())
+            .or_insert_with(|| limited_memcg(path))
+            .clone()
+    }
+
+    /// Reads now, while they exist, the cgroup of `id` and its limit, for a record built later.
+    pub fn remember(&mut self, id: u64) {
+        if let Some(path) = self.path(id) {
+            self.memcg(&path);
+        }
     }
 }
 
@@ -191,7 +208,7 @@ pub fn build(input: OomInput<'_>) -> OomRecord {
     let memcg = cgroup
         .as_deref()
         .or(container.as_ref().map(|c| c.cgroup.as_str()))
-        .and_then(limited_memcg);
+        .and_then(|path| input.cgroups.memcg(path));
     let mut top_stacks: Vec<TopStack> = input
         .ledger
         .live_by_site(u64::MAX, input.window)
