@@ -307,26 +307,34 @@ impl Probes {
 
     /// Every site's counters, summed over CPUs.
     pub fn site_counters(&self) -> anyhow::Result<Vec<(SiteKey, SiteCounters)>> {
-        let entries = tables::read_all::<SiteKey, SiteCounters>(fd(&self.sites)?, Some(self.cpus))
-            .context("cannot read the table of sites")?;
-        Ok(entries
-            .into_iter()
-            .map(|(key, per_cpu)| (key, sum_counters(&per_cpu)))
-            .collect())
+        let mut sites = Vec::new();
+        tables::for_each(fd(&self.sites)?, Some(self.cpus), |key, per_cpu| {
+            sites.push((key, sum_counters(per_cpu)));
+        })
+        .context("cannot read the table of sites")?;
+        Ok(sites)
     }
 
     /// The heap tables as they are now.
     pub fn heap_tables(&self) -> anyhow::Result<HeapTables> {
-        let sizes = tables::read_all::<SizeKey, u64>(fd(&self.sizes)?, Some(self.cpus))
-            .context("cannot read the table of sizes")?
-            .into_iter()
-            .map(|(key, per_cpu)| (key, per_cpu.iter().sum()))
-            .collect();
-        let blocks = tables::read_all::<LiveKey, LiveBlock>(fd(&self.live)?, None)
-            .context("cannot read the table of live blocks")?
-            .into_iter()
-            .filter_map(|(key, mut block)| Some((key, block.pop()?)))
-            .collect();
+        let mut sizes = Vec::new();
+        tables::for_each(
+            fd(&self.sizes)?,
+            Some(self.cpus),
+            |key: SizeKey, per_cpu: &[u64]| {
+                sizes.push((key, per_cpu.iter().sum()));
+            },
+        )
+        .context("cannot read the table of sizes")?;
+        let mut blocks = Vec::new();
+        tables::for_each(
+            fd(&self.live)?,
+            None,
+            |key: LiveKey, block: &[LiveBlock]| {
+                blocks.extend(block.first().map(|block| (key, *block)));
+            },
+        )
+        .context("cannot read the table of live blocks")?;
         Ok(HeapTables {
             sites: self.site_counters()?,
             sizes,
@@ -338,14 +346,13 @@ impl Probes {
     /// it.
     pub fn forget_blocks(&self, pid: u32, before_ns: u64) -> anyhow::Result<()> {
         let live = fd(&self.live)?;
-        let stale: Vec<LiveKey> = tables::read_all::<LiveKey, LiveBlock>(live, None)
-            .context("cannot read the table of live blocks")?
-            .into_iter()
-            .filter(|(key, block)| {
-                key.tgid == pid && block.first().is_some_and(|b| b.ts_ns < before_ns)
-            })
-            .map(|(key, _)| key)
-            .collect();
+        let mut stale = Vec::new();
+        tables::for_each(live, None, |key: LiveKey, block: &[LiveBlock]| {
+            if key.tgid == pid && block.first().is_some_and(|b| b.ts_ns < before_ns) {
+                stale.push(key);
+            }
+        })
+        .context("cannot read the table of live blocks")?;
         tables::delete(live, &stale).context("cannot prune the table of live blocks")
     }
 }

@@ -40,14 +40,19 @@ pub struct RingReader {
 }
 
 impl RingReader {
-    pub fn start(ring: RingBuf<MapData>) -> std::io::Result<Self> {
+    /// Starts reading. `first_look` sees each record on the reader thread, as soon as it is read: for what
+    /// must be done before the event loop gets to it (an OOM victim's cgroup is removed within milliseconds).
+    pub fn start(
+        ring: RingBuf<MapData>,
+        first_look: impl FnMut(&[u8]) + Send + 'static,
+    ) -> std::io::Result<Self> {
         let (deliver, deliveries) = mpsc::channel(QUEUE_BATCHES);
         let (flush_requests, requests) = std_mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("ring-reader".into())
-            .spawn(move || read(ring, &deliver, &requests, &stopped))?;
+            .spawn(move || read(ring, first_look, &deliver, &requests, &stopped))?;
         Ok(Self {
             deliveries,
             flush_requests,
@@ -80,6 +85,7 @@ impl Drop for RingReader {
 
 fn read(
     mut ring: RingBuf<MapData>,
+    mut first_look: impl FnMut(&[u8]),
     deliver: &mpsc::Sender<Delivery>,
     requests: &std_mpsc::Receiver<()>,
     stop: &AtomicBool,
@@ -97,6 +103,7 @@ fn read(
         let mut batch = Vec::new();
         let mut bytes = 0;
         while let Some(record) = ring.next() {
+            first_look(&record);
             bytes += record.len();
             batch.push(record.to_vec());
             if bytes >= BATCH_BYTES {

@@ -57,16 +57,16 @@ impl Sampling {
         let (count, bytes) = sample_weight(size, self.interval, &self.weights);
         (count as f64 / COUNT_SCALE as f64, bytes)
     }
+}
 
-    /// The variance the estimate of one recorded block's bytes adds: `s²(1-p)/p²`, 0 when exact.
-    pub fn variance(&self, size: u64) -> f64 {
-        if self.is_exact() {
-            return 0.0;
-        }
-        let (_, bytes) = self.weigh(size);
-        let p = size as f64 / bytes as f64;
-        (bytes as f64).powi(2) * (1.0 - p)
+/// The variance a recorded block of `size` bytes that stands for `weight` bytes adds to an estimate of live
+/// bytes: `s²(1-p)/p²` with `p = size / weight`; 0 for a block that stands for itself.
+pub fn variance(size: u64, weight: u64) -> f64 {
+    if weight <= size {
+        return 0.0;
     }
+    let p = size as f64 / weight as f64;
+    (weight as f64).powi(2) * (1.0 - p)
 }
 
 #[cfg(test)]
@@ -77,7 +77,7 @@ mod tests {
     fn exact_traces_weigh_each_block_as_itself() {
         let exact = Sampling::exact();
         assert_eq!(exact.weigh(1000), (1.0, 1000));
-        assert_eq!(exact.variance(1000), 0.0);
+        assert_eq!(variance(1000, 1000), 0.0);
     }
 
     #[test]

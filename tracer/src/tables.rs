@@ -50,12 +50,14 @@ fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     }
 }
 
-/// Every entry of a hash map, as `(key, values)`: one value, or one per possible CPU for a per-CPU map
-/// (`per_cpu`, the number of possible CPUs). Entries added or removed while it reads may or may not be seen.
-pub fn read_all<K: Pod, V: Pod>(
+/// Calls `each` with every entry of a hash map, as `(key, values)`: one value, or one per possible CPU for a
+/// per-CPU map (`per_cpu`, the number of possible CPUs). Entries added or removed while it reads may or may not
+/// be seen.
+pub fn for_each<K: Pod, V: Pod>(
     map: BorrowedFd<'_>,
     per_cpu: Option<usize>,
-) -> io::Result<Vec<(K, Vec<V>)>> {
+    mut each: impl FnMut(K, &[V]),
+) -> io::Result<()> {
     let cpus = per_cpu.unwrap_or(1);
     // Per-CPU values are padded to 8 bytes each.
     let stride = if per_cpu.is_some() {
@@ -63,7 +65,7 @@ pub fn read_all<K: Pod, V: Pod>(
     } else {
         size_of::<V>()
     };
-    let mut entries = Vec::new();
+    let mut values_of_entry: Vec<V> = Vec::with_capacity(cpus);
     let mut batch_entries = BATCH_ENTRIES;
     let mut position: u32 = 0;
     let mut first = true;
@@ -98,18 +100,17 @@ pub fn read_all<K: Pod, V: Pod>(
         for i in 0..count {
             // SAFETY: the kernel wrote `count` keys; `K` is plain data.
             let key = unsafe { keys.as_ptr().add(i).read().assume_init() };
-            let values = (0..cpus)
-                .map(|cpu| {
-                    let at = (i * cpus + cpu) * stride;
-                    // SAFETY: within `values`, which holds `batch_entries * cpus * stride` bytes; `V` is plain
-                    // data, read unaligned.
-                    unsafe { values.as_ptr().add(at).cast::<V>().read_unaligned() }
-                })
-                .collect();
-            entries.push((key, values));
+            values_of_entry.clear();
+            values_of_entry.extend((0..cpus).map(|cpu| {
+                let at = (i * cpus + cpu) * stride;
+                // SAFETY: within `values`, which holds `batch_entries * cpus * stride` bytes; `V` is plain data,
+                // read unaligned.
+                unsafe { values.as_ptr().add(at).cast::<V>().read_unaligned() }
+            }));
+            each(key, &values_of_entry);
         }
         if done {
-            return Ok(entries);
+            return Ok(());
         }
         position = next;
         first = false;

@@ -6,6 +6,7 @@ use std::{
     collections::{HashMap, HashSet, VecDeque},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     os::unix::fs::MetadataExt as _,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -94,7 +95,8 @@ struct State {
     ooms: Vec<OomEvent>,
     /// Each process's live bytes, sampled every [`GROWTH_INTERVAL`] over the last [`GROWTH_SAMPLES`].
     growth: HashMap<u32, VecDeque<(u64, u64)>>,
-    cgroups: Cgroups,
+    /// Shared with the ring buffer's reader, which reads an OOM victim's cgroup as soon as the kill is seen.
+    cgroups: Arc<Mutex<Cgroups>>,
     undecodable: u64,
     /// Processes that forked or exec'd, for the session to attach to.
     discovered: Vec<Discovery>,
@@ -248,12 +250,6 @@ impl State {
 /// Handles records in order; a process a record reveals (a fork, an exec) is attached to before the records
 /// behind it are handled, since naming them may need its new image.
 fn consume(records: Vec<Vec<u8>>, targets: &mut Targets, state: &mut State) {
-    // An OOM kill's cgroup goes away with its victim: read it before naming the stacks ahead of it.
-    for record in &records {
-        if let Ok(Event::Oom(kill)) = Event::try_from(&record[..]) {
-            state.cgroups.remember(kill.header.cgroup_id);
-        }
-    }
     for record in records {
         state.handle(&record);
         if !state.discovered.is_empty() {
@@ -644,7 +640,7 @@ fn report_ooms(
                 .growth
                 .get(&kill.victim_pid)
                 .map_or(&[][..], |samples| samples.as_slices().0),
-            cgroups: &mut state.cgroups,
+            cgroups: &mut state.cgroups.lock().unwrap_or_else(|e| e.into_inner()),
             window,
         });
         sink(&record)?;
@@ -760,7 +756,17 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         child_pid = Some(pid);
     }
 
-    let mut reader = RingReader::start(targets.probes.take_ring_buffer()?)
+    let cgroups = Arc::clone(&state.cgroups);
+    // An OOM victim's cgroup is removed soon after the kill: it is read on the reader thread, at once.
+    let remember_oom_cgroup = move |record: &[u8]| {
+        if let Ok(Event::Oom(kill)) = Event::try_from(record) {
+            cgroups
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remember(kill.header.cgroup_id);
+        }
+    };
+    let mut reader = RingReader::start(targets.probes.take_ring_buffer()?, remember_oom_cgroup)
         .context("cannot start the ring buffer's reader")?;
     let started = Instant::now();
     let start_ns = system::monotonic_ns();

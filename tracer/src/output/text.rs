@@ -49,6 +49,15 @@ fn losses(lost: &Losses) -> String {
             lost.untracked_calls,
             "calls untracked (in-flight table full)",
         ),
+        (
+            lost.untracked_blocks,
+            "blocks untracked (live-block table full)",
+        ),
+        (
+            lost.untracked_sites,
+            "allocations uncounted (site table full)",
+        ),
+        (lost.histogram_sizes, "sizes missing from histograms"),
         (lost.stacks, "allocations without a stack"),
         (lost.undecodable, "undecodable records"),
     ]
@@ -121,10 +130,12 @@ fn stack(out: &mut dyn Write, frames: &[Frame]) -> io::Result<()> {
 fn site(out: &mut dyn Write, rank: usize, s: &SiteReport, comm: &str) -> io::Result<()> {
     writeln!(
         out,
-        "#{rank} {} [{}]: {} live in {} blocks, oldest {}; {} allocated in {} calls; pid {} {}",
+        "#{rank} {} [{}]: {}{} live in {} blocks, oldest {}; {} allocated in {} calls; pid {} {}",
         s.kind,
         s.verdict.name(),
         bytes(s.live_bytes),
+        s.live_bytes_error
+            .map_or_else(String::new, |error| format!(" ± {}", bytes(error))),
         s.live_count,
         age(s.oldest_age_s),
         bytes(s.total_bytes),
@@ -189,6 +200,13 @@ fn header(out: &mut dyn Write, h: &Header) -> io::Result<()> {
         )?;
     }
     writeln!(out, "lost: {}", losses(&h.lost))?;
+    if let Some(every) = h.sampled_every_bytes {
+        writeln!(
+            out,
+            "sampled: one allocation every {} on average, weighted; live bytes are estimates (± one standard error)",
+            bytes(every)
+        )?;
+    }
     if !h.complete {
         writeln!(
             out,
@@ -454,6 +472,7 @@ mod tests {
             }],
             allocators: Vec::new(),
             tracer_max_rss_bytes: 0,
+            sampled_every_bytes: None,
         }
     }
 
@@ -504,6 +523,7 @@ mod tests {
                 container: Some(hostile_container()),
                 kind: "malloc",
                 live_bytes: 1,
+                live_bytes_error: None,
                 live_count: 1,
                 total_bytes: 1,
                 total_count: 1,

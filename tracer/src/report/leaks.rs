@@ -13,6 +13,7 @@ use crate::{
     aggregate::{SiteId, SiteStats},
     procs::Frame,
     procs::container::Container,
+    sampling,
     trace::Trace,
 };
 
@@ -40,6 +41,9 @@ pub struct SiteReport {
     /// The allocator function or system call.
     pub kind: &'static str,
     pub live_bytes: u64,
+    /// One standard error of `live_bytes` when the trace was sampled (`null` when exact): the true value is
+    /// within it about two times in three, within twice it 19 times in 20.
+    pub live_bytes_error: Option<u64>,
     pub live_count: u64,
     pub total_bytes: u64,
     pub total_count: u64,
@@ -123,7 +127,12 @@ pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
     // window's last quarter could ever show growth.
     let all_live = trace.ledger.live_by_site(u64::MAX, trace.window);
     let mut lingering: HashMap<SiteId, (u64, f64)> = HashMap::new();
+    let mut variance: HashMap<SiteId, f64> = HashMap::new();
     for object in trace.ledger.objects() {
+        if object.ts_ns <= end.saturating_sub(options.min_age_ns) {
+            *variance.entry(object.site).or_default() +=
+                sampling::variance(object.size, object.weight.1);
+        }
         let age = end.saturating_sub(object.ts_ns);
         if object.size >= options.min_size && age >= options.min_age_ns {
             let entry = lingering.entry(object.site).or_insert((0, 0.0));
@@ -152,6 +161,8 @@ pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
             container: header.container(named.pid),
             kind: kind(named),
             live_bytes: site_live.bytes,
+            live_bytes_error: (!trace.sampling.is_exact())
+                .then(|| variance.get(&site).map_or(0, |v| v.sqrt().round() as u64)),
             live_count: site_live.count,
             total_bytes: stats.allocated.bytes,
             total_count: stats.allocated.count,

@@ -158,6 +158,9 @@ pub struct Header {
     pub allocators: Vec<AllocatorReport>,
     /// alloctrace's own peak resident memory: what tracing these processes cost.
     pub tracer_max_rss_bytes: u64,
+    /// `--sample-every`: allocations were sampled, one every this many bytes on average, and weighted; `null`
+    /// when every allocation was recorded.
+    pub sampled_every_bytes: Option<u64>,
 }
 
 impl Header {
@@ -173,6 +176,7 @@ impl Header {
             processes: trace.processes.clone(),
             allocators: trace.allocators.clone(),
             tracer_max_rss_bytes: crate::system::max_rss_bytes(),
+            sampled_every_bytes: (!trace.sampling.is_exact()).then_some(trace.sampling.interval),
         }
     }
 
