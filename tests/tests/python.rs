@@ -354,20 +354,28 @@ fn an_oom_kill_in_a_container_is_one_record_with_the_victims_stacks() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut notice = String::new();
-    BufReader::new(tracer.stderr.as_mut().unwrap())
-        .read_line(&mut notice)
-        .unwrap();
-    assert!(
-        notice.contains("tracing processes named python3.12"),
-        "{notice}"
-    );
-    // A pause for the tracer to follow it from its exec, then 1 MiB a step into a 64 MiB limit, fast: a
-    // slow climb spends minutes thrashing the page cache before the kill.
-    let workload = "import time\ntime.sleep(0.5)\nheld = []\nwhile True:\n    held.append(bytes(1 << 20))  # grows\n";
+    let (notices, tracer_says) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(tracer.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = notices.send(line);
+        }
+    });
+    let wait_for = |what: &dyn Fn(&str) -> bool| loop {
+        let line = tracer_says
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the tracer went silent");
+        if what(&line) {
+            return;
+        }
+    };
+    wait_for(&|line| line.contains("tracing processes named python3.12"));
+    // It waits for a line, sent once the tracer says it is tracing it, then allocates 1 MiB a step into a 64 MiB
+    // limit, fast: a slow climb spends minutes thrashing the page cache before the kill.
+    let workload = "import sys\nsys.stdin.readline()\nheld = []\nwhile True:\n    held.append(bytes(1 << 20))  # grows\n";
     let cidfile = std::env::temp_dir().join(format!("{name}.cid"));
-    let run = Command::new("docker")
-        .args(["run", "--cidfile"])
+    let mut container = Command::new("docker")
+        .args(["run", "-i", "--cidfile"])
         .arg(&cidfile)
         .args([
             "--rm",
@@ -381,8 +389,32 @@ fn an_oom_kill_in_a_container_is_one_record_with_the_victims_stacks() {
         .arg(&image)
         .arg(prefix.join("bin/python3.12"))
         .args(["-c", workload])
-        .status()
+        .stdin(Stdio::piped())
+        .spawn()
         .unwrap();
+    // Its process, once Docker has started it.
+    let started = std::time::Instant::now();
+    let pid = loop {
+        let out = Command::new("docker")
+            .args(["inspect", "--format", "{{.State.Pid}}", &name])
+            .output()
+            .unwrap();
+        let pid: u32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if pid != 0 {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "container {name} never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    wait_for(&|line| line.contains(&format!("tracing pid {pid} ")));
+    writeln!(container.stdin.as_mut().unwrap()).unwrap();
+    let run = container.wait().unwrap();
     assert_eq!(run.code(), Some(137), "the container should be OOM-killed");
     // SAFETY: signalling the child we spawned and have not reaped.
     unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };

@@ -629,6 +629,12 @@ fn capture_stack(ctx: *mut core::ffi::c_void, guessed_caller: Option<u64>) -> u6
     if let Some(py) = unsafe { PY_PROCS.get(current_tgid()) } {
         walk_python(py, scratch);
     }
+    // Where Python frames name the caller, the native frames past the exact first one (and a system call's
+    // guessed caller) come from the frame-pointer chain of an interpreter built without frame pointers: noise
+    // that would make every call from one Python line a stack of its own.
+    if scratch.py_depth > 0 {
+        depth = depth.min(1 + skip);
+    }
     let mut id: u64 = 0xcbf2_9ce4_8422_2325;
     for i in 0..MAX_STACK_DEPTH {
         if i >= depth {

@@ -33,7 +33,7 @@ def transform(payload):
 
 
 def main():
-    _RESULTS.extend(range(1_000_000))
+    _RESULTS.extend(range(100_000))
     for day in range(PARTITIONS):
         transform(load_partition(day))
         time.sleep(0.004)

@@ -79,6 +79,11 @@ pub struct TargetArgs {
     #[arg(long, value_name = "N", default_value_t = 4 << 20)]
     pub max_live_blocks: u32,
 
+    /// Most distinct stacks kept, named (each a few KiB). Allocations from stacks past it are counted as
+    /// allocated without a stack.
+    #[arg(long, value_name = "N", default_value_t = 16 << 10)]
+    pub max_stacks: usize,
+
     /// Start COMMAND and trace it from its first instruction; its exit ends the trace.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,

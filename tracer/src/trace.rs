@@ -61,17 +61,29 @@ pub struct Trace {
     pub unknown_frees: u64,
     /// Blocks found released only because their address was handed out again.
     pub unseen_frees: u64,
-    /// The command alloctrace started, when it was still running as the trace ended.
-    unfinished_command: Option<u32>,
+    /// The command alloctrace started (a pidfd), when it was still running as the trace ended.
+    unfinished_command: Option<OwnedFd>,
+    /// The probes stay attached until the trace is dropped, after its report: taking them down waits for the
+    /// kernel (an RCU grace period each), and that wait is not the user's.
+    _probes: Probes,
 }
 
 impl Trace {
     /// A command alloctrace started lives as long as its trace: when the trace ended first (--duration,
-    /// Ctrl-C), it is stopped, once the report shows what it held.
+    /// Ctrl-C), it is stopped, once the report shows what it held. Signalled through its pidfd, so that no
+    /// other process can be hit, even if the command is gone.
     pub fn stop_unfinished_command(&self) {
-        if let Some(pid) = self.unfinished_command {
-            // SAFETY: signalling our own child, not yet reaped, so its pid cannot have been reused.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        if let Some(pidfd) = &self.unfinished_command {
+            // SAFETY: pidfd_send_signal takes a pidfd we own, a signal, no info and no flags.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    pidfd.as_raw_fd(),
+                    libc::SIGTERM,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
         }
     }
 }
@@ -82,8 +94,11 @@ struct State {
     registry: Registry,
     sites: Sites,
     ledger: Ledger,
-    /// Every stack received, by id, named as it arrived (while its process was alive).
-    stacks: HashMap<u64, Vec<Frame>>,
+    /// Every stack received, by id, named as it arrived (while its process was alive); at most `max_stacks`,
+    /// in at most [`STACK_MEMORY`] bytes (`stack_bytes`).
+    stacks: HashMap<u64, Arc<[Frame]>>,
+    max_stacks: usize,
+    stack_bytes: usize,
     /// The CPython processes among the targets, and what reads their frames.
     pythons: HashMap<u32, Reader>,
     /// Site of each (pid, function, stack id) already seen.
@@ -127,6 +142,12 @@ impl State {
                 guessed_caller,
                 python,
             } => {
+                // A target that makes ever new stacks must not make the tracer grow without bound: past the
+                // limit, a new stack is not kept, and what uses it is counted as allocated without a stack.
+                let full = self.stacks.len() >= self.max_stacks || self.stack_bytes >= STACK_MEMORY;
+                if full && !self.stacks.contains_key(&stack_id) {
+                    return;
+                }
                 // Named now, while the process that sent it is alive: its blocks may outlive it.
                 let pid = header.pid;
                 let native = self.registry.symbolize(pid, &frames, guessed_caller);
@@ -144,7 +165,9 @@ impl State {
                     }
                     None => Vec::new(),
                 };
-                self.stacks.insert(stack_id, runtime::merge(native, python));
+                let named = runtime::merge(native, python);
+                self.stack_bytes += named.iter().map(Frame::heap_bytes).sum::<usize>();
+                self.stacks.insert(stack_id, named.into());
             }
             Event::Alloc {
                 header,
@@ -234,13 +257,13 @@ impl State {
             return self.sites.intern(Site {
                 pid,
                 func,
-                frames: Vec::new(),
+                frames: Arc::from([]),
             });
         };
         let site = self.sites.intern(Site {
             pid,
             func,
-            frames: frames.clone(),
+            frames: Arc::clone(frames),
         });
         self.site_of_stack.insert((pid, func, stack_id), site);
         site
@@ -327,6 +350,10 @@ struct Targets {
     /// Processes that exec'd, until their allocator is mapped (or the window passes).
     allocator_pending: HashMap<u32, Instant>,
 }
+
+/// Most bytes the named stacks may take (`--max-stacks` bounds their number): a target that makes ever new deep
+/// stacks stays within it.
+const STACK_MEMORY: usize = 64 << 20;
 
 /// How long after its exec a process is watched for its allocator and interpreter to be mapped, and how often.
 const PENDING_WINDOW: Duration = Duration::from_secs(5);
@@ -687,7 +714,10 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         spawned_exec: None,
         python_frames: !args.no_python_frames,
     };
-    let mut state = State::default();
+    let mut state = State {
+        max_stacks: args.max_stacks,
+        ..State::default()
+    };
 
     for comm in &args.comms {
         targets.probes.add_comm(comm)?;
@@ -728,6 +758,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
 
     let mut child_events: Option<UnboundedReceiver<ChildEvent>> = None;
     let mut child_pid: Option<u32> = None;
+    let mut command_pidfd: Option<OwnedFd> = None;
     if !args.command.is_empty() {
         let program = spawn::resolve_program(&args.command[0])?;
         let image = spawn::executable_image(&program)?;
@@ -754,6 +785,8 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         targets.spawned_exec = Some(pid);
         child_events = Some(child.release());
         child_pid = Some(pid);
+        // Opened while it is certainly alive and ours: its pid may be reused once it is reaped.
+        command_pidfd = pidfd(pid).ok();
     }
 
     let cgroups = Arc::clone(&state.cgroups);
@@ -875,7 +908,8 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         })
         .collect();
     Ok(Trace {
-        unfinished_command: child_pid.filter(|pid| !targets.exited.contains_key(pid)),
+        unfinished_command: command_pidfd
+            .filter(|_| child_pid.is_some_and(|pid| !targets.exited.contains_key(&pid))),
         ledger: state.ledger,
         sites: state.sites,
         processes,
@@ -886,6 +920,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         sampling,
         unknown_frees: tallies[Tally::UnknownFree as usize],
         unseen_frees: tallies[Tally::UnseenFree as usize],
+        _probes: targets.probes,
     })
 }
 

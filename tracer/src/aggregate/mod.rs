@@ -8,7 +8,10 @@
 
 pub mod regions;
 
-use std::collections::{HashMap, hash_map::Entry};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    sync::Arc,
+};
 
 use hdrhistogram::Histogram;
 use regions::{Piece, Regions, Removed};
@@ -26,8 +29,8 @@ pub type SiteId = usize;
 pub struct Site {
     pub pid: u32,
     pub func: AllocFn,
-    /// Innermost first; empty when the stack was lost.
-    pub frames: Vec<Frame>,
+    /// Innermost first; empty when the stack was lost. Shared with every site of the same stack.
+    pub frames: Arc<[Frame]>,
 }
 
 /// Interns sites, so that stacks that differ only in noise past their last real frame share one site.

@@ -240,7 +240,7 @@ fn sites_are_interned() {
     let site = |pid| Site {
         pid,
         func: Malloc,
-        frames: vec![],
+        frames: Arc::from([]),
     };
     let a = sites.intern(site(1));
     assert_eq!(sites.intern(site(1)), a);

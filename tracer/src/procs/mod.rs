@@ -59,6 +59,12 @@ fn hex_or_null<S: serde::Serializer>(
 }
 
 impl Frame {
+    /// Bytes it takes: the frame, and its strings.
+    pub fn heap_bytes(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+        size_of::<Self>() + text(&self.function) + text(&self.module) + text(&self.file)
+    }
+
     /// A frame of Python code.
     pub fn python(function: String, file: String, line: Option<u32>) -> Self {
         Self {

@@ -204,5 +204,5 @@ pub fn kind(site: &Site) -> &'static str {
 
 /// A site's stack, as reports show it.
 pub fn stack(trace: &Trace, site: SiteId) -> Vec<Frame> {
-    trace.sites.get(site).frames.clone()
+    trace.sites.get(site).frames.to_vec()
 }
