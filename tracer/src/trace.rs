@@ -894,6 +894,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         histogram_sizes: kernel[Loss::SizeTableFull as usize],
         stacks: kernel[Loss::StackUnavailable as usize] + state.stackless,
         undecodable: state.undecodable,
+        python_frames: state.pythons.values().map(Reader::unreadable_frames).sum(),
     };
     let processes = targets
         .order

@@ -60,6 +60,7 @@ fn losses(lost: &Losses) -> String {
         (lost.histogram_sizes, "sizes missing from histograms"),
         (lost.stacks, "allocations without a stack"),
         (lost.undecodable, "undecodable records"),
+        (lost.python_frames, "unreadable Python frames"),
     ]
     .iter()
     .filter(|(n, _)| *n > 0)

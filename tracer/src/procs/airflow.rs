@@ -82,7 +82,7 @@ pub fn from_environ(environ: &[u8]) -> Option<TaskIdentity> {
 /// A process's identity: its command line first, its environment next.
 pub fn of_pid(pid: u32, cmdline: &[String]) -> Option<TaskIdentity> {
     from_cmdline(cmdline)
-        .or_else(|| from_environ(&std::fs::read(format!("/proc/{pid}/environ")).ok()?))
+        .or_else(|| from_environ(&super::read_bounded(format!("/proc/{pid}/environ")).ok()?))
 }
 
 #[cfg(test)]

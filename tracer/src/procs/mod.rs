@@ -122,7 +122,7 @@ impl ProcessInfo {
     pub fn from_pid(pid: u32) -> Option<Self> {
         let comm = fs::read(format!("/proc/{pid}/comm")).ok()?;
         let comm = comm.strip_suffix(b"\n").unwrap_or(&comm);
-        let cmdline: Vec<String> = fs::read(format!("/proc/{pid}/cmdline"))
+        let cmdline: Vec<String> = read_bounded(format!("/proc/{pid}/cmdline"))
             .ok()?
             .split(|&b| b == 0)
             .filter(|arg| !arg.is_empty())
@@ -363,6 +363,20 @@ impl Registry {
             ..unnamed
         }
     }
+}
+
+/// Most bytes read of a process's command line or environment: a process can point them at any part of its
+/// memory (`prctl(PR_SET_MM)`), so their size is the target's choice.
+const PROC_TEXT_MAX: u64 = 1 << 20;
+
+/// Reads at most [`PROC_TEXT_MAX`] bytes of a `/proc` file.
+pub fn read_bounded(path: impl AsRef<Path>) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    fs::File::open(path)?
+        .take(PROC_TEXT_MAX)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Where alloctrace can open a mapped file: the path itself when it is the same file in alloctrace's own

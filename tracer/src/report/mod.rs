@@ -98,6 +98,8 @@ pub struct Losses {
     pub stacks: u64,
     /// Records userspace could not decode.
     pub undecodable: u64,
+    /// Python frames whose code object could not be read: shown as `<unreadable Python frame>`.
+    pub python_frames: u64,
 }
 
 impl Losses {
@@ -109,6 +111,7 @@ impl Losses {
             + self.histogram_sizes
             + self.stacks
             + self.undecodable
+            + self.python_frames
     }
 }
 
