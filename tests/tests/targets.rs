@@ -98,3 +98,44 @@ fn processes_are_found_by_name_even_when_they_start_later() {
     let report = json_report(&out);
     assert_sites_exact(&report, target.id().into());
 }
+
+/// Children forked while the trace ends, and after it, are never left stopped: holding new processes stops
+/// before the last records are read, and every process held is continued.
+#[test]
+fn no_child_is_left_stopped_when_the_trace_ends() {
+    require_root();
+    let mut parent = Command::new(workload("fork_loop"))
+        .arg("4")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(parent.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "ready\n");
+    let out = Command::new(alloctrace())
+        .args(["leaks", "--format", "json", "--duration", "1s", "--pid"])
+        .arg(parent.id().to_string())
+        .output()
+        .unwrap();
+    let report = json_report(&out);
+    assert!(
+        report["processes"].as_array().unwrap().len() > 1,
+        "children were followed: {:#}",
+        report["processes"]
+    );
+    // The parent forks for 4 s in all; a child left stopped would keep it waiting for ever.
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = parent.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the parent never finished: a child was left stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

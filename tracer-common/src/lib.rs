@@ -520,6 +520,10 @@ pub struct InFlight {
     /// The block a `realloc` released on entry (`released.size` 0 when none): restored if the call fails.
     pub released_addr: u64,
     pub released: LiveBlock,
+    /// 1 when the call's block is recorded; 0 for a call sampling passed over, kept in flight all the same so
+    /// that the mappings the allocator makes during it are known to be its own.
+    pub recorded: u32,
+    pub _pad: u32,
 }
 
 /// Age past which a call in flight is taken as one that will never return. No allocator call takes a second.
@@ -535,7 +539,7 @@ const _: () = assert!(size_of::<OomFields>() == 24);
 const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH + 8 + 16 * MAX_PY_FRAMES);
 const _: () = assert!(size_of::<PyProcess>() == 56);
 const _: () = assert!(size_of::<PyFrame>() == 16);
-const _: () = assert!(size_of::<InFlight>() == 72);
+const _: () = assert!(size_of::<InFlight>() == 80);
 const _: () = assert!(size_of::<LiveKey>() == 16);
 const _: () = assert!(size_of::<LiveBlock>() == 32);
 const _: () = assert!(size_of::<SiteKey>() == 16);

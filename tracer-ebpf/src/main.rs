@@ -22,7 +22,7 @@ use aya_ebpf::{
         bpf_probe_read_user, bpf_probe_read_user_buf, bpf_send_signal, bpf_task_pt_regs,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use tracer_common::{
@@ -92,6 +92,10 @@ static SAMPLE_WEIGHTS: [u64; SAMPLE_WEIGHT_ENTRIES] = [0; SAMPLE_WEIGHT_ENTRIES]
 /// Processes being traced (tgid → unused): tracepoints fire for every process on the host.
 #[map]
 static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
+
+/// Index 0: 1 while new processes are held until attached (see `holding`).
+#[map]
+static HOLDING: Array<u32> = Array::with_max_entries(1, 0);
 
 /// The process that forked each child marked in `TARGETS`, until the child first runs.
 #[map]
@@ -391,9 +395,7 @@ fn enter_releasing(
         // A call that never returned: what it allocated was not recorded.
         count_loss(Loss::InFlightFull);
     }
-    if released.is_none() && !sampled(size) {
-        return false;
-    }
+    let recorded = released.is_some() || sampled(size);
     let (released_addr, released) = released.unwrap_or_default();
     let state = InFlight {
         func: func as u32,
@@ -403,12 +405,14 @@ fn enter_releasing(
         entered_ns: now,
         released_addr,
         released,
+        recorded: u32::from(recorded),
+        _pad: 0,
     };
     if IN_FLIGHT.insert(pid_tgid, state, 0).is_err() {
         count_loss(Loss::InFlightFull);
         return false;
     }
-    true
+    recorded
 }
 
 #[uprobe]
@@ -514,6 +518,10 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         return 0;
     }
     let _ = IN_FLIGHT.remove(pid_tgid);
+    if state.recorded == 0 {
+        // Passed over by sampling: it only marked the allocator's own mappings as such.
+        return 0;
+    }
     let returned: u64 = ctx.ret();
     let addr = if state.func == AllocFn::PosixMemalign as u32 {
         // posix_memalign returns an error number, and stores the block only on success.
@@ -1086,16 +1094,19 @@ pub fn fork_child_start(ctx: TracePointContext) -> u32 {
     // SAFETY: as above.
     let parent_pid = unsafe { PARENTS.get(tgid) }.copied().unwrap_or(0);
     let _ = PARENTS.remove(tgid);
-    // SAFETY: a plain helper; the signal reaches this process on its way back to user mode.
-    let held = unsafe { bpf_send_signal(SIGSTOP) } == 0;
+    let hold = holding();
     let event = ForkEvent {
         header: header(EventKind::Fork),
         child_pid: tgid,
         parent_pid,
-        held: u32::from(held),
+        held: u32::from(hold),
         _pad: 0,
     };
-    let _ = output_now(&event);
+    // Stopped only once userspace is sure to hear of it.
+    if output_now(&event) && hold {
+        // SAFETY: a plain helper; the signal reaches this process on its way back to user mode.
+        unsafe { bpf_send_signal(SIGSTOP) };
+    }
     0
 }
 
@@ -1124,15 +1135,25 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
             }
         }
     };
-    // SAFETY: a plain helper; the signal reaches the current process on its way back to user mode.
-    let held = hold && unsafe { bpf_send_signal(SIGSTOP) } == 0;
+    let hold = hold && holding();
     let event = ExecEvent {
         header: header(EventKind::Exec),
-        held: u32::from(held),
+        held: u32::from(hold),
         _pad: 0,
     };
-    let _ = output_now(&event);
+    // Stopped only once userspace is sure to hear of it (a lost record would leave it stopped for good).
+    if output_now(&event) && hold {
+        // SAFETY: a plain helper; the signal reaches the current process on its way back to user mode.
+        unsafe { bpf_send_signal(SIGSTOP) };
+    }
     0
+}
+
+/// Whether new processes are held until attached: userspace turns it off as the trace ends, when it will no
+/// longer attach to anything.
+#[inline(always)]
+fn holding() -> bool {
+    HOLDING.get(0).is_some_and(|&on| on != 0)
 }
 
 const SIGSTOP: u32 = 19;

@@ -228,6 +228,16 @@ impl Probes {
         }
     }
 
+    /// Turns holding new processes until they are attached on or off: off as the trace ends, when nothing will
+    /// attach to them or continue them.
+    pub fn hold_new_processes(&mut self, on: bool) -> anyhow::Result<()> {
+        let mut holding: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(self.ebpf.map_mut("HOLDING").context("no HOLDING map")?)?;
+        holding
+            .set(0, u32::from(on), 0)
+            .context("cannot switch the holding of new processes")
+    }
+
     /// Marks `pid` as traced for the tracepoints (its mappings, forks and execs).
     pub fn add_target(&mut self, pid: u32) -> anyhow::Result<()> {
         self.mark_target(pid, HOLD_AT_EXEC)

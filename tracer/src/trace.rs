@@ -96,9 +96,11 @@ struct State {
     ledger: Ledger,
     /// Every stack received, by id, named as it arrived (while its process was alive); at most `max_stacks`,
     /// in at most [`STACK_MEMORY`] bytes (`stack_bytes`).
-    stacks: HashMap<u64, Arc<[Frame]>>,
+    stacks: HashMap<u64, Arc<[Arc<Frame>]>>,
     max_stacks: usize,
     stack_bytes: usize,
+    /// Every distinct frame, once: Python stacks share most of their frames.
+    frames: HashSet<Arc<Frame>>,
     /// The CPython processes among the targets, and what reads their frames.
     pythons: HashMap<u32, Reader>,
     /// Site of each (pid, function, stack id) already seen.
@@ -165,8 +167,11 @@ impl State {
                     }
                     None => Vec::new(),
                 };
-                let named = runtime::merge(native, python);
-                self.stack_bytes += named.iter().map(Frame::heap_bytes).sum::<usize>();
+                let named: Vec<Arc<Frame>> = runtime::merge(native, python)
+                    .into_iter()
+                    .map(|frame| self.intern(frame))
+                    .collect();
+                self.stack_bytes += named.len() * size_of::<Arc<Frame>>();
                 self.stacks.insert(stack_id, named.into());
             }
             Event::Alloc {
@@ -229,6 +234,17 @@ impl State {
             }
             Event::Oom(kill) => self.ooms.push(kill),
         }
+    }
+
+    /// The one shared copy of a frame, counted in `stack_bytes` the first time it is seen.
+    fn intern(&mut self, frame: Frame) -> Arc<Frame> {
+        if let Some(known) = self.frames.get(&frame) {
+            return Arc::clone(known);
+        }
+        self.stack_bytes += frame.heap_bytes();
+        let frame = Arc::new(frame);
+        self.frames.insert(Arc::clone(&frame));
+        frame
     }
 
     /// Takes the heap from the kernel's tables into the ledger.
@@ -350,6 +366,9 @@ struct Targets {
     /// Processes that exec'd, until their allocator is mapped (or the window passes).
     allocator_pending: HashMap<u32, Instant>,
 }
+
+/// How long a probe that read "holding" just before it was turned off may take to announce what it held.
+const HOLD_SETTLE: Duration = Duration::from_millis(20);
 
 /// Most bytes the named stacks may take (`--max-stacks` bounds their number): a target that makes ever new deep
 /// stacks stays within it.
@@ -718,6 +737,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         max_stacks: args.max_stacks,
         ..State::default()
     };
+    targets.probes.hold_new_processes(true)?;
 
     for comm in &args.comms {
         targets.probes.add_comm(comm)?;
@@ -872,6 +892,10 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         let window = (start_ns, system::monotonic_ns());
         report_ooms(&mut state, &targets, &sampling, window, &mut oom_sink)?;
     }
+    // Nothing is attached to from here on: new processes are no longer held. A process held just before that is
+    // announced within microseconds (the record goes out before the stop): the flush after the pause handles it.
+    targets.probes.hold_new_processes(false)?;
+    tokio::time::sleep(HOLD_SETTLE).await;
     flush(&mut reader, &mut targets, &mut state).await;
     drop(reader);
     let end_ns = system::monotonic_ns().max(start_ns);

@@ -29,8 +29,9 @@ pub type SiteId = usize;
 pub struct Site {
     pub pid: u32,
     pub func: AllocFn,
-    /// Innermost first; empty when the stack was lost. Shared with every site of the same stack.
-    pub frames: Arc<[Frame]>,
+    /// Innermost first; empty when the stack was lost. Shared with every site of the same stack, and each frame
+    /// with every stack that has it.
+    pub frames: Arc<[Arc<Frame>]>,
 }
 
 /// Interns sites, so that stacks that differ only in noise past their last real frame share one site.

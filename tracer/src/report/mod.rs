@@ -207,5 +207,11 @@ pub fn kind(site: &Site) -> &'static str {
 
 /// A site's stack, as reports show it.
 pub fn stack(trace: &Trace, site: SiteId) -> Vec<Frame> {
-    trace.sites.get(site).frames.to_vec()
+    trace
+        .sites
+        .get(site)
+        .frames
+        .iter()
+        .map(|f| Frame::clone(f))
+        .collect()
 }

@@ -217,7 +217,13 @@ pub fn build(input: OomInput<'_>) -> OomRecord {
         .map(|(site, live)| TopStack {
             live_bytes: live.bytes,
             live_count: live.count,
-            stack: input.sites.get(site).frames.to_vec(),
+            stack: input
+                .sites
+                .get(site)
+                .frames
+                .iter()
+                .map(|f| Frame::clone(f))
+                .collect(),
         })
         .collect();
     let live_now: u64 = top_stacks.iter().map(|s| s.live_bytes).sum();
