@@ -162,7 +162,7 @@ fn long_file_name(version: &str) {
         std::process::id()
     ));
     let mut tracer = Command::new(alloctrace())
-        .args(["leaks", "--format", "json", "--top", "500", "-o"])
+        .args(["leaks", "--format", "json", "--top", "0", "-o"])
         .arg(&report)
         .arg("-p")
         .arg(target.id().to_string())

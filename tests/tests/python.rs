@@ -45,7 +45,7 @@ fn trace(python: &Path) -> Value {
         python.file_name().unwrap().to_string_lossy()
     ));
     let mut tracer = Command::new(alloctrace())
-        .args(["leaks", "--format", "json", "--top", "500", "-o"])
+        .args(["leaks", "--format", "json", "--top", "0", "-o"])
         .arg(&report)
         .arg("--")
         .arg(python)
@@ -288,7 +288,7 @@ fn cpython_in_a_container_with_its_own_libc_and_libpython() {
     let report =
         std::env::temp_dir().join(format!("alloctrace-container-{}.json", std::process::id()));
     let mut tracer = Command::new(alloctrace())
-        .args(["leaks", "--format", "json", "--top", "500", "-p"])
+        .args(["leaks", "--format", "json", "--top", "0", "-p"])
         .arg(pid.to_string())
         .arg("-o")
         .arg(&report)

@@ -66,7 +66,7 @@ static LIVE: HashMap<LiveKey, LiveBlock> = HashMap::with_max_entries(1 << 20, BP
 /// What each site allocated and released, per CPU (no two CPUs write one value).
 #[map]
 static SITES: PerCpuHashMap<SiteKey, SiteCounters> =
-    PerCpuHashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+    PerCpuHashMap::with_max_entries(1 << 17, BPF_F_NO_PREALLOC);
 
 /// Each site's size histogram: blocks per size class, per CPU.
 #[map]
@@ -669,7 +669,14 @@ fn capture_stack(ctx: *mut core::ffi::c_void, guessed_caller: Option<u64>) -> u6
         scratch.stack_id = id;
         scratch.depth = depth as u32;
         scratch.guessed_caller = skip as u32;
-        if output(&*scratch) {
+        // A Python stack wakes userspace at once: its code objects must be read before they are freed (a
+        // module's, once its import is done). A new stack is rare beside the allocations it names.
+        let sent = if scratch.py_depth > 0 {
+            output_now(&*scratch)
+        } else {
+            output(&*scratch)
+        };
+        if sent {
             let _ = SENT_STACKS.insert(id, 0, 0);
         }
     }

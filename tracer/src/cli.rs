@@ -79,9 +79,9 @@ pub struct TargetArgs {
     #[arg(long, value_name = "N", default_value_t = 4 << 20)]
     pub max_live_blocks: u32,
 
-    /// Most distinct stacks kept, named (each a few KiB). Allocations from stacks past it are counted as
-    /// allocated without a stack.
-    #[arg(long, value_name = "N", default_value_t = 16 << 10)]
+    /// Most distinct stacks kept, named (a few hundred bytes each: frames are shared). Allocations from stacks
+    /// past it are counted as allocated without a stack.
+    #[arg(long, value_name = "N", default_value_t = 128 << 10)]
     pub max_stacks: usize,
 
     /// Start COMMAND and trace it from its first instruction; its exit ends the trace.

@@ -183,7 +183,8 @@ fn supervise(
         let _ = started.send(Err(anyhow!("cannot fork: {}", io::Error::last_os_error())));
         return;
     }
-    let options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC;
+    // EXITKILL: a command alloctrace started never outlives it, even if alloctrace panics or is killed.
+    let options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_EXITKILL;
     // SAFETY: seizing our own child.
     if unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, options) } != 0 {
         let err = io::Error::last_os_error();

@@ -20,7 +20,7 @@ use tracer_common::{AllocFn, Loss, OomEvent, PyStatus, SiteKey, Tally};
 use crate::{
     aggregate::{Ledger, Site, SiteId, Sites},
     cli::TargetArgs,
-    decode::Event,
+    decode::{Event, PythonStack},
     output::escape::Escaped,
     probes::{LoadOptions, Probes},
     procs::{
@@ -61,6 +61,8 @@ pub struct Trace {
     pub unknown_frees: u64,
     /// Blocks found released only because their address was handed out again.
     pub unseen_frees: u64,
+    /// Python frames whose code object could not be read.
+    pub unreadable_python_frames: u64,
     /// The command alloctrace started (a pidfd), when it was still running as the trace ended.
     unfinished_command: Option<OwnedFd>,
     /// The probes stay attached until the trace is dropped, after its report: taking them down waits for the
@@ -102,7 +104,10 @@ struct State {
     /// Every distinct frame, once: Python stacks share most of their frames.
     frames: HashSet<Arc<Frame>>,
     /// The CPython processes among the targets, and what reads their frames.
-    pythons: HashMap<u32, Reader>,
+    pythons: Pythons,
+    /// The Python frames of stacks, named on the ring reader's thread as soon as their record was read: a
+    /// module's code object is freed once its import is done, often before the event loop gets to the stack.
+    python_stacks: PythonStacks,
     /// Site of each (pid, function, stack id) already seen.
     site_of_stack: HashMap<(u32, AllocFn, u64), SiteId>,
     /// Stack ids used by some site whose record never arrived, and how many.
@@ -153,20 +158,9 @@ impl State {
                 // Named now, while the process that sent it is alive: its blocks may outlive it.
                 let pid = header.pid;
                 let native = self.registry.symbolize(pid, &frames, guessed_caller);
-                let python = match self.pythons.get_mut(&pid) {
-                    Some(reader) => {
-                        let mut named: Vec<Frame> = python
-                            .frames
-                            .iter()
-                            .filter_map(|f| reader.frame(f))
-                            .collect();
-                        if python.status == PyStatus::Truncated {
-                            named.push(Frame::outer_python_frames_missing());
-                        }
-                        named
-                    }
-                    None => Vec::new(),
-                };
+                let early = lock(&self.python_stacks).remove(&stack_id);
+                let python =
+                    early.unwrap_or_else(|| name_python(&mut lock(&self.pythons), pid, &python));
                 let named: Vec<Arc<Frame>> = runtime::merge(native, python)
                     .into_iter()
                     .map(|frame| self.intern(frame))
@@ -365,6 +359,8 @@ struct Targets {
     python_pending: HashMap<u32, Instant>,
     /// Processes that exec'd, until their allocator is mapped (or the window passes).
     allocator_pending: HashMap<u32, Instant>,
+    /// Processes chosen for the trace that could not be attached to (gone at once, no allocator found).
+    untraced: u64,
 }
 
 /// How long a probe that read "holding" just before it was turned off may take to announce what it held.
@@ -438,7 +434,7 @@ impl Targets {
                             .unwrap_or("unsupported")
                     )),
                 }
-                state.pythons.insert(pid, Reader::new(pid, interpreter));
+                lock(&state.pythons).insert(pid, Reader::new(pid, interpreter));
             }
             None if loading => {
                 self.python_pending
@@ -510,7 +506,7 @@ impl Targets {
                 if let Err(err) = self.probes.forget_blocks(pid, ts_ns) {
                     warn(format_args!("{err:#}"));
                 }
-                state.pythons.remove(&pid);
+                lock(&state.pythons).remove(&pid);
                 let _ = self.probes.remove_python(pid);
                 // Before anything slow: a shared libpython is mapped within milliseconds, and looked for
                 // from then on.
@@ -567,12 +563,14 @@ impl Targets {
             // Gone before its record was read: what it did while traced is already counted.
             return;
         }
-        if let Some(interpreter) = state.pythons.get(&parent).map(Reader::interpreter) {
-            let interpreter = interpreter.clone();
+        let interpreter = lock(&state.pythons)
+            .get(&parent)
+            .map(|reader| reader.interpreter().clone());
+        if let Some(interpreter) = interpreter {
             if let Some(config) = interpreter.bpf_config() {
                 let _ = self.probes.add_python(child, &config);
             }
-            state.pythons.insert(child, Reader::new(child, interpreter));
+            lock(&state.pythons).insert(child, Reader::new(child, interpreter));
         }
         let allocator = self
             .allocators
@@ -588,6 +586,7 @@ impl Targets {
             .and_then(|()| self.track(child));
         if let Err(err) = result {
             // It may have exited already; the trace goes on for the others.
+            self.untraced += 1;
             warn(format_args!("not tracing pid {child}: {err:#}"));
         }
     }
@@ -611,11 +610,13 @@ impl Targets {
                     self.allocator_pending.remove(&pid);
                     let result = self.attach(pid, allocator).and_then(|()| self.track(pid));
                     if let Err(err) = result {
+                        self.untraced += 1;
                         warn(format_args!("not tracing pid {pid}: {err:#}"));
                     }
                 }
                 Err(err) if until <= now => {
                     self.allocator_pending.remove(&pid);
+                    self.untraced += 1;
                     warn(format_args!("not tracing pid {pid}: {err:#}"));
                 }
                 // Its loader has not mapped the allocator yet.
@@ -686,7 +687,7 @@ fn report_ooms(
                 .growth
                 .get(&kill.victim_pid)
                 .map_or(&[][..], |samples| samples.as_slices().0),
-            cgroups: &mut state.cgroups.lock().unwrap_or_else(|e| e.into_inner()),
+            cgroups: &mut lock(&state.cgroups),
             window,
         });
         sink(&record)?;
@@ -732,6 +733,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         allocator_pending: HashMap::new(),
         spawned_exec: None,
         python_frames: !args.no_python_frames,
+        untraced: 0,
     };
     let mut state = State {
         max_stacks: args.max_stacks,
@@ -809,17 +811,27 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         command_pidfd = pidfd(pid).ok();
     }
 
-    let cgroups = Arc::clone(&state.cgroups);
-    // An OOM victim's cgroup is removed soon after the kill: it is read on the reader thread, at once.
-    let remember_oom_cgroup = move |record: &[u8]| {
-        if let Ok(Event::Oom(kill)) = Event::try_from(record) {
-            cgroups
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remember(kill.header.cgroup_id);
+    let (cgroups, pythons, python_stacks) = (
+        Arc::clone(&state.cgroups),
+        Arc::clone(&state.pythons),
+        Arc::clone(&state.python_stacks),
+    );
+    // What goes away within milliseconds is read on the reader thread, at once: an OOM victim's cgroup, and the
+    // code objects of a Python stack (a module's, once its import is done).
+    let first_look = move |record: &[u8]| match Event::try_from(record) {
+        Ok(Event::Oom(kill)) => lock(&cgroups).remember(kill.header.cgroup_id),
+        Ok(Event::Stack {
+            header,
+            stack_id,
+            python,
+            ..
+        }) if !python.frames.is_empty() => {
+            let named = name_python(&mut lock(&pythons), header.pid, &python);
+            lock(&python_stacks).insert(stack_id, named);
         }
+        _ => {}
     };
-    let mut reader = RingReader::start(targets.probes.take_ring_buffer()?, remember_oom_cgroup)
+    let mut reader = RingReader::start(targets.probes.take_ring_buffer()?, first_look)
         .context("cannot start the ring buffer's reader")?;
     let started = Instant::now();
     let start_ns = system::monotonic_ns();
@@ -918,10 +930,25 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         histogram_sizes: kernel[Loss::SizeTableFull as usize],
         stacks: kernel[Loss::StackUnavailable as usize] + state.stackless,
         undecodable: state.undecodable,
-        python_frames: state.pythons.values().map(Reader::unreadable_frames).sum(),
+        untraced_processes: targets.untraced,
     };
-    let processes = targets
-        .order
+    // Selectors that chose nothing in the whole trace are said: a misspelt name must not look like a quiet
+    // process.
+    if targets.order.is_empty()
+        && !(args.comms.is_empty() && args.containers.is_empty() && args.cgroups.is_empty())
+    {
+        warn(format_args!(
+            "no process matched --comm, --container or --cgroup during the trace"
+        ));
+    }
+    // Every process a site names is listed, even one the trace only saw through the kernel's tables.
+    let mut listed: Vec<u32> = targets.order.clone();
+    for pid in (0..state.sites.len()).map(|site| state.sites.get(site).pid) {
+        if !listed.contains(&pid) {
+            listed.push(pid);
+        }
+    }
+    let processes = listed
         .iter()
         .map(|&pid| ProcessReport {
             info: state.registry.info(pid).cloned().unwrap_or(ProcessInfo {
@@ -929,7 +956,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
                 ..Default::default()
             }),
             exit: targets.exited.get(&pid).copied(),
-            python: state.pythons.get(&pid).map(|r| r.info().clone()),
+            python: lock(&state.pythons).get(&pid).map(|r| r.info().clone()),
         })
         .collect();
     Ok(Trace {
@@ -945,6 +972,10 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         sampling,
         unknown_frees: tallies[Tally::UnknownFree as usize],
         unseen_frees: tallies[Tally::UnseenFree as usize],
+        unreadable_python_frames: lock(&state.pythons)
+            .values()
+            .map(Reader::unreadable_frames)
+            .sum(),
         _probes: targets.probes,
     })
 }
@@ -968,6 +999,34 @@ fn follow_discoveries(targets: &mut Targets, state: &mut State) {
             Discovery::Forked { .. } => targets.follow(state, discovery),
         }
     }
+}
+
+/// The CPython processes among the targets, and what reads their frames; shared with the ring reader's thread.
+type Pythons = Arc<Mutex<HashMap<u32, Reader>>>;
+
+/// Python frames of stacks named on the ring reader's thread, by stack id, until the event loop takes them.
+type PythonStacks = Arc<Mutex<HashMap<u64, Vec<Frame>>>>;
+
+/// Locks what the event loop shares with the ring reader's thread. Neither panics while holding it; a poisoned
+/// lock still holds consistent data.
+fn lock<T>(shared: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Names a stack's Python frames with its process's reader (none when it is not a traced CPython).
+fn name_python(pythons: &mut HashMap<u32, Reader>, pid: u32, python: &PythonStack) -> Vec<Frame> {
+    let Some(reader) = pythons.get_mut(&pid) else {
+        return Vec::new();
+    };
+    let mut named: Vec<Frame> = python
+        .frames
+        .iter()
+        .filter_map(|f| reader.frame(f))
+        .collect();
+    if python.status == PyStatus::Truncated {
+        named.push(Frame::outer_python_frames_missing());
+    }
+    named
 }
 
 /// Continues a process the kernel stopped at its exec.

@@ -9,7 +9,7 @@
 pub mod regions;
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
+    collections::{BTreeMap, HashMap, hash_map::Entry},
     sync::Arc,
 };
 
@@ -17,6 +17,7 @@ use hdrhistogram::Histogram;
 use regions::{Piece, Regions, Removed};
 use tracer_common::{
     AllocFn, COUNT_SCALE, EventHeader, LiveBlock, LiveKey, SiteCounters, SiteKey, SizeKey,
+    size_class,
 };
 
 use crate::{procs::Frame, sampling::Sampling};
@@ -57,6 +58,15 @@ impl Sites {
     pub fn get(&self, id: SiteId) -> &Site {
         &self.sites[id]
     }
+
+    /// How many sites there are; their ids are `0..len()`.
+    pub fn len(&self) -> usize {
+        self.sites.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sites.is_empty()
+    }
 }
 
 /// Bytes and how many blocks (or ranges) they came in.
@@ -66,13 +76,48 @@ pub struct Totals {
     pub count: u64,
 }
 
+/// Sizes a site allocated, by size class (8 significant bits, the resolution of a 2-significant-digit
+/// HdrHistogram): a few entries per site, where a histogram takes kilobytes. A histogram is made only for the
+/// sites a report shows.
+#[derive(Clone, Debug, Default)]
+pub struct SizeClasses(BTreeMap<u64, u64>);
+
+impl SizeClasses {
+    pub fn record(&mut self, size: u64) {
+        self.record_n(size, 1);
+    }
+
+    pub fn record_n(&mut self, size: u64, count: u64) {
+        if count > 0 {
+            *self.0.entry(size_class(size)).or_default() += count;
+        }
+    }
+
+    /// How many sizes were recorded.
+    pub fn len(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn histogram(&self) -> Histogram<u64> {
+        let mut histogram = Histogram::new(2).expect("2 significant digits are valid");
+        for (&class, &count) in &self.0 {
+            // The histogram grows to any u64 value a size can take: recording cannot fail.
+            let _ = histogram.record_n(class, count);
+        }
+        histogram
+    }
+}
+
 /// Everything one site did during the trace.
 #[derive(Clone, Debug)]
 pub struct SiteStats {
     pub allocated: Totals,
     pub freed: Totals,
-    /// Sizes of what it allocated, to 2 significant digits: a site's histogram stays within a few KiB.
-    pub sizes: Histogram<u64>,
+    pub sizes: SizeClasses,
     /// The exact extremes, which the histogram rounds.
     pub smallest: u64,
     pub largest: u64,
@@ -83,7 +128,7 @@ impl Default for SiteStats {
         Self {
             allocated: Totals::default(),
             freed: Totals::default(),
-            sizes: Histogram::new(2).expect("2 significant digits are valid"),
+            sizes: SizeClasses::default(),
             smallest: u64::MAX,
             largest: 0,
         }
@@ -185,8 +230,7 @@ impl Ledger {
         for (key, blocks) in &tables.sizes {
             let stats = heap.stats.entry(site_of(&key.site)).or_default();
             let (weight, _) = sampling.weigh(key.size_class);
-            // A size class is a value the histogram resolves exactly: recording cannot fail.
-            let _ = stats
+            stats
                 .sizes
                 .record_n(key.size_class, (*blocks as f64 * weight).round() as u64);
         }
@@ -220,8 +264,7 @@ impl Ledger {
         let stats = self.stats_mut(site);
         stats.allocated.bytes += size;
         stats.allocated.count += 1;
-        // The histogram grows to any u64 value a size can take: recording cannot fail.
-        let _ = stats.sizes.record(size);
+        stats.sizes.record(size);
         stats.smallest = stats.smallest.min(size);
         stats.largest = stats.largest.max(size);
     }

@@ -60,7 +60,7 @@ fn losses(lost: &Losses) -> String {
         (lost.histogram_sizes, "sizes missing from histograms"),
         (lost.stacks, "allocations without a stack"),
         (lost.undecodable, "undecodable records"),
-        (lost.python_frames, "unreadable Python frames"),
+        (lost.untraced_processes, "processes not attached to"),
     ]
     .iter()
     .filter(|(n, _)| *n > 0)
@@ -201,6 +201,13 @@ fn header(out: &mut dyn Write, h: &Header) -> io::Result<()> {
         )?;
     }
     writeln!(out, "lost: {}", losses(&h.lost))?;
+    if h.unreadable_python_frames > 0 {
+        writeln!(
+            out,
+            "{} Python frames could not be read (code freed before it was read, mostly imports)",
+            h.unreadable_python_frames
+        )?;
+    }
     if let Some(every) = h.sampled_every_bytes {
         writeln!(
             out,
@@ -474,6 +481,7 @@ mod tests {
             allocators: Vec::new(),
             tracer_max_rss_bytes: 0,
             sampled_every_bytes: None,
+            unreadable_python_frames: 0,
         }
     }
 

@@ -98,8 +98,9 @@ pub struct Losses {
     pub stacks: u64,
     /// Records userspace could not decode.
     pub undecodable: u64,
-    /// Python frames whose code object could not be read: shown as `<unreadable Python frame>`.
-    pub python_frames: u64,
+    /// Processes chosen for the trace (children, exec'd images, name or container matches) that could not be
+    /// attached to: what they allocated is missing.
+    pub untraced_processes: u64,
 }
 
 impl Losses {
@@ -111,7 +112,7 @@ impl Losses {
             + self.histogram_sizes
             + self.stacks
             + self.undecodable
-            + self.python_frames
+            + self.untraced_processes
     }
 }
 
@@ -161,6 +162,10 @@ pub struct Header {
     pub allocators: Vec<AllocatorReport>,
     /// alloctrace's own peak resident memory: what tracing these processes cost.
     pub tracer_max_rss_bytes: u64,
+    /// Python frames whose code object could not be read, shown as `<unreadable Python frame>`: mostly a
+    /// module's top-level code, freed once its import is done, before alloctrace read it. Not a loss of memory
+    /// accounting (the allocation and its other frames are there), so not in `lost`.
+    pub unreadable_python_frames: u64,
     /// `--sample-every`: allocations were sampled, one every this many bytes on average, and weighted; `null`
     /// when every allocation was recorded.
     pub sampled_every_bytes: Option<u64>,
@@ -180,6 +185,7 @@ impl Header {
             allocators: trace.allocators.clone(),
             tracer_max_rss_bytes: crate::system::max_rss_bytes(),
             sampled_every_bytes: (!trace.sampling.is_exact()).then_some(trace.sampling.interval),
+            unreadable_python_frames: trace.unreadable_python_frames,
         }
     }
 
