@@ -105,7 +105,7 @@ fn processes_are_found_by_name_even_when_they_start_later() {
 fn no_child_is_left_stopped_when_the_trace_ends() {
     require_root();
     let mut parent = Command::new(workload("fork_loop"))
-        .arg("4")
+        .arg("3")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -125,7 +125,7 @@ fn no_child_is_left_stopped_when_the_trace_ends() {
         "children were followed: {:#}",
         report["processes"]
     );
-    // The parent forks for 4 s in all; a child left stopped would keep it waiting for ever.
+    // The parent forks for 3 s in all; a child left stopped would keep it waiting for ever.
     let started = std::time::Instant::now();
     loop {
         if let Some(status) = parent.try_wait().unwrap() {

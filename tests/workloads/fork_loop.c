@@ -1,4 +1,4 @@
-/* A parent that forks a child every 5 ms for the given seconds, each child allocating one block and exiting,
+/* A parent that forks a child every 25 ms for the given seconds, each child allocating one block and exiting,
  * and waits for each: if any child were left stopped, the parent would never finish. Prints "ready" first. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,7 +10,7 @@ static void *volatile sink;
 
 int main(int argc, char **argv) {
     double seconds = argc > 1 ? atof(argv[1]) : 4.0;
-    struct timespec start, now, pause = {0, 5 * 1000 * 1000};
+    struct timespec start, now, pause = {0, 25 * 1000 * 1000};
     clock_gettime(CLOCK_MONOTONIC, &start);
     printf("ready\n");
     fflush(stdout);
