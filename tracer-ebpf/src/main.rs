@@ -605,7 +605,7 @@ fn emit_release(func: AllocFn, addr: u64, size: u64) {
 /// libc wrapper, which keeps no frame pointer: `guessed_caller`, the word on top of the user stack, is put
 /// second (userspace drops it when it is not a return address).
 #[inline(always)]
-fn capture_stack(ctx: *mut core::ffi::c_void, guessed_caller: Option<u64>) -> u64 {
+fn capture_stack(ctx: *mut c_void, guessed_caller: Option<u64>) -> u64 {
     let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
