@@ -109,6 +109,24 @@ pub struct Interpreter {
 }
 
 impl Interpreter {
+    /// A CPython 3.`minor` with these offsets, whose `PyCode_Type` is at `code_type`: for `fuzz/python_reader`.
+    #[doc(hidden)]
+    pub fn for_fuzzing(minor: u8, offsets: Offsets, code_type: u64) -> Self {
+        let (version, path, unsupported) = (format!("3.{minor}"), String::new(), None);
+        let info = PythonInfo {
+            version,
+            path,
+            unsupported,
+        };
+        Self {
+            info,
+            minor,
+            offsets: Some(offsets),
+            runtime: 0,
+            code_type,
+        }
+    }
+
     /// What the eBPF side needs to walk this process's frames; `None` when they cannot be read.
     pub fn bpf_config(&self) -> Option<PyProcess> {
         let o = self.offsets.as_ref()?;
