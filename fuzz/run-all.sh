@@ -10,5 +10,5 @@ for target in $targets; do
     mkdir -p "corpus/$target"
     echo "== $target: $seconds s"
     nice -n 19 cargo +nightly fuzz run "$target" "corpus/$target" "seeds/$target" -- \
-        -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=8192 -print_final_stats=1
+        -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=16384 -print_final_stats=1
 done
