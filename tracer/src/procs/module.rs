@@ -244,18 +244,23 @@ impl Module {
 
     /// The ELF address (what symbols and `addr2line` use) of a byte at `file_offset` in the file.
     pub fn address_of_file_offset(&self, file_offset: u64) -> Option<u64> {
-        self.segments
-            .iter()
-            .find(|s| (s.file_offset..s.file_offset + s.file_size).contains(&file_offset))
-            .map(|s| file_offset - s.file_offset + s.address)
+        // Segments come from the object's program headers: their sums may overflow.
+        self.segments.iter().find_map(|s| {
+            let into = file_offset
+                .checked_sub(s.file_offset)
+                .filter(|&d| d < s.file_size)?;
+            into.checked_add(s.address)
+        })
     }
 
     /// The file offset of an ELF address: where uprobes are placed.
     pub fn file_offset_of_address(&self, address: u64) -> Option<u64> {
-        self.segments
-            .iter()
-            .find(|s| (s.address..s.address + s.file_size).contains(&address))
-            .map(|s| address - s.address + s.file_offset)
+        self.segments.iter().find_map(|s| {
+            let into = address
+                .checked_sub(s.address)
+                .filter(|&d| d < s.file_size)?;
+            into.checked_add(s.file_offset)
+        })
     }
 
     /// The function containing `address`, and the offset into it.
@@ -408,6 +413,27 @@ mod tests {
         assert!(kept.admit("a"));
         assert!(!kept.admit("a"));
         assert_eq!((kept.count, kept.cut), (2, 2));
+    }
+
+    #[test]
+    fn segments_at_the_top_of_the_address_space_do_not_overflow() {
+        // Found by fuzz/elf_module: program headers whose address or offset plus size passes u64::MAX.
+        let mut module = this_binary();
+        module.segments = vec![Segment {
+            file_offset: 0x1000,
+            file_size: 0x2000,
+            address: u64::MAX - 0xfff,
+        }];
+        assert_eq!(module.file_offset_of_address(u64::MAX), Some(0x1fff));
+        assert_eq!(module.address_of_file_offset(0x1fff), Some(u64::MAX));
+        assert_eq!(module.address_of_file_offset(0x2000), None);
+        module.segments = vec![Segment {
+            file_offset: u64::MAX - 0xfff,
+            file_size: 0x2000,
+            address: 0x1000,
+        }];
+        assert_eq!(module.address_of_file_offset(u64::MAX), Some(0x1fff));
+        assert_eq!(module.file_offset_of_address(0x2000), None);
     }
 
     #[test]

@@ -340,9 +340,10 @@ impl Offsets {
 
         let code_argcount = code("co_argcount", word::CODE_ARGCOUNT)?;
         let unicode_ascii_data = unicode("sizeof(PyASCIIObject)", word::UNICODE_ASCIIOBJECT_SIZE)?;
-        let unicode_compact_data = unicode_ascii_data + COMPACT_UNICODE_EXTRA;
+        let unicode_compact_data = unicode_ascii_data.saturating_add(COMPACT_UNICODE_EXTRA);
         // The derived size must leave exactly PyUnicodeObject's data pointer before the published size.
-        if unicode_compact_data + UNICODE_DATA_POINTER != words[word::UNICODE_SIZE] {
+        if unicode_compact_data.checked_add(UNICODE_DATA_POINTER) != Some(words[word::UNICODE_SIZE])
+        {
             return Err(OffsetsError::Implausible {
                 field: "sizeof(PyCompactUnicodeObject)",
                 offset: unicode_compact_data,
@@ -616,6 +617,17 @@ mod tests {
         // PyUnicodeObject no longer 8 bytes longer than the derived PyCompactUnicodeObject.
         assert!(matches!(
             Offsets::from_debug_offsets(&doctored(word::UNICODE_SIZE, 72)),
+            Err(OffsetsError::Implausible {
+                field: "sizeof(PyCompactUnicodeObject)",
+                ..
+            })
+        ));
+        // Found by fuzz/python_debug_offsets: sizes near u64::MAX overflowed the derived one.
+        let mut debug = doctored(word::UNICODE_SIZE, u64::MAX);
+        debug[word::UNICODE_ASCIIOBJECT_SIZE * 8..][..8]
+            .copy_from_slice(&(u64::MAX - 9).to_le_bytes());
+        assert!(matches!(
+            Offsets::from_debug_offsets(&debug),
             Err(OffsetsError::Implausible {
                 field: "sizeof(PyCompactUnicodeObject)",
                 ..

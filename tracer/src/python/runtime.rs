@@ -109,6 +109,24 @@ pub struct Interpreter {
 }
 
 impl Interpreter {
+    /// A CPython 3.`minor` with these offsets, whose `PyCode_Type` is at `code_type`: for `fuzz/python_reader`.
+    #[doc(hidden)]
+    pub fn for_fuzzing(minor: u8, offsets: Offsets, code_type: u64) -> Self {
+        let (version, path, unsupported) = (format!("3.{minor}"), String::new(), None);
+        let info = PythonInfo {
+            version,
+            path,
+            unsupported,
+        };
+        Self {
+            info,
+            minor,
+            offsets: Some(offsets),
+            runtime: 0,
+            code_type,
+        }
+    }
+
     /// What the eBPF side needs to walk this process's frames; `None` when they cannot be read.
     pub fn bpf_config(&self) -> Option<PyProcess> {
         let o = self.offsets.as_ref()?;
@@ -477,7 +495,7 @@ impl Reader {
             10 => u32::try_from(recorded.instr)
                 .ok()
                 .filter(|&i| i != u32::MAX)
-                .map(|i| i * 2),
+                .and_then(|i| i.checked_mul(2)),
             // A pointer into the code object's own bytecode; before it, a frame that has not started (3.11/3.12
             // point one code unit before the bytecode).
             _ => code_start.and_then(|start| {
@@ -763,6 +781,42 @@ mod tests {
         assert_eq!(reader.unreadable_frames(), 2);
         // A shim frame (no code object) is no frame at all.
         assert!(reader.frame(&PyFrame { code: 0, instr: 0 }).is_none());
+    }
+
+    #[test]
+    fn a_3_10_f_lasti_too_large_to_double_is_read_as_no_offset() {
+        // Found by fuzz/python_reader: f_lasti counts 2-byte code units, and a torn one of 2^31 or more overflowed
+        // when doubled. Like -1 (not started), it names the code object's first line.
+        let o = Offsets::for_version(3, 10).unwrap();
+        let mut objects = FakeObjects {
+            o,
+            held: Vec::new(),
+        };
+        let code_type = objects.object(8, |_| {});
+        let name = objects.ascii("f");
+        let table = objects.bytes(&[]);
+        let code = objects.object(o.code_linetable + 8, |b| {
+            let mut put = |offset: u64, value: &[u8]| {
+                b[offset as usize..][..value.len()].copy_from_slice(value)
+            };
+            put(8, &code_type.to_ne_bytes());
+            put(o.code_filename, &name.to_ne_bytes());
+            put(o.code_name, &name.to_ne_bytes());
+            put(o.code_firstlineno, &7u32.to_ne_bytes());
+            put(o.code_linetable, &table.to_ne_bytes());
+        });
+        let interpreter = Interpreter::for_fuzzing(10, o, code_type);
+        let mut reader = Reader::new(std::process::id(), interpreter);
+        let frame = reader
+            .frame(&PyFrame {
+                code,
+                instr: 1 << 31,
+            })
+            .unwrap();
+        assert_eq!(
+            (frame.function.as_deref(), frame.line),
+            (Some("f"), Some(7))
+        );
     }
 
     #[test]
