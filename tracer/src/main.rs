@@ -65,6 +65,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let trace = trace::run(&args.target, Some(&mut sink)).await?;
             trace.stop_unfinished_command();
+            trace.finish();
             Ok(())
         }
     }
@@ -81,6 +82,7 @@ async fn traced(
     let trace = trace::run(target, None).await?;
     let written = output::write(&build(&trace), output.format, &mut out).and_then(|()| out.flush());
     trace.stop_unfinished_command();
+    trace.finish();
     Ok(written?)
 }
 

@@ -84,6 +84,8 @@ pub struct Probes {
     cpus: usize,
     /// Each traced process's uprobe links, removed when it exits.
     links: HashMap<u32, Vec<UProbeLink>>,
+    /// Links of processes that exited, kept for the end of the trace.
+    retired: Vec<UProbeLink>,
     tracepoint_links: Vec<TracePointLink>,
     /// Whether OOM kills reach the ring buffer.
     pub oom_watched: bool,
@@ -180,6 +182,7 @@ impl Probes {
             sizes,
             cpus,
             links: HashMap::new(),
+            retired: Vec::new(),
             tracepoint_links,
             oom_watched,
         })
@@ -221,10 +224,16 @@ impl Probes {
         self.add_target(pid)
     }
 
-    /// Removes the uprobes of a process that exited, off the caller's thread (see [`detach_all`]).
+    /// Retires the uprobes of a process that exited: they come down with the others when the trace ends, off
+    /// the user's path (`Trace::finish`). Past [`RETIRED_LINKS_MAX`] (a trace of many short-lived processes) they
+    /// are removed now, on threads of their own (see [`detach_all`]).
     pub fn detach(&mut self, pid: u32) {
         if let Some(links) = self.links.remove(&pid) {
-            std::thread::spawn(move || detach_all(links));
+            self.retired.extend(links);
+        }
+        if self.retired.len() > RETIRED_LINKS_MAX {
+            let retired = std::mem::take(&mut self.retired);
+            std::thread::spawn(move || detach_all(retired));
         }
     }
 
@@ -385,6 +394,10 @@ fn sum_counters(per_cpu: &[SiteCounters]) -> SiteCounters {
     )
 }
 
+/// Most links of exited processes kept until the end of the trace: a fork storm must not hold thousands of
+/// probes (and descriptors) open.
+const RETIRED_LINKS_MAX: usize = 1000;
+
 /// The descriptor of a hash map taken out of the object.
 fn fd(map: &Map) -> anyhow::Result<BorrowedFd<'_>> {
     match map {
@@ -398,6 +411,7 @@ impl Drop for Probes {
         let uprobes: Vec<UProbeLink> = std::mem::take(&mut self.links)
             .into_values()
             .flatten()
+            .chain(std::mem::take(&mut self.retired))
             .collect();
         let tracepoints = std::mem::take(&mut self.tracepoint_links);
         std::thread::scope(|scope| {

@@ -71,6 +71,38 @@ pub struct Trace {
 }
 
 impl Trace {
+    /// Takes the probes down off the user's path, once the report is out. The kernel removes each probe with an
+    /// RCU grace period, serialized: two seconds for a few dozen probes, which alloctrace's exit would wait for.
+    /// A child process inherits the descriptors, closes its standard streams (so that a reader of alloctrace's
+    /// output sees its end when alloctrace exits), waits for this process to have exited, then closes the rest:
+    /// the last references, and the wait, are its own. This process exits at once.
+    pub fn finish(self) {
+        // SAFETY: fork in a process with threads: the child only calls getppid, close_range, nanosleep and
+        // _exit, all async-signal-safe, and touches no memory but its stack.
+        unsafe {
+            let parent = libc::getpid();
+            match libc::fork() {
+                0 => {
+                    libc::syscall(libc::SYS_close_range, 0u32, 2u32, 0u32);
+                    let pause = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 10_000_000,
+                    };
+                    while libc::getppid() == parent {
+                        libc::nanosleep(&pause, std::ptr::null_mut());
+                    }
+                    libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                    libc::_exit(0);
+                }
+                // No child: the probes come down here, as they would at exit.
+                -1 => drop(self),
+                // Its descriptors are the child's to close now: closing them here would be the last reference
+                // whenever the child got to them first.
+                _ => std::mem::forget(self),
+            }
+        }
+    }
+
     /// A command alloctrace started lives as long as its trace: when the trace ended first (--duration,
     /// Ctrl-C), it is stopped, once the report shows what it held. Signalled through its pidfd, so that no
     /// other process can be hit, even if the command is gone.
