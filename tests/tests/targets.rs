@@ -139,3 +139,71 @@ fn no_child_is_left_stopped_when_the_trace_ends() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// An exec storm: twenty children, each exec'ing a static binary that allocates at once and exits. Every one is
+/// held at its exec until attached, so each is traced, exactly, and every pid a site names is listed.
+#[test]
+fn every_child_of_an_exec_storm_is_traced() {
+    require_root();
+    let source = alloctrace_tests::workspace().join("tests/workloads/static_alloc.c");
+    let binary = std::env::temp_dir().join(format!("static_alloc-{}", std::process::id()));
+    let built = Command::new("cc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-static", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .output()
+        .expect("cc is needed to build the test workloads");
+    assert!(
+        built.status.success(),
+        "cc -static failed (libc6-dev has the static libc): {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let storm = workload("exec_storm");
+    let report = trace_json(
+        &["leaks", "--top", "0"],
+        &[storm.as_os_str(), binary.as_os_str(), "20".as_ref()],
+    );
+    std::fs::remove_file(&binary).unwrap();
+    let listed: Vec<u64> = report["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 21, "{:#}", report["processes"]);
+    let sites: Vec<&serde_json::Value> = report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["stack"][0]["function"] == "static_site")
+        .collect();
+    assert_eq!(sites.len(), 20, "one site per child");
+    for site in &sites {
+        assert_eq!(live(site), (4096, 1), "{site:#}");
+    }
+    for site in report["sites"].as_array().unwrap() {
+        assert!(listed.contains(&site["pid"].as_u64().unwrap()), "{site:#}");
+    }
+    assert_eq!(
+        report["lost"]["untraced_processes"], 0,
+        "{:#}",
+        report["lost"]
+    );
+    assert_eq!(report["complete"], true, "{:#}", report["lost"]);
+}
+
+/// A name that matches nothing in the whole trace is said, not taken for a quiet process.
+#[test]
+fn a_selector_that_matches_nothing_is_said() {
+    require_root();
+    let out = Command::new(alloctrace())
+        .args(["leaks", "--duration", "1s", "--comm", "no-such-comm-7"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no process matched --comm, --container or --cgroup"),
+        "{stderr}"
+    );
+}
