@@ -132,7 +132,8 @@ impl Interpreter {
         let o = self.offsets.as_ref()?;
         let narrow = |v: u64| u32::try_from(v).unwrap_or(PY_NO_OFFSET);
         Some(PyProcess {
-            interpreters_head: self.runtime + o.runtime_interpreters_head,
+            // 3.13 takes its offsets from the target itself: a sum that overflows is a lie, not an address.
+            interpreters_head: self.runtime.checked_add(o.runtime_interpreters_head)?,
             interp_threads_head: narrow(o.interp_threads_head),
             tstate_next: narrow(o.tstate_next),
             tstate_thread_id: narrow(o.tstate_thread_id),
@@ -153,14 +154,14 @@ impl Interpreter {
 /// `None` when they would not fit its buffer.
 fn frame_read_size(o: &Offsets) -> Option<u64> {
     let last_byte = [
-        o.frame_back + 8,
-        o.frame_code + 8,
-        o.frame_instr + 8,
-        o.frame_owner.map_or(0, |f| f + 1),
+        o.frame_back.saturating_add(8),
+        o.frame_code.saturating_add(8),
+        o.frame_instr.saturating_add(8),
+        o.frame_owner.map_or(0, |f| f.saturating_add(1)),
     ]
     .into_iter()
     .max()?;
-    let size = last_byte.div_ceil(8) * 8;
+    let size = last_byte.checked_next_multiple_of(8)?;
     (size <= PY_FRAME_READ_MAX as u64).then_some(size)
 }
 
