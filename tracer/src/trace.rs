@@ -563,7 +563,7 @@ impl Targets {
                 self.allocator_pending
                     .entry(pid)
                     .or_insert_with(|| Instant::now() + PENDING_WINDOW);
-                self.attach_pending_allocators(&mut state.registry);
+                self.attach_pending_allocators(state);
             }
         }
     }
@@ -625,7 +625,7 @@ impl Targets {
 
     /// Attaches to the processes whose allocator has been mapped since their exec; gives up on those that
     /// map none within [`PENDING_WINDOW`].
-    fn attach_pending_allocators(&mut self, registry: &mut Registry) {
+    fn attach_pending_allocators(&mut self, state: &mut State) {
         let now = Instant::now();
         let pending: Vec<(u32, Instant)> = self
             .allocator_pending
@@ -637,9 +637,14 @@ impl Targets {
                 self.allocator_pending.remove(&pid);
                 continue;
             }
-            match allocator::for_pid(registry, pid) {
+            match allocator::for_pid(&mut state.registry, pid) {
                 Ok(allocator) => {
                     self.allocator_pending.remove(&pid);
+                    // Its allocator is mapped, and so is a shared libpython (the loader maps it first): the
+                    // interpreter is found before the process is announced as traced.
+                    if self.python_pending.contains_key(&pid) {
+                        self.detect_python(state, pid, true);
+                    }
                     let result = self.attach(pid, allocator).and_then(|()| self.track(pid));
                     if let Err(err) = result {
                         self.untraced += 1;
@@ -792,7 +797,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
                 .allocator_pending
                 .insert(pid, Instant::now() + PENDING_WINDOW);
         }
-        targets.attach_pending_allocators(&mut state.registry);
+        targets.attach_pending_allocators(&mut state);
     }
     for comm in &args.comms {
         warn(format_args!(
@@ -900,9 +905,11 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
                 }
             }
             // A loader maps an allocator and a shared libpython milliseconds after exec; allocations follow.
+            // The interpreter first: attaching the allocator announces the process as traced, and a process
+            // said to be traced must have its Python frames read (the loader maps libpython before libc).
             _ = pending_timer.tick(), if !targets.python_pending.is_empty() || !targets.allocator_pending.is_empty() => {
-                targets.attach_pending_allocators(&mut state.registry);
                 targets.detect_pending_pythons(&mut state);
+                targets.attach_pending_allocators(&mut state);
             }
             Some(pid) = exits.recv() => {
                 flush(&mut reader, &mut targets, &mut state).await;
