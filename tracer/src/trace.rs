@@ -1,6 +1,6 @@
-//! A tracing session: finds and attaches to the targets (pids, names, a command, and the children they fork),
-//! consumes the ring buffer until the trace ends (duration, Ctrl-C, or every target gone), and hands the
-//! gathered ledger to the report builders.
+//! A tracing session: finds and attaches to the targets (pids, names, a command, and the children they fork,
+//! held until attached), consumes the ring reader's records until the trace ends (duration, a stop signal, or
+//! every target gone), takes the heap from the kernel's tables, and hands the ledger to the report builders.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
