@@ -105,7 +105,7 @@ fn processes_are_found_by_name_even_when_they_start_later() {
 fn no_child_is_left_stopped_when_the_trace_ends() {
     require_root();
     let mut parent = Command::new(workload("fork_loop"))
-        .arg("3")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -114,6 +114,7 @@ fn no_child_is_left_stopped_when_the_trace_ends() {
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line, "ready\n");
+    // It forks all through the trace, and after it until its input closes.
     let out = Command::new(alloctrace())
         .args(["leaks", "--format", "json", "--duration", "1s", "--pid"])
         .arg(parent.id().to_string())
@@ -125,7 +126,8 @@ fn no_child_is_left_stopped_when_the_trace_ends() {
         "children were followed: {:#}",
         report["processes"]
     );
-    // The parent forks for 3 s in all; a child left stopped would keep it waiting for ever.
+    drop(parent.stdin.take());
+    // A child left stopped would keep the parent waiting for ever.
     let started = std::time::Instant::now();
     loop {
         if let Some(status) = parent.try_wait().unwrap() {
