@@ -283,6 +283,18 @@ pub struct LiveBlock {
     pub _pad: u32,
 }
 
+impl LiveBlock {
+    /// The site that allocated this block in process `tgid`.
+    #[inline(always)]
+    pub const fn site(&self, tgid: u32) -> SiteKey {
+        SiteKey {
+            tgid,
+            func: self.func,
+            stack_id: self.stack_id,
+        }
+    }
+}
+
 /// A site as the kernel counts it: a process, an allocator function, and a stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

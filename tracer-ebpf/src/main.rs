@@ -255,11 +255,7 @@ fn next_interval() -> u64 {
 /// Adds a block to its site's counters and size histogram.
 #[inline(always)]
 fn count_allocation(tgid: u32, block: &LiveBlock) {
-    let site = SiteKey {
-        tgid,
-        func: block.func,
-        stack_id: block.stack_id,
-    };
+    let site = block.site(tgid);
     let (count, bytes) = weight(block.size);
     if let Some(counters) = site_counters(&site) {
         counters.allocated_count += count;
@@ -286,11 +282,7 @@ fn count_allocation(tgid: u32, block: &LiveBlock) {
 /// Adds a released block to its site's counters.
 #[inline(always)]
 fn count_release(tgid: u32, block: &LiveBlock) {
-    let site = SiteKey {
-        tgid,
-        func: block.func,
-        stack_id: block.stack_id,
-    };
+    let site = block.site(tgid);
     let (count, bytes) = weight(block.size);
     if let Some(counters) = site_counters(&site) {
         counters.freed_count += count;

@@ -242,11 +242,7 @@ impl Ledger {
                 addr: key.addr,
                 size: block.size,
                 ts_ns: block.ts_ns,
-                site: site_of(&SiteKey {
-                    tgid: key.tgid,
-                    func: block.func,
-                    stack_id: block.stack_id,
-                }),
+                site: site_of(&block.site(key.tgid)),
                 weight: sampling.weigh(block.size),
             })
             .collect();
