@@ -150,7 +150,8 @@ const PROT_READ: u64 = 0x1;
 const PROT_WRITE: u64 = 0x2;
 /// Returns from `-4095` to `-1` are error numbers.
 const MAX_ERRNO: u64 = 4095;
-/// Offset of `sp` in x86-64's `struct pt_regs`.
+/// Offsets of `ip` and `sp` in x86-64's `struct pt_regs`.
+const PT_REGS_IP: usize = 128;
 const PT_REGS_SP: usize = 152;
 
 /// Userspace is woken only once this much is waiting (it also drains the ring on a short timer): a wake-up
@@ -548,7 +549,9 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     }
     let block = LiveBlock {
         size: state.size,
-        stack_id: capture_stack(ctx.as_ptr(), None),
+        // SAFETY: a return probe's context is the user registers, whose ip the kernel has set to the return
+        // address into the caller.
+        stack_id: capture_stack(ctx.as_ptr(), unsafe { (*ctx.regs).rip }, None),
         // SAFETY: a plain helper without arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         func: state.func,
@@ -592,37 +595,22 @@ fn emit_release(func: AllocFn, addr: u64, size: u64) {
 }
 
 /// Takes the user stack, returns its id (a hash of its frames), and sends the frames the first time an id is
-/// seen. Returns 0 when no stack could be taken. At a return probe the first frame is the exact return address
-/// into the caller, so the allocator's own frames never appear. At a system call the first frame is inside the
-/// libc wrapper, which keeps no frame pointer: `guessed_caller`, the word on top of the user stack, is put
-/// second (userspace drops it when it is not a return address).
+/// seen. Returns 0 when no stack could be taken. `first_frame` is the user instruction pointer, the innermost
+/// frame: at a return probe the exact return address into the caller, so the allocator's own frames never
+/// appear. At a system call it is inside the libc wrapper, which keeps no frame pointer: `guessed_caller`, the
+/// word on top of the user stack, is put second (userspace drops it when it is not a return address).
+///
+/// In a Python process the Python frames are walked first: when they name the caller, the native stack is only
+/// `first_frame` (and a system call's guessed caller), so the frame-pointer walk, the dearest part of a stack
+/// on this hot path, is not made at all.
 #[inline(always)]
-fn capture_stack(ctx: *mut c_void, guessed_caller: Option<u64>) -> u64 {
+fn capture_stack(ctx: *mut c_void, first_frame: u64, guessed_caller: Option<u64>) -> u64 {
     let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
     // SAFETY: this CPU's scratch slot; no other program on this CPU runs until this one returns.
     let scratch = unsafe { &mut *scratch };
     let skip = usize::from(guessed_caller.is_some());
-    // SAFETY: the buffer is `frames` past the first `skip` entries, and its remaining size is passed.
-    let bytes = unsafe {
-        bpf_get_stack(
-            ctx,
-            scratch.frames.as_mut_ptr().add(skip).cast(),
-            ((MAX_STACK_DEPTH - skip) * 8) as u32,
-            BPF_F_USER_STACK as u64,
-        )
-    };
-    if bytes <= 0 {
-        count_loss(Loss::StackUnavailable);
-        return 0;
-    }
-    let mut depth = (bytes as usize / 8).min(MAX_STACK_DEPTH - skip);
-    if let Some(caller) = guessed_caller {
-        scratch.frames[0] = scratch.frames[1];
-        scratch.frames[1] = caller;
-        depth += 1;
-    }
     scratch.py_depth = 0;
     scratch.py_status = PyStatus::NotPython as u32;
     // SAFETY: read-only look-up of a plain value.
@@ -632,9 +620,18 @@ fn capture_stack(ctx: *mut c_void, guessed_caller: Option<u64>) -> u64 {
     // Where Python frames name the caller, the native frames past the exact first one (and a system call's
     // guessed caller) come from the frame-pointer chain of an interpreter built without frame pointers: noise
     // that would make every call from one Python line a stack of its own.
-    if scratch.py_depth > 0 {
-        depth = depth.min(1 + skip);
-    }
+    let depth = if scratch.py_depth > 0 {
+        scratch.frames[0] = first_frame;
+        if let Some(caller) = guessed_caller {
+            scratch.frames[1] = caller;
+        }
+        1 + skip
+    } else {
+        match native_stack(ctx, scratch, guessed_caller) {
+            Some(depth) => depth,
+            None => return 0,
+        }
+    };
     let mut id: u64 = 0xcbf2_9ce4_8422_2325;
     for i in 0..MAX_STACK_DEPTH {
         if i >= depth {
@@ -673,6 +670,37 @@ fn capture_stack(ctx: *mut c_void, guessed_caller: Option<u64>) -> u64 {
         }
     }
     id
+}
+
+/// The frame-pointer walk of the user stack into `scratch.frames`, with a system call's `guessed_caller` put
+/// second; its depth, or `None` (counted) when the kernel could not take it.
+#[inline(always)]
+fn native_stack(
+    ctx: *mut c_void,
+    scratch: &mut StackEvent,
+    guessed_caller: Option<u64>,
+) -> Option<usize> {
+    let skip = usize::from(guessed_caller.is_some());
+    // SAFETY: the buffer is `frames` past the first `skip` entries, and its remaining size is passed.
+    let bytes = unsafe {
+        bpf_get_stack(
+            ctx,
+            scratch.frames.as_mut_ptr().add(skip).cast(),
+            ((MAX_STACK_DEPTH - skip) * 8) as u32,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    if bytes <= 0 {
+        count_loss(Loss::StackUnavailable);
+        return None;
+    }
+    let mut depth = (bytes as usize / 8).min(MAX_STACK_DEPTH - skip);
+    if let Some(caller) = guessed_caller {
+        scratch.frames[0] = scratch.frames[1];
+        scratch.frames[1] = caller;
+        depth += 1;
+    }
+    Some(depth)
 }
 
 #[inline(always)]
@@ -864,17 +892,19 @@ fn field(ctx: &TracePointContext, offset: usize) -> u64 {
     unsafe { ctx.read_at::<u64>(offset) }.unwrap_or(0)
 }
 
-/// The word on top of the user stack: at a leaf libc wrapper's `syscall`, the return address into its caller.
+/// At a system call: the user instruction pointer (inside the libc wrapper), and the word on top of the user
+/// stack (at a leaf wrapper's `syscall`, the return address into its caller).
 #[inline(always)]
-fn word_on_user_stack() -> u64 {
-    // SAFETY: bpf_task_pt_regs of the current task gives its saved user registers; both reads are checked.
+fn user_ip_and_top_word() -> (u64, u64) {
+    // SAFETY: bpf_task_pt_regs of the current task gives its saved user registers; every read is checked.
     unsafe {
         let task = bpf_get_current_task_btf();
         let regs = bpf_task_pt_regs(task) as *const u8;
+        let ip = bpf_probe_read_kernel(regs.add(PT_REGS_IP) as *const u64).unwrap_or(0);
         let Ok(sp) = bpf_probe_read_kernel(regs.add(PT_REGS_SP) as *const u64) else {
-            return 0;
+            return (ip, 0);
         };
-        bpf_probe_read_user(sp as *const u64).unwrap_or(0)
+        (ip, bpf_probe_read_user(sp as *const u64).unwrap_or(0))
     }
 }
 
@@ -882,7 +912,8 @@ fn word_on_user_stack() -> u64 {
 #[inline(always)]
 fn emit_mapping(ctx: &TracePointContext, func: AllocFn, addr: u64, size: u64, flags: u32) {
     let stack_id = if flags & ALLOC_BY_ALLOCATOR == 0 {
-        capture_stack(ctx.as_ptr(), Some(word_on_user_stack()))
+        let (ip, top_word) = user_ip_and_top_word();
+        capture_stack(ctx.as_ptr(), ip, Some(top_word))
     } else {
         0
     };
