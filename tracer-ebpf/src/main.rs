@@ -148,6 +148,10 @@ const SYSCALL_RET: usize = 16;
 const MAP_ANONYMOUS: u64 = 0x20;
 const PROT_READ: u64 = 0x1;
 const PROT_WRITE: u64 = 0x2;
+/// A map update's flags: any, or only a key not yet there; and the error of the latter when it is.
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = -17;
 /// Returns from `-4095` to `-1` are error numbers.
 const MAX_ERRNO: u64 = 4095;
 /// Offsets of `ip` and `sp` in x86-64's `struct pt_regs`.
@@ -319,12 +323,20 @@ fn record_block(tgid: u32, addr: u64, block: &LiveBlock) {
         _pad: 0,
         addr,
     };
-    // SAFETY: copied out at once.
-    if let Some(stale) = unsafe { LIVE.get(&key) }.copied() {
-        count_release(tgid, &stale);
-        tally(Tally::UnseenFree);
-    }
-    if LIVE.insert(&key, block, 0).is_err() {
+    // The common case, a new address, costs one hash operation: the stale block is looked up only when the
+    // insertion finds the address taken.
+    let inserted = match LIVE.insert(&key, block, BPF_NOEXIST) {
+        Err(EEXIST) => {
+            // SAFETY: copied out at once.
+            if let Some(stale) = unsafe { LIVE.get(&key) }.copied() {
+                count_release(tgid, &stale);
+                tally(Tally::UnseenFree);
+            }
+            LIVE.insert(&key, block, BPF_ANY)
+        }
+        other => other,
+    };
+    if inserted.is_err() {
         count_loss(Loss::LiveTableFull);
     }
     count_allocation(tgid, block);
