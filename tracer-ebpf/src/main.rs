@@ -298,17 +298,19 @@ fn count_release(tgid: u32, block: &LiveBlock) {
 /// This CPU's counters of a site, made on first use; `None` (counted) when the table is full.
 #[inline(always)]
 fn site_counters(site: &SiteKey) -> Option<&'static mut SiteCounters> {
-    if SITES.get_ptr_mut(site).is_none() {
-        let fresh = SiteCounters {
-            smallest: u64::MAX,
-            ..SiteCounters::default()
-        };
-        if SITES.insert(site, &fresh, 0).is_err() {
-            count_loss(Loss::SiteTableFull);
-            return None;
-        }
+    // SAFETY (both look-ups): this CPU's value of an entry that exists; no other program on this CPU runs
+    // meanwhile.
+    if let Some(counters) = SITES.get_ptr_mut(site) {
+        return Some(unsafe { &mut *counters });
     }
-    // SAFETY: this CPU's value of an entry that exists; no other program on this CPU runs meanwhile.
+    let fresh = SiteCounters {
+        smallest: u64::MAX,
+        ..SiteCounters::default()
+    };
+    if SITES.insert(site, &fresh, 0).is_err() {
+        count_loss(Loss::SiteTableFull);
+        return None;
+    }
     SITES
         .get_ptr_mut(site)
         .map(|counters| unsafe { &mut *counters })
