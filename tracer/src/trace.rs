@@ -31,7 +31,7 @@ use crate::{
     },
     python::runtime::{self, Reader},
     report::{
-        AllocatorReport, Exit, Losses, ProcessReport,
+        AllocatorReport, CacheEvictions, Exit, Losses, ProcessReport,
         oom::{self, Cgroups, OomInput, OomRecord},
     },
     ring::{Delivery, RingReader},
@@ -63,6 +63,8 @@ pub struct Trace {
     pub unseen_frees: u64,
     /// Python frames whose code object could not be read.
     pub unreadable_python_frames: u64,
+    /// What the bounded caches of modules and code objects evicted.
+    pub cache_evictions: CacheEvictions,
     /// The command alloctrace started (a pidfd), when it was still running as the trace ended.
     unfinished_command: Option<OwnedFd>,
     /// The probes stay attached until the trace is dropped, after its report: taking them down waits for the
@@ -998,6 +1000,17 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
             python: lock(&state.pythons).get(&pid).map(|r| r.info().clone()),
         })
         .collect();
+    // Apart from the struct below: a guard taken inside it would live to its end, and a second one deadlock.
+    let (unreadable_python_frames, cache_evictions) = {
+        let pythons = lock(&state.pythons);
+        (
+            pythons.values().map(Reader::unreadable_frames).sum(),
+            CacheEvictions {
+                modules: state.registry.evicted_modules(),
+                python_code_objects: pythons.values().map(Reader::evicted_codes).sum(),
+            },
+        )
+    };
     Ok(Trace {
         unfinished_command: command_pidfd
             .filter(|_| child_pid.is_some_and(|pid| !targets.exited.contains_key(&pid))),
@@ -1011,10 +1024,8 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         sampling,
         unknown_frees: tallies[Tally::UnknownFree as usize],
         unseen_frees: tallies[Tally::UnseenFree as usize],
-        unreadable_python_frames: lock(&state.pythons)
-            .values()
-            .map(Reader::unreadable_frames)
-            .sum(),
+        unreadable_python_frames,
+        cache_evictions,
         _probes: targets.probes,
     })
 }
