@@ -525,13 +525,15 @@ impl Targets {
     /// not. A fork has its parent's interpreter at the same addresses; an exec starts a new image.
     fn follow(&mut self, state: &mut State, discovery: Discovery) {
         match discovery {
+            // A child forked once holding was off (the trace is ending) is left alone: traced from its first
+            // instruction, or not at all, never from some point in its life.
             Discovery::Forked {
                 parent,
                 child,
                 held,
             } => {
-                self.follow_fork(state, parent, child);
                 if held {
+                    self.follow_fork(state, parent, child);
                     resume(child);
                 }
             }
@@ -950,6 +952,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     targets.probes.hold_new_processes(false)?;
     tokio::time::sleep(HOLD_SETTLE).await;
     flush(&mut reader, &mut targets, &mut state).await;
+    targets.probes.all_held_released();
     drop(reader);
     let end_ns = system::monotonic_ns().max(start_ns);
     report_ooms(
