@@ -14,9 +14,10 @@
 //!
 //! The helper also cleans up once alloctrace and its teardown are gone, however alloctrace ended (a panic,
 //! SIGKILL): it waits for the end of a pipe whose only writers are alloctrace and its teardown process. If
-//! alloctrace went without saying that it had released every process it held (stopped before their first
-//! instruction until attached), the helper turns holding off and continues every stopped process of the traced
-//! set, which it reads from the kernel's `TARGETS` map. Then it removes the group.
+//! alloctrace begins to exit before saying that it has released every process it held (stopped before their
+//! first instruction until attached), the helper turns holding off and continues every stopped process of the
+//! traced set, which it reads from the kernel's `TARGETS` map: at once, not after alloctrace's descriptors have
+//! closed, which takes a grace period per perf event. Then it removes the group.
 
 use std::{
     collections::HashMap,
@@ -117,7 +118,9 @@ const REMOVAL_PAUSE: Duration = Duration::from_millis(50);
 
 impl UprobeEvents {
     /// Starts the helper, which keeps the two maps of `held` and closes every other descriptor it inherits.
+    /// First removes the groups of earlier runs that are gone and whose helper died with them.
     pub fn new(tracefs: &'static str, held: &HeldMaps<'_>) -> anyhow::Result<Self> {
+        remove_stale_groups(tracefs);
         // A group of this run's own: the pid, and the time, for a pid used again.
         let group = format!(
             "alloctrace_{}_{:x}",
@@ -133,6 +136,7 @@ impl UprobeEvents {
         }
         let [read_end, write_end] = fds;
         let helper_fds = HelperFds {
+            tracer: std::process::id(),
             alive: read_end,
             targets: held.targets.as_raw_fd(),
             holding: held.holding.as_raw_fd(),
@@ -263,8 +267,48 @@ impl Drop for UprobeEvents {
     }
 }
 
-/// The descriptors the helper keeps.
+/// The uprobe groups of alloctrace runs whose process is gone, in the text of `uprobe_events`
+/// (`p:alloctrace_PID_TIME/EVENT PATH:OFFSET` lines), each once.
+fn stale_groups(events: &str, alive: impl Fn(u32) -> bool) -> Vec<&str> {
+    let mut stale: Vec<&str> = Vec::new();
+    for line in events.lines() {
+        let Some(group) = line
+            .get(2..)
+            .and_then(|rest| rest.split('/').next())
+            .filter(|group| group.starts_with("alloctrace_"))
+        else {
+            continue;
+        };
+        let pid = group
+            .strip_prefix("alloctrace_")
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|pid| pid.parse().ok());
+        if pid.is_some_and(|pid| !alive(pid)) && !stale.contains(&group) {
+            stale.push(group);
+        }
+    }
+    stale
+}
+
+/// Removes what runs killed together with their helper left defined (unused: their perf events closed with
+/// them). A group still in use elsewhere (a run in another pid namespace) is busy, and stays.
+fn remove_stale_groups(tracefs: &str) {
+    let control = format!("{tracefs}/uprobe_events");
+    let Ok(events) = std::fs::read_to_string(&control) else {
+        return;
+    };
+    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    for group in stale_groups(&events, alive) {
+        let _ = OpenOptions::new()
+            .append(true)
+            .open(&control)
+            .and_then(|mut f| f.write_all(format!("-:{group}/\n").as_bytes()));
+    }
+}
+
+/// The descriptors the helper keeps, and alloctrace's pid.
 struct HelperFds {
+    tracer: u32,
     alive: libc::c_int,
     targets: libc::c_int,
     holding: libc::c_int,
@@ -282,6 +326,9 @@ struct MapElemAttr {
     value_or_next_key: u64,
     flags: u64,
 }
+
+/// How often the helper looks whether alloctrace has begun to exit.
+const TRACER_CHECK: Duration = Duration::from_millis(20);
 
 /// How long after holding is turned off a probe that read it on may still stop its process.
 const HOLD_SETTLE: Duration = Duration::from_millis(20);
@@ -305,13 +352,27 @@ unsafe fn helper_main(fds: &HelperFds, control: &CString, removal: &[u8]) -> ! {
             from = fd + 1;
         }
         libc::syscall(libc::SYS_close_range, from as u32, u32::MAX, 0u32);
+        // Until the pipe's end, or, before alloctrace said it released what it held, until alloctrace begins
+        // to exit: its descriptors (the pipe among them) close only after its perf events, seconds later.
         let mut released = false;
         let mut byte = 0u8;
         loop {
+            let mut poll = libc::pollfd {
+                fd: fds.alive,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ready = libc::poll(&mut poll, 1, TRACER_CHECK.as_millis() as libc::c_int);
+            if ready == 0 {
+                if !released && is_exiting(fds.tracer) {
+                    break;
+                }
+                continue;
+            }
             let n = libc::read(fds.alive, (&raw mut byte).cast(), 1);
             if n == 1 {
                 released = true;
-            } else if n == 0 || *libc::__errno_location() != libc::EINTR {
+            } else if n == 0 || (n < 0 && *libc::__errno_location() != libc::EINTR) {
                 break;
             }
         }
@@ -401,11 +462,12 @@ unsafe fn release_held(fds: &HelperFds) {
     }
 }
 
-/// Whether `/proc/PID/stat` says the process is stopped (`T`): the state follows the last `)` of the comm.
+/// What follows the comm in `/proc/PID/stat` (the state first), read into `buffer`: `None` once the process is
+/// gone. The comm ends at the last `)`: it may hold any bytes.
 ///
 /// # Safety
 /// As [`helper_main`]: system calls only, on a stack buffer.
-unsafe fn is_stopped(pid: u32) -> bool {
+unsafe fn stat_after_comm(pid: u32, buffer: &mut [u8; 512]) -> Option<&[u8]> {
     let mut path = *b"/proc/\0\0\0\0\0\0\0\0\0\0/stat\0";
     let mut digits = [0u8; 10];
     let (mut n, mut value) = (0, pid);
@@ -421,25 +483,56 @@ unsafe fn is_stopped(pid: u32) -> bool {
         path[6 + i] = digits[n - 1 - i];
     }
     path[6 + n..6 + n + 6].copy_from_slice(b"/stat\0");
-    let mut stat = [0u8; 512];
     // SAFETY: a NUL-terminated path and a buffer of the size given.
     let read = unsafe {
         let fd = libc::open(path.as_ptr().cast(), libc::O_RDONLY);
         if fd < 0 {
-            return false;
+            return None;
         }
-        let read = libc::read(fd, stat.as_mut_ptr().cast(), stat.len());
+        let read = libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len());
         libc::close(fd);
         read
     };
-    let Ok(read) = usize::try_from(read) else {
-        return false;
+    let stat = &buffer[..usize::try_from(read).ok()?];
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    stat.get(close + 1..)
+}
+
+/// Whether the process is stopped (state `T`).
+///
+/// # Safety
+/// As [`helper_main`]: system calls only.
+unsafe fn is_stopped(pid: u32) -> bool {
+    let mut buffer = [0u8; 512];
+    // SAFETY: as the function's.
+    let after = unsafe { stat_after_comm(pid, &mut buffer) };
+    after.and_then(|after| after.get(1)) == Some(&b'T')
+}
+
+/// Whether the process has begun to exit (`PF_EXITING`, the seventh field after the comm) or is gone: it may
+/// take seconds more to close its descriptors, each perf event after a grace period.
+///
+/// # Safety
+/// As [`helper_main`]: system calls only.
+unsafe fn is_exiting(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let mut buffer = [0u8; 512];
+    // SAFETY: as the function's.
+    let Some(after) = (unsafe { stat_after_comm(pid, &mut buffer) }) else {
+        return true;
     };
-    let stat = &stat[..read];
-    stat.iter()
-        .rposition(|&b| b == b')')
-        .and_then(|close| stat.get(close + 2))
-        .is_some_and(|&state| state == b'T')
+    let flags = after
+        .split(|&b| b == b' ')
+        .filter(|field| !field.is_empty())
+        .nth(6)
+        .and_then(|field| {
+            field.iter().try_fold(0u64, |value, &digit| {
+                digit
+                    .is_ascii_digit()
+                    .then(|| value.wrapping_mul(10).wrapping_add(u64::from(digit - b'0')))
+            })
+        });
+    flags.is_none_or(|flags| flags & PF_EXITING != 0)
 }
 
 #[cfg(test)]
@@ -447,10 +540,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_whether_a_process_is_stopped() {
+    fn finds_the_groups_of_runs_that_are_gone() {
+        let events = "p:alloctrace_12_ab/p0 /proc/self/fd/7:0x0000000000098930\n\
+                      r:alloctrace_12_ab/p1 /proc/self/fd/7:0x0000000000098930\n\
+                      p:alloctrace_34_cd/p0 /proc/self/fd/9:0x0000000000098930\n\
+                      p:uprobes/p_bash_0x1 /bin/bash:0x0000000000000001\n\
+                      p:alloctrace_x/p0 /bin/true:0x0000000000001000\n";
+        assert_eq!(stale_groups(events, |pid| pid == 34), ["alloctrace_12_ab"]);
+        assert_eq!(stale_groups(events, |_| true), Vec::<&str>::new());
+        assert_eq!(stale_groups("", |_| false), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn reads_whether_a_process_is_stopped_or_exiting() {
         // SAFETY: system calls only.
-        assert!(!unsafe { is_stopped(std::process::id()) });
-        assert!(!unsafe { is_stopped(u32::MAX) });
+        unsafe {
+            assert!(!is_stopped(std::process::id()));
+            assert!(!is_stopped(u32::MAX));
+            assert!(!is_exiting(std::process::id()));
+            assert!(is_exiting(u32::MAX), "a process that is gone");
+        }
     }
 
     /// Where the kernel's `struct perf_event_attr` has the fields set here.
