@@ -214,3 +214,20 @@ pub fn assert_sites_exact(report: &Value, pid: u64) {
     assert_eq!(report["lost"]["events"], 0, "{report:#}");
     assert_eq!(report["complete"], true, "{report:#}");
 }
+
+/// The most memory the tracer may hold, by default, whatever a target does (issue 9).
+pub const MAX_TRACER_RSS: u64 = 256 << 20;
+
+/// Checks that the tracer's peak resident memory in `report` stayed within [`MAX_TRACER_RSS`] while tracing
+/// `what`, prints it (the figure the issue asks for), and returns it.
+pub fn assert_tracer_rss_bounded(report: &Value, what: &str) -> u64 {
+    let rss = report["tracer_max_rss_bytes"]
+        .as_u64()
+        .expect("tracer_max_rss_bytes");
+    println!("tracer RSS under {what}: {} MiB", rss >> 20);
+    assert!(
+        rss <= MAX_TRACER_RSS,
+        "under {what} the tracer grew to {rss} bytes, more than {MAX_TRACER_RSS}"
+    );
+    rss
+}

@@ -10,7 +10,8 @@ use std::{
 };
 
 use alloctrace_tests::{
-    alloctrace, json_report, live, pyenv_prefix, require_root, workload, workspace,
+    alloctrace, assert_tracer_rss_bounded, json_report, live, pyenv_prefix, require_root, workload,
+    workspace,
 };
 
 /// The comm `hostile_names` gives itself, as the kernel reports it.
@@ -184,6 +185,7 @@ fn json_carries_a_targets_names_exactly_and_no_control_character() {
         .find(|s| s["stack"][0]["function"] == SYMBOL)
         .unwrap_or_else(|| panic!("no site in {SYMBOL:?}: {report:#}"));
     assert_eq!(live(site), (10_000, 10), "{site:#}");
+    assert_tracer_rss_bounded(&report, "terminal escapes in comm, argv, path and symbols");
 }
 
 #[test]
@@ -253,6 +255,7 @@ fn stop_signal_writes_the_report(signal: libc::c_int) {
         .unwrap_or_else(|| panic!("no site in {SYMBOL:?}: {report:#}"));
     assert_eq!(live(site), (10_000, 10), "{site:#}");
     assert!(report["processes"][0]["exit"].is_null(), "{report:#}");
+    assert_tracer_rss_bounded(&report, &format!("a trace stopped by signal {signal}"));
 }
 
 #[test]

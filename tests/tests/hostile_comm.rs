@@ -8,7 +8,9 @@ use std::{
     process::{Command, Stdio},
 };
 
-use alloctrace_tests::{alloctrace, json_report, live, require_root, site, workload};
+use alloctrace_tests::{
+    alloctrace, assert_tracer_rss_bounded, json_report, live, require_root, site, workload,
+};
 
 #[test]
 fn a_comm_and_argv_that_are_not_utf8_are_reported_lossily() {
@@ -62,4 +64,5 @@ fn a_comm_and_argv_that_are_not_utf8_are_reported_lossily() {
     assert_eq!(live(block), (123_457, 1), "{block:#}");
     assert_eq!(block["pid"], pid, "{block:#}");
     assert_eq!(report["complete"], true, "{report:#}");
+    assert_tracer_rss_bounded(&report, "a comm and argv that are not UTF-8");
 }

@@ -7,7 +7,8 @@ use std::{
 };
 
 use alloctrace_tests::{
-    alloctrace, assert_sites_exact, json_report, live, require_root, site, trace_json, workload,
+    alloctrace, assert_sites_exact, assert_tracer_rss_bounded, json_report, live, require_root,
+    site, trace_json, workload,
 };
 
 #[test]
@@ -192,6 +193,7 @@ fn every_child_of_an_exec_storm_is_traced() {
         report["lost"]
     );
     assert_eq!(report["complete"], true, "{:#}", report["lost"]);
+    assert_tracer_rss_bounded(&report, "an exec storm of a static binary");
 }
 
 /// A name that matches nothing in the whole trace is said, not taken for a quiet process.

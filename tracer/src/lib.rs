@@ -17,3 +17,4 @@ pub mod spawn;
 pub mod system;
 pub mod tables;
 pub mod trace;
+pub mod uprobe_events;

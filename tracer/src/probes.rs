@@ -5,19 +5,14 @@
 
 use std::{
     collections::HashMap,
-    num::NonZeroU32,
-    os::fd::{AsFd as _, BorrowedFd},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
 };
 
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf},
-    programs::{
-        TracePoint, UProbe,
-        trace_point::TracePointLink,
-        uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
-    },
+    programs::{TracePoint, UProbe, trace_point::TracePointLink},
 };
 use tracer_common::{
     AllocFn, HOLD_AT_EXEC, LOSS_COUNTERS, LiveBlock, LiveKey, OomFields, PyProcess, SiteCounters,
@@ -25,7 +20,11 @@ use tracer_common::{
 };
 
 use crate::{
-    aggregate::HeapTables, procs::allocator::Allocator, sampling::Sampling, system, tables,
+    aggregate::HeapTables,
+    procs::allocator::Allocator,
+    sampling::Sampling,
+    system, tables,
+    uprobe_events::{HeldMaps, UprobeEvents},
 };
 
 /// The entry program of an allocator function. Every function but `free` also gets `alloc_exit` on return.
@@ -82,10 +81,10 @@ pub struct Probes {
     sizes: Map,
     /// Possible CPUs: the number of values of a per-CPU map entry.
     cpus: usize,
-    /// Each traced process's uprobe links, removed when it exits.
-    links: HashMap<u32, Vec<UProbeLink>>,
-    /// Links of processes that exited, kept for the end of the trace.
-    retired: Vec<UProbeLink>,
+    /// Each traced process's perf events on the shared allocator uprobes, closed when it exits.
+    links: HashMap<u32, Vec<OwnedFd>>,
+    /// The allocator uprobes, shared by every traced process. Dropped after `links`: its events close last.
+    uprobes: UprobeEvents,
     tracepoint_links: Vec<TracePointLink>,
     /// Whether OOM kills reach the ring buffer.
     pub oom_watched: bool,
@@ -131,6 +130,21 @@ impl Probes {
                 "/tracer"
             )))
             .context("cannot load alloctrace's eBPF object")?;
+        // Before any program is loaded or attached: the helper keeps only the two maps it is given.
+        let uprobes = {
+            let map_fd = |name: &str| match ebpf.map(name) {
+                Some(Map::HashMap(data) | Map::Array(data)) => Ok(data.fd().as_fd()),
+                _ => Err(anyhow::anyhow!("the eBPF object has no map {name}")),
+            };
+            let tracefs = system::tracefs().context("tracefs is not mounted")?;
+            UprobeEvents::new(
+                tracefs,
+                &HeldMaps {
+                    targets: map_fd("TARGETS")?,
+                    holding: map_fd("HOLDING")?,
+                },
+            )?
+        };
         let entries = AllocFn::ALLOCATOR.map(entry_program);
         for name in entries.into_iter().flatten().chain([EXIT_PROGRAM]) {
             let program: &mut UProbe = program(&mut ebpf, name)?.try_into()?;
@@ -182,7 +196,7 @@ impl Probes {
             sizes,
             cpus,
             links: HashMap::new(),
-            retired: Vec::new(),
+            uprobes,
             tracepoint_links,
             oom_watched,
         })
@@ -190,8 +204,9 @@ impl Probes {
 
     /// Puts the allocator probes on `allocator` for process `pid` only, and marks `pid` as traced.
     pub fn attach(&mut self, pid: u32, allocator: &Allocator) -> anyhow::Result<()> {
-        let scope =
-            UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0 is not a process")?);
+        if pid == 0 || pid == self.uprobes.helper() {
+            anyhow::bail!("pid {pid} is not a process alloctrace traces");
+        }
         for point in &allocator.probes {
             let Some(entry) = entry_program(point.func) else {
                 continue;
@@ -203,12 +218,19 @@ impl Probes {
             // attachments in flight forever, and every later call of that thread taken for a nested one.
             for (name, offset) in exit.into_iter().chain(std::iter::once(entry)) {
                 let func = point.func;
-                let program: &mut UProbe = program(&mut self.ebpf, name)?.try_into()?;
-                let link = program
-                    .attach(
-                        UProbeAttachLocation::AbsoluteOffset(offset),
+                let program: &UProbe = self
+                    .ebpf
+                    .program(name)
+                    .with_context(|| format!("the eBPF object has no program {name}"))?
+                    .try_into()?;
+                let event = self
+                    .uprobes
+                    .open(
                         &allocator.attach_path,
-                        scope,
+                        offset,
+                        name == EXIT_PROGRAM,
+                        program.fd()?.as_fd(),
+                        pid,
                     )
                     .with_context(|| {
                         format!(
@@ -217,24 +239,16 @@ impl Probes {
                             allocator.path
                         )
                     })?;
-                let link = program.take_link(link)?;
-                self.links.entry(pid).or_default().push(link);
+                self.links.entry(pid).or_default().push(event);
             }
         }
         self.add_target(pid)
     }
 
-    /// Retires the uprobes of a process that exited: they come down with the others when the trace ends, off
-    /// the user's path (`Trace::finish`). Past [`RETIRED_LINKS_MAX`] (a trace of many short-lived processes) they
-    /// are removed now, on threads of their own (see [`detach_all`]).
+    /// Closes the perf events of a process that exited: the uprobes they share stay, so this waits for no
+    /// grace period (see [`crate::uprobe_events`]).
     pub fn detach(&mut self, pid: u32) {
-        if let Some(links) = self.links.remove(&pid) {
-            self.retired.extend(links);
-        }
-        if self.retired.len() > RETIRED_LINKS_MAX {
-            let retired = std::mem::take(&mut self.retired);
-            std::thread::spawn(move || detach_all(retired));
-        }
+        self.links.remove(&pid);
     }
 
     /// Turns holding new processes until they are attached on or off: off as the trace ends, when nothing will
@@ -245,6 +259,12 @@ impl Probes {
         holding
             .set(0, u32::from(on), 0)
             .context("cannot switch the holding of new processes")
+    }
+
+    /// Says that holding is off and every process held has been continued: were alloctrace to die from now
+    /// on, there would be nothing to release (see [`crate::uprobe_events`]).
+    pub fn all_held_released(&self) {
+        self.uprobes.all_held_released();
     }
 
     /// Marks `pid` as traced for the tracepoints (its mappings, forks and execs).
@@ -394,10 +414,6 @@ fn sum_counters(per_cpu: &[SiteCounters]) -> SiteCounters {
     )
 }
 
-/// Most links of exited processes kept until the end of the trace: a fork storm must not hold thousands of
-/// probes (and descriptors) open.
-const RETIRED_LINKS_MAX: usize = 1000;
-
 /// The descriptor of a hash map taken out of the object.
 fn fd(map: &Map) -> anyhow::Result<BorrowedFd<'_>> {
     match map {
@@ -407,17 +423,11 @@ fn fd(map: &Map) -> anyhow::Result<BorrowedFd<'_>> {
 }
 
 impl Drop for Probes {
+    /// The processes' perf events first (at once), then the shared uprobes (`uprobes`, dropped after this) and
+    /// the tracepoints, whose removals each wait for a grace period.
     fn drop(&mut self) {
-        let uprobes: Vec<UProbeLink> = std::mem::take(&mut self.links)
-            .into_values()
-            .flatten()
-            .chain(std::mem::take(&mut self.retired))
-            .collect();
-        let tracepoints = std::mem::take(&mut self.tracepoint_links);
-        std::thread::scope(|scope| {
-            scope.spawn(|| detach_all(uprobes));
-            scope.spawn(|| detach_all(tracepoints));
-        });
+        self.links.clear();
+        detach_all(std::mem::take(&mut self.tracepoint_links));
     }
 }
 

@@ -28,7 +28,7 @@ pub fn require_uprobes() -> anyhow::Result<()> {
 }
 
 /// Where tracefs is mounted, if it is.
-fn tracefs() -> Option<&'static str> {
+pub fn tracefs() -> Option<&'static str> {
     [TRACEFS, "/sys/kernel/debug/tracing"]
         .into_iter()
         .find(|root| Path::new(root).join("events").is_dir())

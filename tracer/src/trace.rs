@@ -31,7 +31,7 @@ use crate::{
     },
     python::runtime::{self, Reader},
     report::{
-        AllocatorReport, Exit, Losses, ProcessReport,
+        AllocatorReport, CacheEvictions, Exit, Losses, ProcessReport,
         oom::{self, Cgroups, OomInput, OomRecord},
     },
     ring::{Delivery, RingReader},
@@ -63,6 +63,8 @@ pub struct Trace {
     pub unseen_frees: u64,
     /// Python frames whose code object could not be read.
     pub unreadable_python_frames: u64,
+    /// What the bounded caches of modules and code objects evicted.
+    pub cache_evictions: CacheEvictions,
     /// The command alloctrace started (a pidfd), when it was still running as the trace ended.
     unfinished_command: Option<OwnedFd>,
     /// The probes stay attached until the trace is dropped, after its report: taking them down waits for the
@@ -523,13 +525,15 @@ impl Targets {
     /// not. A fork has its parent's interpreter at the same addresses; an exec starts a new image.
     fn follow(&mut self, state: &mut State, discovery: Discovery) {
         match discovery {
+            // A child forked once holding was off (the trace is ending) is left alone: traced from its first
+            // instruction, or not at all, never from some point in its life.
             Discovery::Forked {
                 parent,
                 child,
                 held,
             } => {
-                self.follow_fork(state, parent, child);
                 if held {
+                    self.follow_fork(state, parent, child);
                     resume(child);
                 }
             }
@@ -948,6 +952,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     targets.probes.hold_new_processes(false)?;
     tokio::time::sleep(HOLD_SETTLE).await;
     flush(&mut reader, &mut targets, &mut state).await;
+    targets.probes.all_held_released();
     drop(reader);
     let end_ns = system::monotonic_ns().max(start_ns);
     report_ooms(
@@ -998,6 +1003,17 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
             python: lock(&state.pythons).get(&pid).map(|r| r.info().clone()),
         })
         .collect();
+    // Apart from the struct below: a guard taken inside it would live to its end, and a second one deadlock.
+    let (unreadable_python_frames, cache_evictions) = {
+        let pythons = lock(&state.pythons);
+        (
+            pythons.values().map(Reader::unreadable_frames).sum(),
+            CacheEvictions {
+                modules: state.registry.evicted_modules(),
+                python_code_objects: pythons.values().map(Reader::evicted_codes).sum(),
+            },
+        )
+    };
     Ok(Trace {
         unfinished_command: command_pidfd
             .filter(|_| child_pid.is_some_and(|pid| !targets.exited.contains_key(&pid))),
@@ -1011,10 +1027,8 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         sampling,
         unknown_frees: tallies[Tally::UnknownFree as usize],
         unseen_frees: tallies[Tally::UnseenFree as usize],
-        unreadable_python_frames: lock(&state.pythons)
-            .values()
-            .map(Reader::unreadable_frames)
-            .sum(),
+        unreadable_python_frames,
+        cache_evictions,
         _probes: targets.probes,
     })
 }

@@ -208,6 +208,13 @@ fn header(out: &mut dyn Write, h: &Header) -> io::Result<()> {
             h.unreadable_python_frames
         )?;
     }
+    if h.cache_evictions.total() > 0 {
+        writeln!(
+            out,
+            "caches at their bounds: {} symbol files and {} Python code objects evicted (read again when needed)",
+            h.cache_evictions.modules, h.cache_evictions.python_code_objects
+        )?;
+    }
     if let Some(every) = h.sampled_every_bytes {
         writeln!(
             out,
@@ -482,6 +489,7 @@ mod tests {
             tracer_max_rss_bytes: 0,
             sampled_every_bytes: None,
             unreadable_python_frames: 0,
+            cache_evictions: crate::report::CacheEvictions::default(),
         }
     }
 

@@ -9,6 +9,7 @@ pub mod container;
 pub mod docker;
 pub mod maps;
 pub mod module;
+pub mod module_cache;
 pub mod prologue;
 
 use std::{
@@ -23,6 +24,7 @@ use container::Container;
 use docker::DockerNames;
 use maps::{FileId, Mapping, Maps};
 use module::Module;
+use module_cache::ModuleCache;
 use serde::Serialize;
 
 /// One stack frame as reports show it.
@@ -182,8 +184,8 @@ struct Process {
 #[derive(Default)]
 pub struct Registry {
     processes: HashMap<u32, Process>,
-    /// `None` records an object that could not be read, so it is not tried again for every frame.
-    modules: HashMap<FileId, Option<Arc<Module>>>,
+    /// The objects processes map, and those that could not be read (not tried again for every frame).
+    modules: ModuleCache,
     docker: DockerNames,
 }
 
@@ -267,19 +269,21 @@ impl Registry {
 
     /// Caches an object loaded before any process mapped it.
     pub fn insert_module(&mut self, file: FileId, module: Arc<Module>) {
-        self.modules.entry(file).or_insert(Some(module));
+        self.modules.insert_loaded(file, module);
     }
 
-    /// The object behind a mapping, loaded once per file.
+    /// The object behind a mapping, loaded once per file (again if the cache's bounds evicted it).
     pub fn module(&mut self, pid: u32, mapping: &Mapping) -> Option<Arc<Module>> {
         let id = mapping.file?;
-        self.modules
-            .entry(id)
-            .or_insert_with(|| {
-                let open_path = open_path(pid, mapping);
-                Module::load(&open_path, &mapping.path).ok().map(Arc::new)
-            })
-            .clone()
+        self.modules.get_or_load(id, || {
+            let open_path = open_path(pid, mapping);
+            Module::load(&open_path, &mapping.path).ok().map(Arc::new)
+        })
+    }
+
+    /// Objects the cache of modules evicted to stay within its bounds ([`module_cache`]).
+    pub fn evicted_modules(&self) -> u64 {
+        self.modules.evicted()
     }
 
     /// The end of the `[heap]` mapping: where the program break is, to a page.

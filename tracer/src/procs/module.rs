@@ -151,6 +151,8 @@ pub struct Module {
     segments: Vec<Segment>,
     /// Symbols not kept because the object has more than [`MAX_SYMBOLS`] or [`MAX_SYMBOL_NAME_BYTES`].
     symbols_cut: u64,
+    /// What the tables above take in memory, about: what the registry's cache of modules charges for it.
+    heap_bytes: usize,
 }
 
 impl Module {
@@ -215,7 +217,7 @@ impl Module {
             key(a).cmp(&key(b))
         });
         symbols.dedup_by_key(|s| s.address);
-        let segments = file
+        let segments: Vec<Segment> = file
             .segments()
             .map(|seg| {
                 let (file_offset, file_size) = seg.file_range();
@@ -226,6 +228,22 @@ impl Module {
                 }
             })
             .collect();
+        // A hash map entry costs its key and value, a control byte, and the slack of a table at most 7/8 full.
+        let map_entry =
+            |name: &String, value: usize| (size_of::<String>() + value + 1) * 8 / 7 + name.len();
+        let heap_bytes = size_of::<Self>()
+            + path.len()
+            + symbols.capacity() * size_of::<Symbol>()
+            + symbols.iter().map(|s| s.name.capacity()).sum::<usize>()
+            + data
+                .keys()
+                .map(|name| map_entry(name, size_of::<u64>()))
+                .sum::<usize>()
+            + by_name
+                .keys()
+                .map(|name| map_entry(name, size_of::<(u64, bool)>()))
+                .sum::<usize>()
+            + segments.capacity() * size_of::<Segment>();
         Ok(Self {
             path: path.to_owned(),
             symbols,
@@ -233,7 +251,13 @@ impl Module {
             by_name,
             segments,
             symbols_cut: kept.cut,
+            heap_bytes,
         })
+    }
+
+    /// About how many bytes of memory the module takes: its symbol tables, names and segments.
+    pub fn heap_bytes(&self) -> usize {
+        self.heap_bytes
     }
 
     /// How many of the object's symbols were not kept because of [`MAX_SYMBOLS`] and

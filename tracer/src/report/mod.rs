@@ -103,6 +103,22 @@ pub struct Losses {
     pub untraced_processes: u64,
 }
 
+/// What the tracer's bounded caches evicted to stay within their bounds. Not a loss: an evicted entry is read
+/// again when it is needed (from a process that is still alive).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CacheEvictions {
+    /// ELF objects (symbol tables) dropped from the cache of modules.
+    pub modules: u64,
+    /// Python code objects dropped from the caches of code objects.
+    pub python_code_objects: u64,
+}
+
+impl CacheEvictions {
+    pub fn total(&self) -> u64 {
+        self.modules + self.python_code_objects
+    }
+}
+
 impl Losses {
     pub fn total(&self) -> u64 {
         self.events
@@ -166,6 +182,8 @@ pub struct Header {
     /// module's top-level code, freed once its import is done, before alloctrace read it. Not a loss of memory
     /// accounting (the allocation and its other frames are there), so not in `lost`.
     pub unreadable_python_frames: u64,
+    /// What the tracer's caches evicted to stay within their bounds (read again when needed).
+    pub cache_evictions: CacheEvictions,
     /// `--sample-every`: allocations were sampled, one every this many bytes on average, and weighted; `null`
     /// when every allocation was recorded.
     pub sampled_every_bytes: Option<u64>,
@@ -186,6 +204,7 @@ impl Header {
             tracer_max_rss_bytes: crate::system::max_rss_bytes(),
             sampled_every_bytes: (!trace.sampling.is_exact()).then_some(trace.sampling.interval),
             unreadable_python_frames: trace.unreadable_python_frames,
+            cache_evictions: trace.cache_evictions,
         }
     }
 

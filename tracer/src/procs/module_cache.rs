@@ -1,0 +1,204 @@
+//! The registry's cache of ELF objects, one entry per file (device + inode), and the objects that could not be
+//! read. Each object is bounded on its own (see [`super::module`]), but a target can map as many distinct files
+//! as it likes: the cache as a whole is bounded too, in entries and in bytes of symbol data, and evicts the
+//! object used longest ago, counting what it evicts. An evicted object is read again when a frame needs it.
+
+use std::{collections::HashMap, sync::Arc};
+
+use super::{maps::FileId, module::Module};
+
+/// The most objects (and failures) kept: a host's processes map a few hundred distinct libraries.
+pub const MAX_CACHED_MODULES: usize = 4096;
+
+/// The most bytes of symbol tables kept: libpython takes about 3 MiB, libLLVM about 15 MiB; one object may
+/// take up to about 60 MiB ([`super::module::MAX_SYMBOLS`], [`super::module::MAX_SYMBOL_NAME_BYTES`]).
+pub const MAX_CACHED_MODULE_BYTES: usize = 96 << 20;
+
+/// What a failure (an object that could not be read) is charged.
+const FAILURE_BYTES: usize = 64;
+
+struct Entry {
+    /// `None`: the object could not be read, and is not tried again for every frame.
+    module: Option<Arc<Module>>,
+    /// When it was last used, in look-ups: the smallest is evicted first.
+    last_used: u64,
+}
+
+impl Entry {
+    fn bytes(&self) -> usize {
+        self.module
+            .as_ref()
+            .map_or(FAILURE_BYTES, |m| m.heap_bytes())
+    }
+}
+
+pub struct ModuleCache {
+    entries: HashMap<FileId, Entry>,
+    bytes: usize,
+    max_entries: usize,
+    max_bytes: usize,
+    uses: u64,
+    evicted: u64,
+}
+
+impl Default for ModuleCache {
+    fn default() -> Self {
+        Self::with_bounds(MAX_CACHED_MODULES, MAX_CACHED_MODULE_BYTES)
+    }
+}
+
+impl ModuleCache {
+    pub fn with_bounds(max_entries: usize, max_bytes: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            bytes: 0,
+            max_entries: max_entries.max(1),
+            max_bytes,
+            uses: 0,
+            evicted: 0,
+        }
+    }
+
+    /// The object of `file`, loaded by `load` when it is not cached (a failure is cached as well).
+    pub fn get_or_load(
+        &mut self,
+        file: FileId,
+        load: impl FnOnce() -> Option<Arc<Module>>,
+    ) -> Option<Arc<Module>> {
+        self.uses += 1;
+        if let Some(entry) = self.entries.get_mut(&file) {
+            entry.last_used = self.uses;
+            return entry.module.clone();
+        }
+        let module = load();
+        self.insert(file, module.clone());
+        module
+    }
+
+    /// Caches an object loaded before any process mapped it; one already cached stays.
+    pub fn insert_loaded(&mut self, file: FileId, module: Arc<Module>) {
+        self.uses += 1;
+        if !self.entries.contains_key(&file) {
+            self.insert(file, Some(module));
+        }
+    }
+
+    fn insert(&mut self, file: FileId, module: Option<Arc<Module>>) {
+        let entry = Entry {
+            module,
+            last_used: self.uses,
+        };
+        self.bytes += entry.bytes();
+        self.entries.insert(file, entry);
+        // The newest entry always stays: each object is bounded on its own, below the cache's bound.
+        while self.entries.len() > 1
+            && (self.entries.len() > self.max_entries || self.bytes > self.max_bytes)
+        {
+            let oldest = self
+                .entries
+                .iter()
+                .filter(|(id, _)| **id != file)
+                .min_by_key(|(_, entry)| entry.last_used)
+                .map(|(&id, _)| id);
+            let Some(oldest) = oldest else { break };
+            if let Some(entry) = self.entries.remove(&oldest) {
+                self.bytes -= entry.bytes();
+                self.evicted += 1;
+            }
+        }
+    }
+
+    /// Objects (and failures) evicted to stay within the bounds.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Bytes the cached objects take, by [`Module::heap_bytes`].
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(inode: u64) -> FileId {
+        FileId {
+            dev_major: 8,
+            dev_minor: 1,
+            inode,
+        }
+    }
+
+    /// The test binary: a real ELF object with a symbol table, of some megabytes of symbols.
+    fn module() -> Arc<Module> {
+        let exe = std::env::current_exe().unwrap();
+        Arc::new(Module::load(&exe, "test").unwrap())
+    }
+
+    #[test]
+    fn evicts_the_object_used_longest_ago_past_its_entries() {
+        let mut cache = ModuleCache::with_bounds(3, usize::MAX);
+        let loaded = module();
+        for inode in 1..=3 {
+            cache.get_or_load(file(inode), || Some(Arc::clone(&loaded)));
+        }
+        // 1 is used again: 2 is now the one used longest ago.
+        assert!(cache.get_or_load(file(1), || panic!("cached")).is_some());
+        cache.get_or_load(file(4), || None);
+        assert_eq!((cache.len(), cache.evicted()), (3, 1));
+        let mut reloaded = false;
+        cache.get_or_load(file(2), || {
+            reloaded = true;
+            Some(Arc::clone(&loaded))
+        });
+        assert!(reloaded, "an evicted object is read again");
+        // Reading 2 again evicted 3, the one used longest ago then.
+        assert_eq!(cache.evicted(), 2);
+        assert!(cache.get_or_load(file(1), || panic!("kept")).is_some());
+        assert!(cache.get_or_load(file(4), || panic!("kept")).is_none());
+    }
+
+    #[test]
+    fn stays_within_its_bytes_and_counts_what_it_evicts() {
+        let loaded = module();
+        let one = loaded.heap_bytes();
+        assert!(one > 100_000, "the test binary has symbols: {one} bytes");
+        let mut cache = ModuleCache::with_bounds(MAX_CACHED_MODULES, 2 * one + FAILURE_BYTES);
+        for inode in 0..10 {
+            cache.get_or_load(file(inode), || Some(Arc::clone(&loaded)));
+            assert!(cache.bytes() <= 2 * one + FAILURE_BYTES);
+        }
+        assert_eq!((cache.len(), cache.evicted()), (2, 8));
+        // A failure is charged little: one fits in what is left; a second does not, and the object used
+        // longest ago goes.
+        cache.get_or_load(file(100), || None);
+        assert_eq!((cache.len(), cache.evicted()), (3, 8));
+        cache.get_or_load(file(101), || None);
+        assert_eq!((cache.len(), cache.evicted()), (3, 9));
+        assert!(cache.get_or_load(file(9), || panic!("kept")).is_some());
+        // An object larger than the whole bound is still kept, alone, as the newest.
+        let mut tiny = ModuleCache::with_bounds(MAX_CACHED_MODULES, 1);
+        tiny.get_or_load(file(1), || Some(Arc::clone(&loaded)));
+        tiny.get_or_load(file(2), || Some(Arc::clone(&loaded)));
+        assert_eq!((tiny.len(), tiny.evicted()), (1, 1));
+        assert!(tiny.get_or_load(file(2), || panic!("kept")).is_some());
+    }
+
+    #[test]
+    fn an_object_loaded_before_it_is_mapped_is_cached_once() {
+        let mut cache = ModuleCache::with_bounds(2, usize::MAX);
+        let loaded = module();
+        cache.insert_loaded(file(1), Arc::clone(&loaded));
+        cache.insert_loaded(file(1), Arc::clone(&loaded));
+        assert_eq!((cache.len(), cache.bytes()), (1, loaded.heap_bytes()));
+        assert!(cache.get_or_load(file(1), || panic!("cached")).is_some());
+    }
+}
