@@ -781,6 +781,12 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         ..State::default()
     };
     targets.probes.hold_new_processes(true)?;
+    // The trace's window opens before the first block can be recorded, so that no age exceeds the trace's
+    // duration: before the first probe goes on a running process, or else as the command is released.
+    let now = || (Instant::now(), system::monotonic_ns());
+    let attaches_running =
+        !args.pids.is_empty() || !targets.comms.is_empty() || !targets.selector.is_empty();
+    let mut window_start = attaches_running.then(now);
 
     for comm in &args.comms {
         targets.probes.add_comm(comm)?;
@@ -846,6 +852,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         });
         targets.order.push(pid);
         targets.spawned_exec = Some(pid);
+        window_start.get_or_insert_with(now);
         child_events = Some(child.release());
         child_pid = Some(pid);
         // Opened while it is certainly alive and ours: its pid may be reused once it is reaped.
@@ -874,8 +881,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     };
     let mut reader = RingReader::start(targets.probes.take_ring_buffer()?, first_look)
         .context("cannot start the ring buffer's reader")?;
-    let started = Instant::now();
-    let start_ns = system::monotonic_ns();
+    let (started, start_ns) = window_start.unwrap_or_else(now);
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut pending_timer = tokio::time::interval(PENDING_INTERVAL);
     let mut growth_timer = tokio::time::interval(GROWTH_INTERVAL);
