@@ -5,7 +5,10 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use crate::{output::Format, report::GroupBy};
+use crate::{
+    output::{ColorWhen, Format},
+    report::GroupBy,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -97,6 +100,17 @@ pub struct OutputArgs {
     /// Write the report to FILE instead of standard output (created, or emptied, when alloctrace starts).
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
+
+    /// Colour the text report: auto (on a terminal, unless NO_COLOR is set), always, or never.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ColorWhen::Auto)]
+    pub color: ColorWhen,
+}
+
+impl OutputArgs {
+    /// Whether the text is coloured.
+    pub fn color(&self) -> bool {
+        self.color.enabled(self.output.is_none())
+    }
 }
 
 #[derive(Debug, Args)]
