@@ -4,13 +4,13 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
 use alloctrace_tests::{
-    SITES_EXPECTED, alloctrace, pyenv_prefix, require_root, workload, workspace,
+    SITES_EXPECTED, alloctrace, docker, pyenv_prefix, require_root, workload, workspace,
 };
 use serde_json::Value;
 
@@ -248,14 +248,14 @@ fn pysites() -> PathBuf {
     workspace().join("tests/workloads/pysites.py")
 }
 
-#[test]
-fn formats_python_functions_files_and_lines_reach_go_pprof() {
+/// Runs `pysites.py` on pyenv's 3.11 under `alloctrace leaks --top 0 --format FORMAT -o FILE`, and stops the
+/// trace (as Ctrl-C does) once the workload holds everything: it is still alive when the report is written.
+fn trace_pysites(format: &str, file: &Path) {
     require_root();
     let python = pyenv_prefix("3.11").join("bin/python3.11");
-    let profile = temp("pysites.pb.gz");
     let mut tracer = Command::new(alloctrace())
-        .args(["leaks", "--format", "pprof", "--top", "0", "-o"])
-        .arg(&profile)
+        .args(["leaks", "--format", format, "--top", "0", "-o"])
+        .arg(file)
         .arg("--")
         .arg(&python)
         .arg(pysites())
@@ -273,10 +273,28 @@ fn formats_python_functions_files_and_lines_reach_go_pprof() {
     // SAFETY: signalling the child we spawned and have not reaped.
     unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };
     let status = tracer.wait().unwrap();
+    // The workload's forked child shares these pipes and waits for its input to close.
     drop(input);
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut errors, &mut stderr).unwrap();
     assert!(status.success(), "alloctrace failed: {stderr}");
+}
+
+/// The workload's line that carries `# site: NAME`, as a traceback shows it (stripped).
+fn python_source(name: &str) -> String {
+    let source = std::fs::read_to_string(pysites()).unwrap();
+    source
+        .lines()
+        .nth(python_marker(name) - 1)
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn formats_python_functions_files_and_lines_reach_go_pprof() {
+    let profile = temp("pysites.pb.gz");
+    trace_pysites("pprof", &profile);
     let raw = go_pprof(&["-raw"], &profile);
     let traces = go_pprof(&["-traces", "-sample_index=inuse_space"], &profile);
     std::fs::remove_file(&profile).unwrap();
@@ -415,4 +433,224 @@ fn formats_html_page_loads_in_chromium_without_console_errors() {
     assert_eq!(console, Vec::<String>::new(), "console messages");
     let png = std::fs::read(&screenshot).unwrap();
     assert_eq!(&png[1..4], b"PNG", "{}", screenshot.display());
+}
+
+#[test]
+fn formats_text_tracebacks_show_each_python_frames_source_line() {
+    let report = temp("pysites.txt");
+    trace_pysites("text", &report);
+    let text = std::fs::read_to_string(&report).unwrap();
+    std::fs::remove_file(&report).unwrap();
+    let file = pysites();
+    for (function, marker) in [("cache_results", "cache"), ("thread_worker", "thread")] {
+        let frame = format!(
+            "      File \"{}\", line {}, in {function}\n        {}\n",
+            file.display(),
+            python_marker(marker),
+            python_source(marker)
+        );
+        assert!(text.contains(&frame), "no {frame:?} in {text}");
+    }
+    // Written to a file: no colour unless asked for.
+    assert!(!text.contains('\u{1b}'), "{text}");
+}
+
+#[test]
+fn formats_text_tracebacks_read_a_containers_source_through_its_root() {
+    require_root();
+    docker::require_docker();
+    let prefix = pyenv_prefix("3.12");
+    let image = docker::python_image(&prefix, "3.12");
+    // The workload is at /w inside the container only: its lines can come from nowhere but the container.
+    assert!(
+        !Path::new("/w/pysites.py").exists(),
+        "/w/pysites.py exists on the host"
+    );
+    let name = format!("alloctrace-formats-{}", std::process::id());
+    let mut container = Command::new("docker")
+        .args([
+            "run",
+            "-i",
+            "--rm",
+            "--network",
+            "none",
+            "--name",
+            &name,
+            "-v",
+        ])
+        .arg(format!("{}:/w:ro", pysites().parent().unwrap().display()))
+        .arg(&image)
+        .arg(prefix.join("bin/python3.12"))
+        .args(["/w/pysites.py", "--wait"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(container.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "waiting\n");
+    let pid = docker::container_pid(&name);
+    let report = temp("container.txt");
+    let mut tracer = Command::new(alloctrace())
+        .args(["leaks", "--top", "0", "--color", "always", "-p"])
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(&report)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut notice = String::new();
+    BufReader::new(tracer.stderr.as_mut().unwrap())
+        .read_line(&mut notice)
+        .unwrap();
+    assert!(
+        notice.starts_with(&format!("alloctrace: tracing pid {pid}")),
+        "{notice}"
+    );
+    writeln!(container.stdin.as_mut().unwrap(), "go").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    // SAFETY: signalling the child we spawned and have not reaped.
+    unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };
+    assert!(tracer.wait().unwrap().success());
+    drop(container.stdin.take());
+    container.wait().unwrap();
+    let text = std::fs::read_to_string(&report).unwrap();
+    std::fs::remove_file(&report).unwrap();
+    // --color always: the frame's file, line and function in magenta, its source plain under it.
+    let frame = format!(
+        "      File \"\u{1b}[35m/w/pysites.py\u{1b}[0m\", line \u{1b}[35m{}\u{1b}[0m, in \u{1b}[35mcache_results\u{1b}[0m\n        {}\n",
+        python_marker("cache"),
+        python_source("cache")
+    );
+    assert!(text.contains(&frame), "no {frame:?} in {text}");
+}
+
+#[test]
+fn formats_oom_writes_a_flame_graph_per_kill_into_a_directory() {
+    require_root();
+    docker::require_docker();
+    // Without a directory it refuses, before anything is attached.
+    let refused = Command::new(alloctrace())
+        .args(["oom", "--format", "flamegraph"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("writes a file per OOM kill: name their directory with -o DIR"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let prefix = pyenv_prefix("3.12");
+    let image = docker::python_image(&prefix, "3.12");
+    let name = format!("alloctrace-oom-svg-{}", std::process::id());
+    let dir = temp("oom-graphs");
+    let mut tracer = Command::new(alloctrace())
+        .args([
+            "oom",
+            "--comm",
+            "python3.12",
+            "--format",
+            "flamegraph",
+            "-o",
+        ])
+        .arg(&dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (notices, tracer_says) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(tracer.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = notices.send(line);
+        }
+    });
+    let wait_for = |what: &dyn Fn(&str) -> bool| loop {
+        let line = tracer_says
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the tracer went silent");
+        if what(&line) {
+            return line;
+        }
+    };
+    wait_for(&|line| line.contains("tracing processes named python3.12"));
+    // It waits for a line, then allocates 1 MiB a step into its 64 MiB limit.
+    let workload = "import sys\nsys.stdin.readline()\nheld = []\nwhile True:\n    held.append(bytes(1 << 20))  # grows\n";
+    let mut container = Command::new("docker")
+        .args([
+            "run",
+            "-i",
+            "--rm",
+            "--network",
+            "none",
+            "--memory=64m",
+            "--memory-swap=64m",
+            "--name",
+            &name,
+        ])
+        .arg(&image)
+        .arg(prefix.join("bin/python3.12"))
+        .args(["-c", workload])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let pid = loop {
+        let out = Command::new("docker")
+            .args(["inspect", "--format", "{{.State.Pid}}", &name])
+            .output()
+            .unwrap();
+        let pid: u32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if pid != 0 {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "container {name} never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    wait_for(&|line| line.contains(&format!("tracing pid {pid} ")));
+    writeln!(container.stdin.as_mut().unwrap()).unwrap();
+    assert_eq!(
+        container.wait().unwrap().code(),
+        Some(137),
+        "the container should be OOM-killed"
+    );
+    let wrote = wait_for(&|line| {
+        line.starts_with("alloctrace: wrote ") && line.contains(&format!("-pid{pid}.svg"))
+    });
+    // SAFETY: signalling the child we spawned and have not reaped.
+    unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };
+    assert!(tracer.wait().unwrap().success());
+    let path = PathBuf::from(wrote.strip_prefix("alloctrace: wrote ").unwrap());
+    assert_eq!(path.parent(), Some(dir.as_path()), "{wrote}");
+    let svg = std::fs::read_to_string(&path).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..roxmltree::ParsingOptions::default()
+    };
+    let document = roxmltree::Document::parse_with_options(&svg, options)
+        .unwrap_or_else(|e| panic!("not XML: {e}: {svg}"));
+    let heading = document
+        .descendants()
+        .find(|n| n.attribute("id") == Some("title"))
+        .and_then(|n| n.text())
+        .unwrap();
+    assert!(
+        heading.starts_with(&format!("OOM kill of pid {pid} python3.12 at ")),
+        "{heading}"
+    );
+    // The list of 1 MiB buffers, named by its line of `-c` code.
+    assert!(
+        svg.contains("<title>&lt;module&gt; (&lt;string&gt;:5) ("),
+        "{svg}"
+    );
 }
