@@ -530,4 +530,37 @@ mod tests {
         assert_eq!(args.target.command, ["python3", "-c", "x"]);
         assert_eq!((args.min_size, args.output.format), (4 << 20, Format::Json));
     }
+
+    #[test]
+    fn formats_and_colour_are_chosen_by_name() {
+        for (name, format) in [
+            ("folded", Format::Folded),
+            ("flamegraph", Format::Flamegraph),
+            ("pprof", Format::Pprof),
+            ("html", Format::Html),
+        ] {
+            let Command::Leaks(args) =
+                Cli::try_parse_from(["alloctrace", "leaks", "-p", "1", "--format", name])
+                    .unwrap()
+                    .command
+            else {
+                panic!("leaks");
+            };
+            assert_eq!(args.output.format, format);
+            assert_eq!(format.name(), name);
+            assert!(format.is_profile());
+        }
+        let Command::Oom(args) = Cli::try_parse_from(["alloctrace", "oom", "--color", "always"])
+            .unwrap()
+            .command
+        else {
+            panic!("oom");
+        };
+        assert_eq!(args.output.color, ColorWhen::Always);
+        assert!(args.output.color());
+        assert!(!ColorWhen::Never.enabled(true));
+        // Auto colours a terminal only: a file never.
+        assert!(!ColorWhen::Auto.enabled(false));
+        assert!(Cli::try_parse_from(["alloctrace", "leaks", "--color", "sometimes"]).is_err());
+    }
 }
