@@ -106,6 +106,29 @@ pub struct OutputArgs {
     pub color: ColorWhen,
 }
 
+/// `--top`, or its default: `text_default` for text and JSON, everything for a profile format.
+fn top_or_default(top: Option<usize>, output: &OutputArgs, text_default: usize) -> usize {
+    top.unwrap_or(if output.format.is_profile() {
+        usize::MAX
+    } else {
+        text_default
+    })
+}
+
+impl LeaksArgs {
+    /// How many sites the report lists.
+    pub fn top(&self) -> usize {
+        top_or_default(self.top, &self.output, 10)
+    }
+}
+
+impl LargeArgs {
+    /// How many objects the report lists.
+    pub fn top(&self) -> usize {
+        top_or_default(self.top, &self.output, 20)
+    }
+}
+
 impl OutputArgs {
     /// Whether the text is coloured.
     pub fn color(&self) -> bool {
@@ -126,9 +149,10 @@ pub struct LeaksArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1MiB")]
     pub min_size: u64,
 
-    /// How many sites to show (0: all).
-    #[arg(long, value_name = "N", value_parser = parse_top, default_value = "10")]
-    pub top: usize,
+    /// How many sites to show (0: all). By default 10, and all for the profile formats (folded,
+    /// flamegraph, pprof, html), whose totals and shapes would otherwise be those of the 10 biggest only.
+    #[arg(long, value_name = "N", value_parser = parse_top)]
+    pub top: Option<usize>,
 
     /// Also sum the sites up by process or container.
     #[arg(long, value_enum, default_value_t = GroupBy::Stack)]
@@ -151,9 +175,9 @@ pub struct LargeArgs {
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "0s")]
     pub min_age: Duration,
 
-    /// How many objects to show (0: all).
-    #[arg(long, value_name = "N", value_parser = parse_top, default_value = "20")]
-    pub top: usize,
+    /// How many objects to show (0: all). By default 20, and all for the profile formats.
+    #[arg(long, value_name = "N", value_parser = parse_top)]
+    pub top: Option<usize>,
 
     /// Also sum the objects up by process or container.
     #[arg(long, value_enum, default_value_t = GroupBy::Stack)]
@@ -414,14 +438,46 @@ mod tests {
         else {
             panic!("leaks");
         };
-        assert_eq!(args.top, usize::MAX);
+        assert_eq!(args.top(), usize::MAX);
         let Command::Large(args) = Cli::try_parse_from(["alloctrace", "large", "-p", "1"])
             .unwrap()
             .command
         else {
             panic!("large");
         };
-        assert_eq!(args.top, 20);
+        assert_eq!(args.top(), 20);
+        // A profile format draws every site unless told otherwise.
+        let Command::Leaks(args) =
+            Cli::try_parse_from(["alloctrace", "leaks", "-p", "1", "--format", "flamegraph"])
+                .unwrap()
+                .command
+        else {
+            panic!("leaks");
+        };
+        assert_eq!(args.top(), usize::MAX);
+        let Command::Leaks(args) = Cli::try_parse_from([
+            "alloctrace",
+            "leaks",
+            "-p",
+            "1",
+            "--format",
+            "pprof",
+            "--top",
+            "3",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("leaks");
+        };
+        assert_eq!(args.top(), 3);
+        let Command::Leaks(args) = Cli::try_parse_from(["alloctrace", "leaks", "-p", "1"])
+            .unwrap()
+            .command
+        else {
+            panic!("leaks");
+        };
+        assert_eq!(args.top(), 10);
     }
 
     #[test]

@@ -31,7 +31,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let options = LeaksOptions {
                 min_age_ns: args.min_age.as_nanos() as u64,
                 min_size: args.min_size,
-                top: args.top,
+                top: args.top(),
                 group_by: args.group_by,
             };
             traced(&args.target, &args.output, |trace| {
@@ -43,7 +43,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let options = LargeOptions {
                 min_size: args.min_size,
                 min_age_ns: args.min_age.as_nanos() as u64,
-                top: args.top,
+                top: args.top(),
                 group_by: args.group_by,
             };
             traced(&args.target, &args.output, |trace| {
