@@ -5,7 +5,10 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use crate::{output::Format, report::GroupBy};
+use crate::{
+    output::{ColorWhen, Format},
+    report::GroupBy,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -97,6 +100,40 @@ pub struct OutputArgs {
     /// Write the report to FILE instead of standard output (created, or emptied, when alloctrace starts).
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
+
+    /// Colour the text report: auto (on a terminal, unless NO_COLOR is set), always, or never.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ColorWhen::Auto)]
+    pub color: ColorWhen,
+}
+
+/// `--top`, or its default: `text_default` for text and JSON, everything for a profile format.
+fn top_or_default(top: Option<usize>, output: &OutputArgs, text_default: usize) -> usize {
+    top.unwrap_or(if output.format.is_profile() {
+        usize::MAX
+    } else {
+        text_default
+    })
+}
+
+impl LeaksArgs {
+    /// How many sites the report lists.
+    pub fn top(&self) -> usize {
+        top_or_default(self.top, &self.output, 10)
+    }
+}
+
+impl LargeArgs {
+    /// How many objects the report lists.
+    pub fn top(&self) -> usize {
+        top_or_default(self.top, &self.output, 20)
+    }
+}
+
+impl OutputArgs {
+    /// Whether the text is coloured.
+    pub fn color(&self) -> bool {
+        self.color.enabled(self.output.is_none())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -112,9 +149,10 @@ pub struct LeaksArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1MiB")]
     pub min_size: u64,
 
-    /// How many sites to show (0: all).
-    #[arg(long, value_name = "N", value_parser = parse_top, default_value = "10")]
-    pub top: usize,
+    /// How many sites to show (0: all). By default 10, and all for the profile formats (folded,
+    /// flamegraph, pprof, html), whose totals and shapes would otherwise be those of the 10 biggest only.
+    #[arg(long, value_name = "N", value_parser = parse_top)]
+    pub top: Option<usize>,
 
     /// Also sum the sites up by process or container.
     #[arg(long, value_enum, default_value_t = GroupBy::Stack)]
@@ -137,9 +175,9 @@ pub struct LargeArgs {
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "0s")]
     pub min_age: Duration,
 
-    /// How many objects to show (0: all).
-    #[arg(long, value_name = "N", value_parser = parse_top, default_value = "20")]
-    pub top: usize,
+    /// How many objects to show (0: all). By default 20, and all for the profile formats.
+    #[arg(long, value_name = "N", value_parser = parse_top)]
+    pub top: Option<usize>,
 
     /// Also sum the objects up by process or container.
     #[arg(long, value_enum, default_value_t = GroupBy::Stack)]
@@ -400,14 +438,46 @@ mod tests {
         else {
             panic!("leaks");
         };
-        assert_eq!(args.top, usize::MAX);
+        assert_eq!(args.top(), usize::MAX);
         let Command::Large(args) = Cli::try_parse_from(["alloctrace", "large", "-p", "1"])
             .unwrap()
             .command
         else {
             panic!("large");
         };
-        assert_eq!(args.top, 20);
+        assert_eq!(args.top(), 20);
+        // A profile format draws every site unless told otherwise.
+        let Command::Leaks(args) =
+            Cli::try_parse_from(["alloctrace", "leaks", "-p", "1", "--format", "flamegraph"])
+                .unwrap()
+                .command
+        else {
+            panic!("leaks");
+        };
+        assert_eq!(args.top(), usize::MAX);
+        let Command::Leaks(args) = Cli::try_parse_from([
+            "alloctrace",
+            "leaks",
+            "-p",
+            "1",
+            "--format",
+            "pprof",
+            "--top",
+            "3",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("leaks");
+        };
+        assert_eq!(args.top(), 3);
+        let Command::Leaks(args) = Cli::try_parse_from(["alloctrace", "leaks", "-p", "1"])
+            .unwrap()
+            .command
+        else {
+            panic!("leaks");
+        };
+        assert_eq!(args.top(), 10);
     }
 
     #[test]
@@ -515,5 +585,38 @@ mod tests {
         };
         assert_eq!(args.target.command, ["python3", "-c", "x"]);
         assert_eq!((args.min_size, args.output.format), (4 << 20, Format::Json));
+    }
+
+    #[test]
+    fn formats_and_colour_are_chosen_by_name() {
+        for (name, format) in [
+            ("folded", Format::Folded),
+            ("flamegraph", Format::Flamegraph),
+            ("pprof", Format::Pprof),
+            ("html", Format::Html),
+        ] {
+            let Command::Leaks(args) =
+                Cli::try_parse_from(["alloctrace", "leaks", "-p", "1", "--format", name])
+                    .unwrap()
+                    .command
+            else {
+                panic!("leaks");
+            };
+            assert_eq!(args.output.format, format);
+            assert_eq!(format.name(), name);
+            assert!(format.is_profile());
+        }
+        let Command::Oom(args) = Cli::try_parse_from(["alloctrace", "oom", "--color", "always"])
+            .unwrap()
+            .command
+        else {
+            panic!("oom");
+        };
+        assert_eq!(args.output.color, ColorWhen::Always);
+        assert!(args.output.color());
+        assert!(!ColorWhen::Never.enabled(true));
+        // Auto colours a terminal only: a file never.
+        assert!(!ColorWhen::Auto.enabled(false));
+        assert!(Cli::try_parse_from(["alloctrace", "leaks", "--color", "sometimes"]).is_err());
     }
 }

@@ -31,7 +31,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let options = LeaksOptions {
                 min_age_ns: args.min_age.as_nanos() as u64,
                 min_size: args.min_size,
-                top: args.top,
+                top: args.top(),
                 group_by: args.group_by,
             };
             traced(&args.target, &args.output, |trace| {
@@ -43,7 +43,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let options = LargeOptions {
                 min_size: args.min_size,
                 min_age_ns: args.min_age.as_nanos() as u64,
-                top: args.top,
+                top: args.top(),
                 group_by: args.group_by,
             };
             traced(&args.target, &args.output, |trace| {
@@ -52,16 +52,43 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .await
         }
         Command::Oom(args) => {
-            let mut out = output::open(args.output.output.as_deref())?;
+            let format = args.output.format;
+            let color = args.output.color();
+            // A profile format draws one document per kill: each goes to its own file in a directory.
+            let dir = match (format.is_profile(), args.output.output.as_deref()) {
+                (false, _) => None,
+                (true, Some(dir)) => {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    Some(dir.to_path_buf())
+                }
+                (true, None) => bail!(
+                    "oom --format {} writes a file per OOM kill: name their directory with -o DIR",
+                    format.name()
+                ),
+            };
+            let mut out = match dir {
+                Some(_) => None,
+                None => Some(output::open(args.output.output.as_deref(), format)?),
+            };
             if args.target.is_empty() {
                 eprintln!(
                     "alloctrace: watching for OOM kills on this host; Ctrl-C or SIGTERM stops"
                 );
             }
-            let format = args.output.format;
             let mut sink = |record: &OomRecord| -> anyhow::Result<()> {
-                output::write_oom(record, format, &mut out)?;
-                Ok(out.flush()?)
+                if let Some(out) = out.as_mut() {
+                    output::write_oom(record, format, color, out)?;
+                    return Ok(out.flush()?);
+                }
+                let dir = dir.as_deref().expect("a directory when there is no output");
+                let path = output::oom_path(dir, record, format);
+                let mut file = output::open(Some(&path), format)?;
+                output::write_oom(record, format, false, &mut file)?;
+                file.flush()
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!("alloctrace: wrote {}", Escaped(&path.display().to_string()));
+                Ok(())
             };
             let trace = trace::run(&args.target, Some(&mut sink)).await?;
             trace.stop_unfinished_command();
@@ -78,9 +105,10 @@ async fn traced(
     output: &OutputArgs,
     build: impl FnOnce(&Trace) -> Report,
 ) -> anyhow::Result<()> {
-    let mut out = output::open(output.output.as_deref())?;
+    let mut out = output::open(output.output.as_deref(), output.format)?;
     let trace = trace::run(target, None).await?;
-    let written = output::write(&build(&trace), output.format, &mut out).and_then(|()| out.flush());
+    let written = output::write(&build(&trace), output.format, output.color(), &mut out)
+        .and_then(|()| out.flush());
     trace.stop_unfinished_command();
     trace.finish();
     Ok(written?)

@@ -32,6 +32,7 @@ use crate::{
     python::runtime::{self, Reader},
     report::{
         AllocatorReport, CacheEvictions, Exit, Losses, ProcessReport,
+        history::History,
         oom::{self, Cgroups, OomInput, OomRecord},
     },
     ring::{Delivery, RingReader},
@@ -40,9 +41,12 @@ use crate::{
     system,
 };
 
-/// How often each process's live memory is sampled, and how many samples are kept: five minutes of growth
-/// before an OOM kill.
-const GROWTH_INTERVAL: Duration = Duration::from_secs(5);
+/// How often each process's live memory is sampled for the trace's history (the charts of reports): often
+/// enough to draw a trace of seconds.
+const HISTORY_INTERVAL: Duration = Duration::from_millis(250);
+/// One history sample in this many is also an OOM record's growth sample, and how many of those are kept: five
+/// minutes of growth, every 5 s, before an OOM kill.
+const GROWTH_EVERY: u64 = 20;
 const GROWTH_SAMPLES: usize = 60;
 
 /// What a finished trace gathered: the input of every report.
@@ -65,6 +69,8 @@ pub struct Trace {
     pub unreadable_python_frames: u64,
     /// What the bounded caches of modules and code objects evicted.
     pub cache_evictions: CacheEvictions,
+    /// Each process's live bytes, sampled through the trace and at its end.
+    pub history: History,
     /// The command alloctrace started (a pidfd), when it was still running as the trace ended.
     unfinished_command: Option<OwnedFd>,
     /// The probes stay attached until the trace is dropped, after its report: taking them down waits for the
@@ -149,8 +155,10 @@ struct State {
     stackless: u64,
     /// OOM kills read and not yet reported.
     ooms: Vec<OomEvent>,
-    /// Each process's live bytes, sampled every [`GROWTH_INTERVAL`] over the last [`GROWTH_SAMPLES`].
+    /// Each process's live bytes, sampled every [`GROWTH_EVERY`] history samples over the last
+    /// [`GROWTH_SAMPLES`].
     growth: HashMap<u32, VecDeque<(u64, u64)>>,
+    history: History,
     /// Shared with the ring buffer's reader, which reads an OOM victim's cgroup as soon as the kill is seen.
     cgroups: Arc<Mutex<Cgroups>>,
     undecodable: u64,
@@ -884,7 +892,8 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     let (started, start_ns) = window_start.unwrap_or_else(now);
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut pending_timer = tokio::time::interval(PENDING_INTERVAL);
-    let mut growth_timer = tokio::time::interval(GROWTH_INTERVAL);
+    let mut history_timer = tokio::time::interval(HISTORY_INTERVAL);
+    let mut history_ticks = 0u64;
     // With --comm, processes may still come, and without targets alloctrace only watches: only the duration
     // or Ctrl-C end the trace then.
     let waits_for_more =
@@ -902,10 +911,16 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
                 Some(Delivery::Flushed) => {}
                 None => bail!("the ring buffer's reader stopped"),
             },
-            _ = growth_timer.tick() => {
+            _ = history_timer.tick() => {
                 let now = system::monotonic_ns();
                 let heap = targets.probes.site_counters()?;
+                let growth_tick = history_ticks.is_multiple_of(GROWTH_EVERY);
+                history_ticks += 1;
                 for (pid, bytes) in state.ledger.live_bytes_by_pid(&heap) {
+                    state.history.record(now, pid, bytes);
+                    if !growth_tick {
+                        continue;
+                    }
                     let samples = state.growth.entry(pid).or_default();
                     if samples.len() == GROWTH_SAMPLES {
                         samples.pop_front();
@@ -968,6 +983,10 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         (start_ns, end_ns),
         &mut oom_sink,
     )?;
+    let heap = targets.probes.site_counters()?;
+    for (pid, bytes) in state.ledger.live_bytes_by_pid(&heap) {
+        state.history.record_last(end_ns, pid, bytes);
+    }
     state.take_heap(&targets.probes, &sampling)?;
 
     let kernel = targets.probes.losses()?;
@@ -1035,6 +1054,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         unseen_frees: tallies[Tally::UnseenFree as usize],
         unreadable_python_frames,
         cache_evictions,
+        history: state.history,
         _probes: targets.probes,
     })
 }

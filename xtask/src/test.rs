@@ -13,13 +13,16 @@ use crate::{as_root, build, check, packages, root};
 
 /// What the integration tests run besides glibc: other allocators, preloaded or built in, setpriv for the
 /// not-root test, and a Docker engine for containers.
-const TEST_PACKAGES: [&str; 6] = [
+const TEST_PACKAGES: [&str; 8] = [
     "libjemalloc2",
     "libtcmalloc-minimal4",
     "libmimalloc2.0",
     "musl-tools",
     "util-linux",
     "docker.io",
+    // `go tool pprof` reads the pprof output; headless Chromium loads the HTML page.
+    "golang-go",
+    "chromium",
 ];
 
 /// How long dockerd may take to answer once started.

@@ -37,6 +37,28 @@ pub fn escaped(text: &str) -> String {
     Escaped(text).to_string()
 }
 
+/// `text` for XML and HTML, as text or inside a quoted attribute: escaped as [`Escaped`] does (so no control
+/// character, which XML refuses, is left), then `&`, `<`, `>`, `"` and `'` as entities, and the two
+/// non-characters XML refuses (U+FFFE, U+FFFF) as escapes.
+pub fn xml(text: &str) -> String {
+    let escaped = escaped(text);
+    let mut out = String::with_capacity(escaped.len());
+    for c in escaped.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            '\u{fffe}' | '\u{ffff}' => {
+                let _ = write!(out, "\\u{{{:04x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn needs_escape(c: char) -> bool {
     c == '\\' || c.is_control() || hides_text(c)
 }
@@ -77,6 +99,15 @@ pub fn json_for_terminal(json: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xml_text_is_escaped_for_markup_and_terminals() {
+        assert_eq!(
+            xml("a<b>&\"c\"'d'\n\u{1b}\u{ffff}\\"),
+            "a&lt;b&gt;&amp;&quot;c&quot;&#39;d&#39;\\n\\x1b\\u{ffff}\\\\"
+        );
+        assert_eq!(xml("plain é"), "plain é");
+    }
 
     /// Whether `text` holds a byte a terminal acts on: any control but the newline.
     fn has_control(text: &str) -> bool {

@@ -4,7 +4,10 @@
 
 use std::io::{self, Write};
 
-use super::escape::Escaped;
+use super::{
+    escape::Escaped,
+    source::{Root, Sources},
+};
 use crate::{
     procs::Frame,
     report::{
@@ -12,6 +15,7 @@ use crate::{
         large::LargeReport,
         leaks::{LeaksReport, SiteReport},
         oom::OomRecord,
+        verdict::Verdict,
     },
 };
 
@@ -86,8 +90,49 @@ fn frame(f: &Frame) -> String {
     }
 }
 
-/// A stack, innermost first; its Python frames, if any, as a traceback (outermost first, like Python's own).
-fn stack(out: &mut dyn Write, frames: &[Frame]) -> io::Result<()> {
+/// How text is drawn: with colour or not, and the source lines of Python frames, read as they are needed.
+pub struct Painter {
+    color: bool,
+    sources: Sources,
+}
+
+/// SGR codes of what is coloured: Python's own traceback colours (3.13) for file, line and function.
+const MAGENTA: &str = "35";
+const BOLD: &str = "1";
+const DIM: &str = "2";
+
+impl Painter {
+    pub fn new(color: bool) -> Self {
+        Self {
+            color,
+            sources: Sources::default(),
+        }
+    }
+
+    /// `text` in the colour `sgr`, when colour is on. `text` is already escaped: the only control characters
+    /// in the output are these.
+    fn paint(&self, sgr: &str, text: impl std::fmt::Display) -> String {
+        if self.color {
+            format!("\x1b[{sgr}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+
+    fn verdict(&self, verdict: Verdict) -> String {
+        let sgr = match verdict {
+            Verdict::Leak => "1;31",
+            Verdict::Lingering => "33",
+            Verdict::Churn => "36",
+            Verdict::Steady => "32",
+        };
+        self.paint(sgr, verdict.name())
+    }
+}
+
+/// A stack, innermost first; its Python frames, if any, as a traceback (outermost first, like Python's own),
+/// each with its source line under it when `root`'s process can show the file.
+fn stack(out: &mut dyn Write, frames: &[Frame], p: &mut Painter, root: Root) -> io::Result<()> {
     if frames.is_empty() {
         writeln!(out, "    (stack lost)")?;
     }
@@ -95,12 +140,12 @@ fn stack(out: &mut dyn Write, frames: &[Frame]) -> io::Result<()> {
     let last_python = frames.iter().rposition(Frame::is_python);
     let (Some(first), Some(last)) = (first_python, last_python) else {
         for f in frames {
-            writeln!(out, "    {}", frame(f))?;
+            writeln!(out, "    {}", p.paint(DIM, frame(f)))?;
         }
         return Ok(());
     };
     for f in &frames[..first] {
-        writeln!(out, "    {}", frame(f))?;
+        writeln!(out, "    {}", p.paint(DIM, frame(f)))?;
     }
     writeln!(out, "    Traceback (most recent call last):")?;
     for f in frames[first..=last].iter().rev() {
@@ -111,30 +156,45 @@ fn stack(out: &mut dyn Write, frames: &[Frame]) -> io::Result<()> {
                 Escaped(f.function.as_deref().unwrap_or("?"))
             )?;
         } else if f.is_python() {
+            let file = f.file.as_deref().unwrap_or("?");
             let line = f.line.map_or_else(|| "?".to_owned(), |l| l.to_string());
             writeln!(
                 out,
-                "      File \"{}\", line {line}, in {}",
-                Escaped(f.file.as_deref().unwrap_or("?")),
-                Escaped(f.function.as_deref().unwrap_or("?"))
+                "      File \"{}\", line {}, in {}",
+                p.paint(MAGENTA, Escaped(file)),
+                p.paint(MAGENTA, line),
+                p.paint(MAGENTA, Escaped(f.function.as_deref().unwrap_or("?")))
             )?;
+            if let Some(source) = f.line.and_then(|line| p.sources.line(root, file, line)) {
+                writeln!(out, "        {}", Escaped(&source))?;
+            }
         } else {
-            writeln!(out, "      [native] {}", frame(f))?;
+            writeln!(
+                out,
+                "      {}",
+                p.paint(DIM, format!("[native] {}", frame(f)))
+            )?;
         }
     }
     for f in &frames[last + 1..] {
-        writeln!(out, "    {}", frame(f))?;
+        writeln!(out, "    {}", p.paint(DIM, frame(f)))?;
     }
     Ok(())
 }
 
-fn site(out: &mut dyn Write, rank: usize, s: &SiteReport, comm: &str) -> io::Result<()> {
+fn site(
+    out: &mut dyn Write,
+    rank: usize,
+    s: &SiteReport,
+    comm: &str,
+    p: &mut Painter,
+) -> io::Result<()> {
     writeln!(
         out,
         "#{rank} {} [{}]: {}{} live in {} blocks, oldest {}; {} allocated in {} calls; pid {} {}",
         s.kind,
-        s.verdict.name(),
-        bytes(s.live_bytes),
+        p.verdict(s.verdict),
+        p.paint(BOLD, bytes(s.live_bytes)),
         s.live_bytes_error
             .map_or_else(String::new, |error| format!(" ± {}", bytes(error))),
         s.live_count,
@@ -155,8 +215,12 @@ fn site(out: &mut dyn Write, rank: usize, s: &SiteReport, comm: &str) -> io::Res
         s.alloc_rate_per_s,
         s.free_rate_per_s,
     )?;
-    writeln!(out, "    {}: {}", s.verdict.name(), s.verdict_reason)?;
-    stack(out, &s.stack)?;
+    writeln!(out, "    {}: {}", p.verdict(s.verdict), s.verdict_reason)?;
+    let root = Root {
+        pid: s.pid,
+        on_host: s.container.is_none(),
+    };
+    stack(out, &s.stack, p, root)?;
     writeln!(out)
 }
 
@@ -249,7 +313,8 @@ fn groups(out: &mut dyn Write, groups: &[Group], members: &str) -> io::Result<()
     Ok(())
 }
 
-pub fn write_leaks(report: &LeaksReport, out: &mut dyn Write) -> io::Result<()> {
+pub fn write_leaks(report: &LeaksReport, color: bool, out: &mut dyn Write) -> io::Result<()> {
+    let p = &mut Painter::new(color);
     writeln!(
         out,
         "alloctrace leaks: {} live in {} blocks at {} sites, traced {}{}",
@@ -269,7 +334,7 @@ pub fn write_leaks(report: &LeaksReport, out: &mut dyn Write) -> io::Result<()> 
         writeln!(out, "No live allocations.")?;
     }
     for (rank, s) in report.sites.iter().enumerate() {
-        site(out, rank + 1, s, report.header.comm(s.pid))?;
+        site(out, rank + 1, s, report.header.comm(s.pid), p)?;
     }
     if report.site_count > report.sites.len() {
         writeln!(
@@ -281,7 +346,12 @@ pub fn write_leaks(report: &LeaksReport, out: &mut dyn Write) -> io::Result<()> 
     Ok(())
 }
 
-pub fn write_oom(record: &OomRecord, out: &mut dyn Write) -> io::Result<()> {
+pub fn write_oom(record: &OomRecord, color: bool, out: &mut dyn Write) -> io::Result<()> {
+    let p = &mut Painter::new(color);
+    let root = Root {
+        pid: record.victim.pid,
+        on_host: record.container.is_none(),
+    };
     let v = &record.victim;
     writeln!(
         out,
@@ -344,15 +414,16 @@ pub fn write_oom(record: &OomRecord, out: &mut dyn Write) -> io::Result<()> {
             out,
             "  #{} {} live in {} blocks",
             rank + 1,
-            bytes(s.live_bytes),
+            p.paint(BOLD, bytes(s.live_bytes)),
             s.live_count
         )?;
-        stack(out, &s.stack)?;
+        stack(out, &s.stack, p, root)?;
     }
     writeln!(out)
 }
 
-pub fn write_large(report: &LargeReport, out: &mut dyn Write) -> io::Result<()> {
+pub fn write_large(report: &LargeReport, color: bool, out: &mut dyn Write) -> io::Result<()> {
+    let p = &mut Painter::new(color);
     writeln!(
         out,
         "alloctrace large: {} objects of at least {} hold {}, traced {}{}",
@@ -376,14 +447,18 @@ pub fn write_large(report: &LargeReport, out: &mut dyn Write) -> io::Result<()> 
             out,
             "#{} {} at {:#x}, alive {}, from {}; pid {} {}",
             rank + 1,
-            bytes(o.size),
+            p.paint(BOLD, bytes(o.size)),
             o.address,
             age(o.age_s),
             o.kind,
             o.pid,
             Escaped(report.header.comm(o.pid)),
         )?;
-        stack(out, &o.stack)?;
+        let root = Root {
+            pid: o.pid,
+            on_host: o.container.is_none(),
+        };
+        stack(out, &o.stack, p, root)?;
         writeln!(out)?;
     }
     if report.object_count > report.objects.len() {
@@ -406,7 +481,6 @@ mod tests {
             large::LargeObject,
             leaks::SizeHistogram,
             oom::{Memcg, TopStack, Victim},
-            verdict::Verdict,
         },
     };
 
@@ -490,6 +564,7 @@ mod tests {
             sampled_every_bytes: None,
             unreadable_python_frames: 0,
             cache_evictions: crate::report::CacheEvictions::default(),
+            memory_over_time: Vec::new(),
         }
     }
 
@@ -556,7 +631,7 @@ mod tests {
             }],
         };
         let mut out = Vec::new();
-        write_leaks(&report, &mut out).unwrap();
+        write_leaks(&report, false, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         // Title, process, losses, blank, group, blank, 3 site lines, 7 stack lines, blank.
         assert_escaped(&text, 17);
@@ -583,7 +658,7 @@ mod tests {
             }],
         };
         let mut out = Vec::new();
-        write_large(&report, &mut out).unwrap();
+        write_large(&report, false, &mut out).unwrap();
         // Title, process, losses, blank, group, blank, object, 7 stack lines, blank.
         assert_escaped(&String::from_utf8(out).unwrap(), 15);
     }
@@ -619,9 +694,49 @@ mod tests {
             growth: Vec::new(),
         };
         let mut out = Vec::new();
-        write_oom(&record, &mut out).unwrap();
+        write_oom(&record, false, &mut out).unwrap();
         // Kill, container, memcg, task, stack title, 7 stack lines, blank.
         assert_escaped(&String::from_utf8(out).unwrap(), 13);
+    }
+
+    #[test]
+    fn python_frames_show_their_source_line_escaped_and_a_missing_file_is_skipped() {
+        let dir = std::env::temp_dir().join(format!("alloctrace-text-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("etl.py");
+        std::fs::write(&file, "def load():\n    rows = '\x1b[2J' * 10\n").unwrap();
+        let path = file.to_str().unwrap().to_owned();
+        let frames = vec![
+            Frame::python("load".to_owned(), path.clone(), Some(2)),
+            Frame::python("main".to_owned(), "/nonexistent/etl.py".to_owned(), Some(1)),
+        ];
+        let root = Root {
+            pid: std::process::id(),
+            on_host: false,
+        };
+        let mut plain = Vec::new();
+        stack(&mut plain, &frames, &mut Painter::new(false), root).unwrap();
+        let mut colored = Vec::new();
+        stack(&mut colored, &frames, &mut Painter::new(true), root).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            String::from_utf8(plain).unwrap(),
+            format!(
+                "    Traceback (most recent call last):\n      \
+                 File \"/nonexistent/etl.py\", line 1, in main\n      \
+                 File \"{path}\", line 2, in load\n        \
+                 rows = '\\x1b[2J' * 10\n"
+            )
+        );
+        let colored = String::from_utf8(colored).unwrap();
+        assert!(
+            colored.contains(&format!(
+                "File \"\x1b[35m{path}\x1b[0m\", line \x1b[35m2\x1b[0m, in \x1b[35mload\x1b[0m\n"
+            )),
+            "{colored:?}"
+        );
+        // The only escape sequences are the colours: the file's own is shown, not run.
+        assert!(colored.contains("rows = '\\x1b[2J'"), "{colored:?}");
     }
 
     #[test]
@@ -662,7 +777,12 @@ mod tests {
             Frame::outer_python_frames_missing(),
         ];
         let mut out = Vec::new();
-        stack(&mut out, &frames).unwrap();
+        // No such process: no source is read.
+        let nowhere = Root {
+            pid: u32::MAX,
+            on_host: false,
+        };
+        stack(&mut out, &frames, &mut Painter::new(false), nowhere).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "    Traceback (most recent call last):\n      \

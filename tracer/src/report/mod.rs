@@ -1,5 +1,6 @@
 //! Reports: what a trace found, as plain data that every output format renders the same way.
 
+pub mod history;
 pub mod large;
 pub mod leaks;
 pub mod oom;
@@ -187,6 +188,8 @@ pub struct Header {
     /// `--sample-every`: allocations were sampled, one every this many bytes on average, and weighted; `null`
     /// when every allocation was recorded.
     pub sampled_every_bytes: Option<u64>,
+    /// Each process's live bytes over the trace (every 250 ms, thinned on long traces), and at its end.
+    pub memory_over_time: Vec<history::ProcessMemory>,
 }
 
 impl Header {
@@ -205,6 +208,7 @@ impl Header {
             sampled_every_bytes: (!trace.sampling.is_exact()).then_some(trace.sampling.interval),
             unreadable_python_frames: trace.unreadable_python_frames,
             cache_evictions: trace.cache_evictions,
+            memory_over_time: trace.history.by_process(trace.window.0),
         }
     }
 
