@@ -1,6 +1,8 @@
 //! A tracing session: finds and attaches to the targets (pids, names, a command, and the children they fork,
 //! held until attached), consumes the ring reader's records until the trace ends (duration, a stop signal, or
 //! every target gone), takes the heap from the kernel's tables, and hands the ledger to the report builders.
+//! The agent runs the same session in its watch tier ([`watch`]): no uprobes, sampled page faults into a
+//! [`Resident`] ledger, until a stop signal.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -18,21 +20,22 @@ use tokio::{
 use tracer_common::{AllocFn, Loss, OomEvent, PyStatus, SiteKey, Tally};
 
 use crate::{
-    aggregate::{Ledger, Site, SiteId, Sites},
+    aggregate::{Ledger, Site, SiteId, Sites, resident::Resident},
     cli::TargetArgs,
     decode::{Event, PythonStack},
     output::escape::Escaped,
     probes::{LoadOptions, Probes},
     procs::{
         Frame, ProcessInfo, Registry,
+        airflow::TaskIdentity,
         allocator::{self, Allocator},
-        container::{self, Selector},
+        container::{self, Container, Selector},
         maps::FileId,
     },
     python::runtime::{self, Reader},
     report::{
         AllocatorReport, Exit, Losses, ProcessReport,
-        oom::{self, Cgroups, OomInput, OomRecord},
+        oom::{self, Cgroups, OomInput, OomRecord, TopStack},
     },
     ring::{Delivery, RingReader},
     sampling::Sampling,
@@ -44,6 +47,39 @@ use crate::{
 /// before an OOM kill.
 const GROWTH_INTERVAL: Duration = Duration::from_secs(5);
 const GROWTH_SAMPLES: usize = 60;
+
+/// How often the watch tier tells the agent what its processes hold.
+const WATCH_TICK: Duration = Duration::from_secs(1);
+
+/// The agent's watch tier, in place of tracing allocations: targets get no uprobe; their sampled write faults
+/// and mapping calls feed a [`Resident`] ledger; the session runs until a stop signal; and an exited process's
+/// pages are kept until the OOM kills read with its exit are reported.
+pub struct Watch<'a> {
+    /// One write fault in this many is sampled, and weighs this many.
+    pub fault_every: u32,
+    /// Most sampled pages held (see [`Resident::new`]).
+    pub max_samples: usize,
+    /// Every process in a container is watched: no `--container`, `--cgroup` or `--comm` narrows it.
+    pub every_container: bool,
+    /// Called every [`WATCH_TICK`] with what the watched processes hold.
+    pub on_tick: &'a mut dyn FnMut(&WatchTick),
+}
+
+/// What the watched processes hold, at one tick.
+pub struct WatchTick {
+    pub processes: Vec<WatchedProcess>,
+    /// Records that never reached the ledger since the start: the ring buffer was full, a record could not be
+    /// decoded, or the ledger was full.
+    pub lost_events: u64,
+}
+
+pub struct WatchedProcess {
+    pub pid: u32,
+    pub container: Option<Container>,
+    pub task: Option<TaskIdentity>,
+    /// The ledger's estimate of what its pages hold.
+    pub resident_bytes: u64,
+}
 
 /// What a finished trace gathered: the input of every report.
 pub struct Trace {
@@ -154,6 +190,10 @@ struct State {
     undecodable: u64,
     /// Processes that forked or exec'd, for the session to attach to.
     discovered: Vec<Discovery>,
+    /// The watch tier's ledger (`None` when tracing allocations).
+    resident: Option<Resident>,
+    /// Watched processes that exited, forgotten once the OOM kills read with their exit are reported.
+    gone: Vec<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,14 +251,24 @@ impl State {
                 AllocFn::Brk => {
                     let site = (!by_allocator).then(|| self.site(header.pid, func, stack_id));
                     self.ledger.break_moved(&header, addr, site);
+                    if let Some(resident) = &mut self.resident {
+                        resident.break_moved(header.pid, addr);
+                    }
                 }
                 AllocFn::Mremap => {
                     let site = self.site(header.pid, func, stack_id);
                     self.ledger.remapped(&header, addr, size, site);
+                    if let Some(resident) = &mut self.resident {
+                        resident.remapped(header.pid, header.tid, addr, size);
+                    }
                 }
                 AllocFn::Mmap => {
                     let site = self.site(header.pid, func, stack_id);
                     self.ledger.mapped(&header, addr, size, site);
+                    // A fresh mapping replaces whatever was mapped there.
+                    if let Some(resident) = &mut self.resident {
+                        resident.released(header.pid, addr, size);
+                    }
                 }
                 // Heap blocks are counted in the kernel's tables, never sent.
                 _ => self.undecodable += 1,
@@ -232,12 +282,23 @@ impl State {
                 if func.maps_pages() {
                     self.ledger
                         .unmapped(header.pid, header.tid, func, addr, size);
-                } else {
-                    self.undecodable += 1;
+                }
+                match (&mut self.resident, func) {
+                    (Some(resident), AllocFn::Mremap) => {
+                        resident.remap_started(header.pid, header.tid, addr, size);
+                    }
+                    (Some(resident), AllocFn::Munmap | AllocFn::Madvise) => {
+                        resident.released(header.pid, addr, size);
+                    }
+                    _ if func.maps_pages() => {}
+                    _ => self.undecodable += 1,
                 }
             }
             Event::Exec { header, held } => {
                 self.ledger.exec(header.pid);
+                if let Some(resident) = &mut self.resident {
+                    resident.forget(header.pid);
+                }
                 self.site_of_stack.retain(|&(pid, ..), _| pid != header.pid);
                 self.registry.refresh(header.pid);
                 self.discovered.push(Discovery::Execed {
@@ -259,6 +320,15 @@ impl State {
                 });
             }
             Event::Oom(kill) => self.ooms.push(kill),
+            Event::Fault {
+                header,
+                addr,
+                stack_id,
+                weight,
+            } => match &mut self.resident {
+                Some(resident) => resident.fault(header.pid, addr, stack_id, weight),
+                None => self.undecodable += 1,
+            },
         }
     }
 
@@ -283,6 +353,65 @@ impl State {
         });
         self.ledger = ledger;
         Ok(())
+    }
+
+    /// The stacks that made a watched process's pages resident, biggest first, named.
+    fn resident_stacks(&self, pid: u32) -> Vec<TopStack> {
+        let Some(resident) = &self.resident else {
+            return Vec::new();
+        };
+        resident
+            .top_stacks(pid)
+            .into_iter()
+            .map(|(stack_id, residency)| TopStack {
+                live_bytes: residency.resident_bytes(),
+                live_count: residency.resident_pages,
+                stack: self
+                    .stacks
+                    .get(&stack_id)
+                    .map(|frames| frames.iter().map(|f| Frame::clone(f)).collect())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// What the watched processes hold now.
+    fn watch_tick(&self, targets: &Targets) -> anyhow::Result<WatchTick> {
+        let Some(resident) = &self.resident else {
+            bail!("not watching");
+        };
+        let processes = targets
+            .order
+            .iter()
+            .map(|&pid| {
+                let info = self.registry.info(pid);
+                WatchedProcess {
+                    pid,
+                    container: info.and_then(|i| i.container.clone()),
+                    task: info.and_then(|i| i.task.clone()),
+                    resident_bytes: resident.process(pid).resident_bytes(),
+                }
+            })
+            .collect();
+        let kernel = targets.probes.losses()?;
+        Ok(WatchTick {
+            processes,
+            lost_events: kernel[Loss::RingBufFull as usize] + self.undecodable + resident.refused(),
+        })
+    }
+
+    /// Forgets the watched processes that exited: their OOM kills, read with their exit, are reported.
+    fn forget_gone(&mut self, targets: &mut Targets) {
+        for pid in std::mem::take(&mut self.gone) {
+            if let Some(resident) = &mut self.resident {
+                resident.forget(pid);
+            }
+            targets.order.retain(|&p| p != pid);
+            targets.exited.remove(&pid);
+            self.growth.remove(&pid);
+            lock(&self.pythons).remove(&pid);
+            self.registry.forget(pid);
+        }
     }
 
     /// The site of an allocation, named the first time its stack is seen, while the process is alive.
@@ -393,6 +522,10 @@ struct Targets {
     allocator_pending: HashMap<u32, Instant>,
     /// Processes chosen for the trace that could not be attached to (gone at once, no allocator found).
     untraced: u64,
+    /// The watch tier: targets are marked for the tracepoints only, never given uprobes.
+    watching: bool,
+    /// Every process in a container is chosen (the agent, unless a selector narrows it).
+    every_container: bool,
 }
 
 /// How long a probe that read "holding" just before it was turned off may take to announce what it held.
@@ -413,6 +546,9 @@ impl Targets {
             .is_ok_and(|comm| self.comms.iter().any(|c| *c == comm.trim_end()));
         if named {
             return true;
+        }
+        if self.every_container {
+            return container::of_pid(pid).is_some();
         }
         if self.selector.is_empty() {
             return false;
@@ -452,11 +588,16 @@ impl Targets {
             Some(interpreter) => {
                 self.python_pending.remove(&pid);
                 match interpreter.bpf_config() {
-                    Some(config) => {
-                        if let Err(err) = self.probes.add_python(pid, &config) {
-                            warn(format_args!("no Python frames for pid {pid}: {err:#}"));
-                        }
-                    }
+                    Some(config) => match self.probes.add_python(pid, &config) {
+                        Err(err) => warn(format_args!("no Python frames for pid {pid}: {err:#}")),
+                        // The agent says so (the trace says which processes it traces): its Python
+                        // frames are read from now on.
+                        Ok(()) if self.watching => warn(format_args!(
+                            "watching Python {} in pid {pid}",
+                            interpreter.info.version
+                        )),
+                        Ok(()) => {}
+                    },
                     None => warn(format_args!(
                         "no Python frames for pid {pid}: {}",
                         interpreter
@@ -535,7 +676,9 @@ impl Targets {
             }
             Discovery::Execed { pid, ts_ns, held } => {
                 // Its old address space is gone, and the blocks in it.
-                if let Err(err) = self.probes.forget_blocks(pid, ts_ns) {
+                if !self.watching
+                    && let Err(err) = self.probes.forget_blocks(pid, ts_ns)
+                {
                     warn(format_args!("{err:#}"));
                 }
                 lock(&state.pythons).remove(&pid);
@@ -543,6 +686,11 @@ impl Targets {
                 // Before anything slow: a shared libpython is mapped within milliseconds, and looked for
                 // from then on.
                 self.detect_python(state, pid, true);
+                // Watched, it needs nothing more than its exit followed.
+                if self.watching {
+                    self.watch(state, pid);
+                    return;
+                }
                 if self.spawned_exec == Some(pid) {
                     // The command alloctrace started, whose allocator was found from this very executable.
                     self.spawned_exec = None;
@@ -604,6 +752,11 @@ impl Targets {
             }
             lock(&state.pythons).insert(child, Reader::new(child, interpreter));
         }
+        if self.watching {
+            self.watch(state, child);
+            state.registry.inherit_task(child, parent);
+            return;
+        }
         let allocator = self
             .allocators
             .iter()
@@ -620,6 +773,24 @@ impl Targets {
             // It may have exited already; the trace goes on for the others.
             self.untraced += 1;
             warn(format_args!("not tracing pid {child}: {err:#}"));
+        }
+    }
+
+    /// Watches `pid` (the watch tier): marked for the tracepoints, its identity read, its exit followed.
+    fn watch(&mut self, state: &mut State, pid: u32) {
+        let _ = self.probes.add_target(pid);
+        state.registry.refresh(pid);
+        if let (Some(resident), Some(heap_end)) =
+            (&mut state.resident, state.registry.heap_end(pid))
+        {
+            resident.set_break(pid, heap_end);
+        }
+        if let Err(err) = self.track(pid) {
+            self.untraced += 1;
+            warn(format_args!("not watching pid {pid}: {err:#}"));
+        }
+        if self.exited.contains_key(&pid) {
+            state.gone.push(pid);
         }
     }
 
@@ -711,9 +882,15 @@ fn report_ooms(
     if state.ooms.is_empty() {
         return Ok(());
     }
-    // What the victims held: the kernel's tables as they are now.
-    state.take_heap(&targets.probes, sampling)?;
+    // What the victims held: the kernel's tables as they are now (the watch tier has its own ledger).
+    if state.resident.is_none() {
+        state.take_heap(&targets.probes, sampling)?;
+    }
     for kill in std::mem::take(&mut state.ooms) {
+        let watched = state
+            .resident
+            .is_some()
+            .then(|| state.resident_stacks(kill.victim_pid));
         let record = oom::build(OomInput {
             event: &kill,
             registry: &mut state.registry,
@@ -726,6 +903,7 @@ fn report_ooms(
                 .map_or(&[][..], |samples| samples.as_slices().0),
             cgroups: &mut lock(&state.cgroups),
             window,
+            watched,
         });
         sink(&record)?;
     }
@@ -734,9 +912,30 @@ fn report_ooms(
 
 /// Runs a trace to its end. Without targets it only watches (OOM kills, with `oom_sink`) until `--duration`
 /// or Ctrl-C.
-pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow::Result<Trace> {
+pub async fn run(args: &TargetArgs, oom_sink: Option<OomSink<'_>>) -> anyhow::Result<Trace> {
+    session(args, oom_sink, None).await
+}
+
+/// Runs the watch tier over the processes `args` chooses (every container's with [`Watch::every_container`])
+/// until a stop signal (or `--duration`).
+pub async fn watch(
+    args: &TargetArgs,
+    oom_sink: OomSink<'_>,
+    watch: Watch<'_>,
+) -> anyhow::Result<Trace> {
+    session(args, Some(oom_sink), Some(watch)).await
+}
+
+async fn session(
+    args: &TargetArgs,
+    mut oom_sink: Option<OomSink<'_>>,
+    mut watch: Option<Watch<'_>>,
+) -> anyhow::Result<Trace> {
+    let watching = watch.is_some();
     system::require_root()?;
-    system::require_uprobes()?;
+    if !watching {
+        system::require_uprobes()?;
+    }
     system::ensure_tracefs()?;
     // Every traced process holds a descriptor per uprobe: a task that forks many children needs more than
     // the usual soft limit of 1024.
@@ -748,9 +947,11 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     let mut targets = Targets {
         probes: Probes::load(&LoadOptions {
             buffer_size: args.buffer_size,
-            watch_execs: args.chooses_by_cgroup(),
+            watch_execs: args.chooses_by_cgroup()
+                || watch.as_ref().is_some_and(|w| w.every_container),
             sampling: sampling.clone(),
             max_live_blocks: args.max_live_blocks,
+            watch_faults: watch.as_ref().map(|w| w.fault_every),
         })?,
         comms: args
             .comms
@@ -771,12 +972,16 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         spawned_exec: None,
         python_frames: !args.no_python_frames,
         untraced: 0,
+        watching,
+        every_container: watch.as_ref().is_some_and(|w| w.every_container),
     };
     let mut state = State {
         max_stacks: args.max_stacks,
+        resident: watch.as_ref().map(|w| Resident::new(w.max_samples)),
         ..State::default()
     };
-    targets.probes.hold_new_processes(true)?;
+    // Watched processes get no uprobe: there is nothing to attach before they run.
+    targets.probes.hold_new_processes(!watching)?;
 
     for comm in &args.comms {
         targets.probes.add_comm(comm)?;
@@ -789,10 +994,14 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     }
     // Processes found by name, container or cgroup come and go, and one may have just exec'd: each is attached
     // once its allocator is mapped, and one that cannot be traced is said, not fatal.
-    if !targets.comms.is_empty() || !targets.selector.is_empty() {
+    if !targets.comms.is_empty() || !targets.selector.is_empty() || targets.every_container {
         for pid in targets.running_chosen(&mut state.registry) {
             let _ = targets.probes.add_target(pid);
             targets.detect_python(&mut state, pid, true);
+            if watching {
+                targets.watch(&mut state, pid);
+                continue;
+            }
             targets
                 .allocator_pending
                 .insert(pid, Instant::now() + PENDING_WINDOW);
@@ -875,10 +1084,11 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut pending_timer = tokio::time::interval(PENDING_INTERVAL);
     let mut growth_timer = tokio::time::interval(GROWTH_INTERVAL);
+    let mut watch_timer = tokio::time::interval(WATCH_TICK);
     // With --comm, processes may still come, and without targets alloctrace only watches: only the duration
     // or Ctrl-C end the trace then.
     let waits_for_more =
-        !args.comms.is_empty() || args.chooses_by_cgroup() || targets.order.is_empty();
+        !args.comms.is_empty() || args.chooses_by_cgroup() || targets.order.is_empty() || watching;
     if oom_sink.is_some() && !targets.probes.oom_watched {
         bail!("this kernel has no usable oom:mark_victim tracepoint: OOM kills cannot be reported");
     }
@@ -894,8 +1104,14 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
             },
             _ = growth_timer.tick() => {
                 let now = system::monotonic_ns();
-                let heap = targets.probes.site_counters()?;
-                for (pid, bytes) in state.ledger.live_bytes_by_pid(&heap) {
+                let live: HashMap<u32, u64> = match &state.resident {
+                    Some(resident) => resident
+                        .processes()
+                        .map(|(pid, r)| (pid, r.resident_bytes()))
+                        .collect(),
+                    None => state.ledger.live_bytes_by_pid(&targets.probes.site_counters()?),
+                };
+                for (pid, bytes) in live {
                     let samples = state.growth.entry(pid).or_default();
                     if samples.len() == GROWTH_SAMPLES {
                         samples.pop_front();
@@ -915,6 +1131,15 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
                 flush(&mut reader, &mut targets, &mut state).await;
                 targets.exited.entry(pid).or_insert(Exit::Exited);
                 targets.probes.detach(pid);
+                if watching {
+                    state.gone.push(pid);
+                }
+            }
+            _ = watch_timer.tick(), if watching => {
+                let tick = state.watch_tick(&targets)?;
+                if let Some(watch) = &mut watch {
+                    (watch.on_tick)(&tick);
+                }
             }
             Some(event) = recv(&mut child_events) => match event {
                 ChildEvent::ExecFailed(err) => {
@@ -942,6 +1167,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         follow_discoveries(&mut targets, &mut state);
         let window = (start_ns, system::monotonic_ns());
         report_ooms(&mut state, &targets, &sampling, window, &mut oom_sink)?;
+        state.forget_gone(&mut targets);
     }
     // Nothing is attached to from here on: new processes are no longer held. A process held just before that is
     // announced within microseconds (the record goes out before the stop): the flush after the pause handles it.

@@ -257,6 +257,11 @@ impl Registry {
         self.processes.insert(info.pid, Process { info, maps });
     }
 
+    /// Forgets a process that is gone (the agent, which runs for days, must not keep every pid it saw).
+    pub fn forget(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+    }
+
     pub fn info(&self, pid: u32) -> Option<&ProcessInfo> {
         self.processes.get(&pid).map(|p| &p.info)
     }
