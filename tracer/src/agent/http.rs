@@ -1,0 +1,77 @@
+//! The agent's HTTP endpoints, served with hyper on the session's runtime: `GET /metrics` (the Prometheus
+//! text exposition, OpenMetrics) and `GET /healthz`. Each connection is a task of its own; a request only
+//! locks the metrics long enough to encode them.
+
+use std::{
+    convert::Infallible,
+    sync::{Arc, Mutex},
+};
+
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::CONTENT_TYPE,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::metrics::Metrics;
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Serves connections until the runtime stops.
+pub async fn serve(listener: TcpListener, metrics: Arc<Mutex<Metrics>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let metrics = Arc::clone(&metrics);
+                async move { Ok::<_, Infallible>(respond(&request, &metrics)) }
+            });
+            // A client that goes away mid-request is its own business.
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(request: &Request<Incoming>, metrics: &Mutex<Metrics>) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, content_type: &str, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        if let Ok(value) = content_type.parse() {
+            response.headers_mut().insert(CONTENT_TYPE, value);
+        }
+        response
+    };
+    if request.method() != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".to_owned(),
+        );
+    }
+    match request.uri().path() {
+        "/metrics" => match metrics.lock().unwrap_or_else(|e| e.into_inner()).encode() {
+            Ok(body) => text(StatusCode::OK, OPENMETRICS, body),
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                "cannot encode the metrics\n".to_owned(),
+            ),
+        },
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: /metrics, /healthz\n".to_owned(),
+        ),
+    }
+}
