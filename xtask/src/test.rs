@@ -12,14 +12,15 @@ use anyhow::{Context as _, bail};
 use crate::{as_root, build, check, packages, root};
 
 /// What the integration tests run besides glibc: other allocators, preloaded or built in, setpriv for the
-/// not-root test, and a Docker engine for containers.
-const TEST_PACKAGES: [&str; 6] = [
+/// not-root test, a Docker engine for containers, and Prometheus to scrape the agent.
+const TEST_PACKAGES: [&str; 7] = [
     "libjemalloc2",
     "libtcmalloc-minimal4",
     "libmimalloc2.0",
     "musl-tools",
     "util-linux",
     "docker.io",
+    "prometheus",
 ];
 
 /// How long dockerd may take to answer once started.
