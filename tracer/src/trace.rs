@@ -213,6 +213,12 @@ impl State {
                 return;
             }
         };
+        // The watch tier keeps pages, not ranges: no site is made for what it only follows by the page.
+        if let Some(resident) = &mut self.resident
+            && follow_pages(resident, &event)
+        {
+            return;
+        }
         match event {
             Event::Stack {
                 header,
@@ -251,24 +257,14 @@ impl State {
                 AllocFn::Brk => {
                     let site = (!by_allocator).then(|| self.site(header.pid, func, stack_id));
                     self.ledger.break_moved(&header, addr, site);
-                    if let Some(resident) = &mut self.resident {
-                        resident.break_moved(header.pid, addr);
-                    }
                 }
                 AllocFn::Mremap => {
                     let site = self.site(header.pid, func, stack_id);
                     self.ledger.remapped(&header, addr, size, site);
-                    if let Some(resident) = &mut self.resident {
-                        resident.remapped(header.pid, header.tid, addr, size);
-                    }
                 }
                 AllocFn::Mmap => {
                     let site = self.site(header.pid, func, stack_id);
                     self.ledger.mapped(&header, addr, size, site);
-                    // A fresh mapping replaces whatever was mapped there.
-                    if let Some(resident) = &mut self.resident {
-                        resident.released(header.pid, addr, size);
-                    }
                 }
                 // Heap blocks are counted in the kernel's tables, never sent.
                 _ => self.undecodable += 1,
@@ -282,16 +278,8 @@ impl State {
                 if func.maps_pages() {
                     self.ledger
                         .unmapped(header.pid, header.tid, func, addr, size);
-                }
-                match (&mut self.resident, func) {
-                    (Some(resident), AllocFn::Mremap) => {
-                        resident.remap_started(header.pid, header.tid, addr, size);
-                    }
-                    (Some(resident), AllocFn::Munmap | AllocFn::Madvise) => {
-                        resident.released(header.pid, addr, size);
-                    }
-                    _ if func.maps_pages() => {}
-                    _ => self.undecodable += 1,
+                } else {
+                    self.undecodable += 1;
                 }
             }
             Event::Exec { header, held } => {
@@ -320,15 +308,8 @@ impl State {
                 });
             }
             Event::Oom(kill) => self.ooms.push(kill),
-            Event::Fault {
-                header,
-                addr,
-                stack_id,
-                weight,
-            } => match &mut self.resident {
-                Some(resident) => resident.fault(header.pid, addr, stack_id, weight),
-                None => self.undecodable += 1,
-            },
+            // Only the watch tier's programs send faults.
+            Event::Fault { .. } => self.undecodable += 1,
         }
     }
 
@@ -439,6 +420,44 @@ impl State {
         self.site_of_stack.insert((pid, func, stack_id), site);
         site
     }
+}
+
+/// The watch tier's share of the records: sampled faults, and the calls that release or move pages. False for
+/// the others.
+fn follow_pages(resident: &mut Resident, event: &Event) -> bool {
+    match *event {
+        Event::Fault {
+            header,
+            addr,
+            stack_id,
+            weight,
+        } => resident.fault(header.pid, addr, stack_id, weight),
+        Event::Alloc {
+            header,
+            func,
+            addr,
+            size,
+            ..
+        } => match func {
+            AllocFn::Brk => resident.break_moved(header.pid, addr),
+            AllocFn::Mremap => resident.remapped(header.pid, header.tid, addr, size),
+            // A fresh mapping replaces whatever was mapped there.
+            AllocFn::Mmap => resident.released(header.pid, addr, size),
+            _ => return false,
+        },
+        Event::Free {
+            header,
+            func,
+            addr,
+            size,
+        } => match func {
+            AllocFn::Mremap => resident.remap_started(header.pid, header.tid, addr, size),
+            AllocFn::Munmap | AllocFn::Madvise => resident.released(header.pid, addr, size),
+            _ => return false,
+        },
+        _ => return false,
+    }
+    true
 }
 
 /// Handles records in order; a process a record reveals (a fork, an exec) is attached to before the records
