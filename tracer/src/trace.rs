@@ -1027,19 +1027,20 @@ async fn session(
         }
         targets.attach_pending_allocators(&mut state);
     }
+    let verb = if watching { "watching" } else { "tracing" };
     for comm in &args.comms {
         warn(format_args!(
-            "tracing processes named {comm}, running or started from now on"
+            "{verb} processes named {comm}, running or started from now on"
         ));
     }
     for container in &args.containers {
         eprintln!(
-            "alloctrace: tracing the processes of container {container}, running or started from now on"
+            "alloctrace: {verb} the processes of container {container}, running or started from now on"
         );
     }
     for cgroup in &args.cgroups {
         eprintln!(
-            "alloctrace: tracing the processes of cgroup {cgroup}, running or started from now on"
+            "alloctrace: {verb} the processes of cgroup {cgroup}, running or started from now on"
         );
     }
 
@@ -1217,8 +1218,9 @@ async fn session(
         untraced_processes: targets.untraced,
     };
     // Selectors that chose nothing in the whole trace are said: a misspelt name must not look like a quiet
-    // process.
-    if targets.order.is_empty()
+    // process. (The watch tier forgets the processes that exit: it cannot tell.)
+    if !watching
+        && targets.order.is_empty()
         && !(args.comms.is_empty() && args.containers.is_empty() && args.cgroups.is_empty())
     {
         warn(format_args!(
