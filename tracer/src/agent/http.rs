@@ -20,12 +20,17 @@ use tokio::net::TcpListener;
 
 use super::metrics::Metrics;
 
+/// How long to wait after a failed accept before the next.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Serves connections until the runtime stops.
 pub async fn serve(listener: TcpListener, metrics: Arc<Mutex<Metrics>>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors, say: the next accept is tried a little later, not at once for ever.
+            tokio::time::sleep(ACCEPT_RETRY).await;
             continue;
         };
         let metrics = Arc::clone(&metrics);
