@@ -2,7 +2,7 @@
 //! 80 MiB memory limit runs a Python task that appends 1 MiB bytearrays until the kernel kills it, and the
 //! agent's post-mortem names the container, the victim and the Python line that held the memory; a real
 //! Prometheus scrapes the agent and, queried through its HTTP API, shows the kill and a second container's live
-//! bytes.
+//! bytes. A container already running when the agent starts is watched too.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -261,20 +261,9 @@ fn the_agent_writes_an_oom_post_mortem_with_the_python_line_and_prometheus_scrap
     let image = docker::python_image(&pyenv_prefix("3.12"), "3.12");
     let dir = temp_dir("agent");
     let post_mortems = dir.join("post-mortems");
-    let mut agent = Command::new(alloctrace())
-        .args(["agent", "--listen", "127.0.0.1:0", "--dir"])
-        .arg(&post_mortems)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut log = Lines::new(agent.stderr.take().unwrap(), "the agent");
-    let ready = log.wait_for(STARTUP, |l| l.starts_with("alloctrace: agent ready:"));
-    let listen = ready
-        .split("serving http://")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .expect("the agent says where it serves")
-        .to_owned();
+    let post_mortems_arg = post_mortems.to_string_lossy().into_owned();
+    let (mut agent, mut log, listen) =
+        start_agent(&["--listen", "127.0.0.1:0", "--dir", &post_mortems_arg]);
     assert_eq!(get(&listen, "/healthz"), "ok\n");
     let (_prometheus, prometheus) = start_prometheus(&dir, &listen);
 
@@ -382,6 +371,95 @@ fn the_agent_writes_an_oom_post_mortem_with_the_python_line_and_prometheus_scrap
         by_the_line["live_bytes"]
     );
 
+    holder.go();
+    // SAFETY: signalling the child we spawned and have not reaped.
+    unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(agent.wait().unwrap().success(), "{}", log.seen.join("\n"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The agent, started with `args`, once it says it is ready: the child, its log, and where it serves.
+fn start_agent(args: &[&str]) -> (Child, Lines, String) {
+    let mut agent = Command::new(alloctrace())
+        .arg("agent")
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = Lines::new(agent.stderr.take().unwrap(), "the agent");
+    let ready = log.wait_for(STARTUP, |l| l.starts_with("alloctrace: agent ready:"));
+    let listen = ready
+        .split("serving http://")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .expect("the agent says where it serves")
+        .to_owned();
+    (agent, log, listen)
+}
+
+/// The value of the one `alloctrace_live_bytes` series of `container` in the agent's `/metrics`.
+fn live_bytes(listen: &str, container: &str) -> Option<f64> {
+    let metrics = get(listen, "/metrics");
+    let prefix = format!("alloctrace_live_bytes{{container=\"{container}\",");
+    let mut values = metrics
+        .lines()
+        .filter(|line| line.starts_with(&prefix))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap());
+    let value = values.next();
+    assert!(
+        values.next().is_none(),
+        "one series per container and task:\n{metrics}"
+    );
+    value
+}
+
+#[test]
+fn a_container_running_before_the_agent_is_watched_from_its_start() {
+    require_root();
+    docker::require_docker();
+    let image = docker::python_image(&pyenv_prefix("3.12"), "3.12");
+    let mut holder = Task::start(
+        &image,
+        format!("alloctrace-agent-early-{}", std::process::id()),
+        256,
+        HOLDER,
+    );
+    let dir = temp_dir("agent-early");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let (mut agent, log, listen) = start_agent(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        &dir_arg,
+        "--container",
+        &holder.name,
+    ]);
+    // Found in /proc at the start, its interpreter with it: said before the agent is ready.
+    let pid = holder.pid;
+    assert!(
+        log.seen
+            .iter()
+            .any(|l| l.contains("watching Python 3.12") && l.ends_with(&format!(" pid {pid}"))),
+        "{}",
+        log.seen.join("\n")
+    );
+    holder.go();
+    holder.stdout.wait_for(EVENT, |l| l == "held");
+    // The agent's ledger takes the faults as they come; its series follow at its next tick.
+    let deadline = Instant::now() + EVENT;
+    let live = loop {
+        let live = live_bytes(&listen, &holder.name);
+        if live.is_some_and(|v| v >= 0.85 * HELD) || Instant::now() > deadline {
+            break live;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let live = live.unwrap_or_else(|| panic!("no live bytes for {}", holder.name));
+    assert!(
+        (0.85 * HELD..=1.25 * HELD).contains(&live),
+        "{live} bytes for {HELD}:\n{}",
+        get(&listen, "/metrics")
+    );
     holder.go();
     // SAFETY: signalling the child we spawned and have not reaped.
     unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
