@@ -1340,3 +1340,107 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::{EventHeader, EventKind};
+
+    use super::*;
+
+    const PAGE: u64 = 4096;
+
+    fn header(kind: EventKind, tid: u32) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            pid: 7,
+            tid,
+            ..Default::default()
+        }
+    }
+
+    fn fault(addr: u64) -> Event {
+        Event::Fault {
+            header: header(EventKind::Fault, 7),
+            addr,
+            stack_id: 3,
+            weight: 1,
+        }
+    }
+
+    fn release(func: AllocFn, addr: u64, size: u64) -> Event {
+        Event::Free {
+            header: header(EventKind::Free, 8),
+            func,
+            addr,
+            size,
+        }
+    }
+
+    fn map(func: AllocFn, addr: u64, size: u64) -> Event {
+        Event::Alloc {
+            header: header(EventKind::Alloc, 8),
+            func,
+            addr,
+            size,
+            stack_id: 0,
+            by_allocator: false,
+        }
+    }
+
+    /// Each record the watch tier sees reaches the ledger rule it stands for; the others are left to the session.
+    #[test]
+    fn the_watch_tier_takes_faults_and_the_calls_that_release_or_move_pages() {
+        let mut resident = Resident::new(1 << 10);
+        let held = |resident: &Resident| resident.process(7).resident_pages;
+        for page in 0..8 {
+            assert!(follow_pages(
+                &mut resident,
+                &fault(0x1000_0000 + page * PAGE)
+            ));
+        }
+        assert_eq!(held(&resident), 8);
+        assert!(follow_pages(
+            &mut resident,
+            &release(AllocFn::Madvise, 0x1000_0000, PAGE)
+        ));
+        assert!(follow_pages(
+            &mut resident,
+            &release(AllocFn::Munmap, 0x1000_0000 + PAGE, PAGE)
+        ));
+        // A fresh mapping over a page replaces it.
+        assert!(follow_pages(
+            &mut resident,
+            &map(AllocFn::Mmap, 0x1000_0000 + 2 * PAGE, PAGE)
+        ));
+        assert_eq!(held(&resident), 5);
+        // mremap moves the last two pages away and keeps one: its entry and its return, on one thread.
+        assert!(follow_pages(
+            &mut resident,
+            &release(AllocFn::Mremap, 0x1000_0000 + 6 * PAGE, 2 * PAGE)
+        ));
+        assert!(follow_pages(
+            &mut resident,
+            &map(AllocFn::Mremap, 0x2000_0000, PAGE)
+        ));
+        assert_eq!(held(&resident), 4);
+        // The break falls below the pages left at 3–5.
+        resident.set_break(7, 0x1000_0000 + 8 * PAGE);
+        assert!(follow_pages(
+            &mut resident,
+            &map(AllocFn::Brk, 0x1000_0000 + 3 * PAGE, 0)
+        ));
+        assert_eq!(held(&resident), 1, "the moved page");
+        // Heap blocks, stacks and process events are the session's.
+        assert!(!follow_pages(
+            &mut resident,
+            &map(AllocFn::Malloc, 0x3000_0000, 64)
+        ));
+        assert!(!follow_pages(
+            &mut resident,
+            &Event::Exec {
+                header: header(EventKind::Exec, 7),
+                held: false
+            }
+        ));
+    }
+}
