@@ -288,7 +288,10 @@ impl State {
                     resident.forget(header.pid);
                 }
                 self.site_of_stack.retain(|&(pid, ..), _| pid != header.pid);
-                self.registry.refresh(header.pid);
+                // Watched, every exec on the host comes here: only the chosen are read, once chosen.
+                if self.resident.is_none() {
+                    self.registry.refresh(header.pid);
+                }
                 self.discovered.push(Discovery::Execed {
                     pid: header.pid,
                     ts_ns: header.ts_ns,
@@ -602,7 +605,13 @@ impl Targets {
         if !self.python_frames {
             return;
         }
-        state.registry.refresh(pid);
+        // Watched, a process is not held at exec: its frames are read the sooner the better, and what else is
+        // known of it (its container's name) is read after.
+        if self.watching {
+            state.registry.refresh_maps(pid);
+        } else {
+            state.registry.refresh(pid);
+        }
         match runtime::detect(&mut state.registry, pid) {
             Some(interpreter) => {
                 self.python_pending.remove(&pid);
