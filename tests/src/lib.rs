@@ -231,3 +231,20 @@ pub fn assert_tracer_rss_bounded(report: &Value, what: &str) -> u64 {
     );
     rss
 }
+
+/// `go tool pprof ARGS FILE`'s output.
+pub fn go_pprof(args: &[&str], profile: &Path) -> String {
+    let out = Command::new("go")
+        .args(["tool", "pprof"])
+        .args(args)
+        .arg(profile)
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .unwrap_or_else(|e| panic!("go (Debian's golang-go) is needed to read pprof files: {e}"));
+    assert!(
+        out.status.success(),
+        "go tool pprof failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

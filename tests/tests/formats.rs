@@ -10,7 +10,7 @@ use std::{
 };
 
 use alloctrace_tests::{
-    SITES_EXPECTED, alloctrace, docker, pyenv_prefix, require_root, workload, workspace,
+    SITES_EXPECTED, alloctrace, docker, go_pprof, pyenv_prefix, require_root, workload, workspace,
 };
 use serde_json::Value;
 
@@ -38,23 +38,6 @@ fn leaks_of_sites(format: &str) -> Vec<u8> {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
     bytes
-}
-
-/// `go tool pprof ARGS FILE`'s output.
-fn go_pprof(args: &[&str], profile: &Path) -> String {
-    let out = Command::new("go")
-        .args(["tool", "pprof"])
-        .args(args)
-        .arg(profile)
-        .env("HOME", std::env::temp_dir())
-        .output()
-        .unwrap_or_else(|e| panic!("go (Debian's golang-go) is needed to read pprof files: {e}"));
-    assert!(
-        out.status.success(),
-        "go tool pprof failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// How a flame graph or pprof names a JSON frame: its function, or `module+0xoffset` by the module's file name.

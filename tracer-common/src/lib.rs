@@ -71,6 +71,8 @@ pub enum EventKind {
     Fork = 5,
     /// The kernel chose a process to kill for memory, anywhere on the host: [`OomEvent`].
     Oom = 6,
+    /// A watched process wrote to a page for the first time (a sampled user page fault): [`FaultEvent`].
+    Fault = 7,
 }
 
 impl EventKind {
@@ -82,6 +84,7 @@ impl EventKind {
             4 => Some(Self::Exec),
             5 => Some(Self::Fork),
             6 => Some(Self::Oom),
+            7 => Some(Self::Fault),
             _ => None,
         }
     }
@@ -108,6 +111,9 @@ pub enum AllocFn {
     Mremap = 13,
     /// The program break moved (`brk`); `addr` is the new break.
     Brk = 14,
+    /// `madvise` with `MADV_DONTNEED`, `MADV_FREE` or `MADV_REMOVE`: the range's pages are released, the range
+    /// stays mapped.
+    Madvise = 15,
 }
 
 impl AllocFn {
@@ -142,6 +148,7 @@ impl AllocFn {
             12 => Some(Self::Munmap),
             13 => Some(Self::Mremap),
             14 => Some(Self::Brk),
+            15 => Some(Self::Madvise),
             _ => None,
         }
     }
@@ -163,6 +170,7 @@ impl AllocFn {
             Self::Munmap => "munmap",
             Self::Mremap => "mremap",
             Self::Brk => "brk",
+            Self::Madvise => "madvise",
         }
     }
 
@@ -379,7 +387,8 @@ pub struct AllocEvent {
 /// break moved, but the memory belongs to the allocator's blocks, already counted.
 pub const ALLOC_BY_ALLOCATOR: u32 = 1;
 
-/// A block or range is being released: `free(addr)`, `realloc(addr, …)` on entry, `munmap`, `mremap` on entry.
+/// A block or range is being released: `free(addr)`, `realloc(addr, …)` on entry, `munmap`, `mremap` on entry,
+/// `madvise` releasing pages.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FreeEvent {
@@ -388,9 +397,38 @@ pub struct FreeEvent {
     pub func: u32,
     pub _pad: u32,
     pub addr: u64,
-    /// Length of the range, for `munmap` and `mremap`; 0 for heap blocks.
+    /// Length of the range, for `munmap`, `mremap` and `madvise`; 0 for heap blocks.
     pub size: u64,
 }
+
+/// A sampled write fault of a watched process (`exceptions:page_fault_user`): a page made resident and private,
+/// with the stack that touched it. One in [`FaultEvent::weight`] faults is sent, at random.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultEvent {
+    pub header: EventHeader,
+    /// The faulting address.
+    pub addr: u64,
+    /// Key of the user stack in [`StackEvent`]s (its first frame the faulting instruction); 0 when none.
+    pub stack_id: u64,
+    /// How many faults the sample stands for: the sampling period.
+    pub weight: u32,
+    pub _pad: u32,
+}
+
+/// Offsets of the `exceptions:page_fault_user` record's fields, read from tracefs at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultFields {
+    pub address: u32,
+    pub error_code: u32,
+}
+
+/// Bits of x86's page-fault error code: the access was a write, the access was an instruction fetch. A write
+/// fault gives the process a private page of its own (a fresh one, or a copy of the zero page or of a page shared
+/// since a fork); read faults map file pages or the shared zero page, which are no growth of its own memory.
+pub const FAULT_WRITE: u64 = 1 << 1;
+pub const FAULT_INSTRUCTION: u64 = 1 << 4;
 
 /// A process replaced its image with `execve`.
 #[repr(C)]
@@ -547,6 +585,8 @@ const _: () = assert!(size_of::<FreeEvent>() == 56);
 const _: () = assert!(size_of::<ForkEvent>() == 48);
 const _: () = assert!(size_of::<ExecEvent>() == 40);
 const _: () = assert!(size_of::<OomEvent>() == 88);
+const _: () = assert!(size_of::<FaultEvent>() == 56);
+const _: () = assert!(size_of::<FaultFields>() == 8);
 const _: () = assert!(size_of::<OomFields>() == 24);
 const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH + 8 + 16 * MAX_PY_FRAMES);
 const _: () = assert!(size_of::<PyProcess>() == 56);
@@ -566,6 +606,10 @@ unsafe impl aya::Pod for PyProcess {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for OomFields {}
+
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for FaultFields {}
 
 #[cfg(feature = "user")]
 // SAFETY: as above.

@@ -5,7 +5,9 @@
 //! Tracepoints, which fire host-wide and so check `TARGETS` first, add what is not malloc'd (anonymous
 //! `mmap`/`mremap`/`munmap` and `brk`, skipped inside an allocator call, whose blocks already account for
 //! them), and follow processes: `fork` marks children, `exec` says an address space was replaced or a `--comm`
-//! name started. With `--sample-every`, allocations are sampled by bytes and weighted.
+//! name started. With `--sample-every`, allocations are sampled by bytes and weighted. The agent's watch tier
+//! attaches no uprobe: sampled write faults (`page_fault_user`) say which stack made pages resident, and
+//! `madvise` beside the mapping calls says which were released.
 #![no_std]
 #![no_main]
 
@@ -26,12 +28,12 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use tracer_common::{
-    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, FORKED, ForkEvent,
-    FreeEvent, HOLD_AT_EXEC, IN_FLIGHT_STALE_NS, InFlight, LOSS_COUNTERS, LiveBlock, LiveKey, Loss,
-    MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_DEPTH, OomEvent, OomFields, PY_FRAME_READ_MAX,
-    PY_NO_OFFSET, PyFrame, PyProcess, PyStatus, SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES,
-    SiteCounters, SiteKey, SizeKey, StackEvent, SyscallInFlight, TALLY_COUNTERS, Tally,
-    sample_weight, size_class,
+    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, FAULT_INSTRUCTION,
+    FAULT_WRITE, FORKED, FaultEvent, FaultFields, ForkEvent, FreeEvent, HOLD_AT_EXEC,
+    IN_FLIGHT_STALE_NS, InFlight, LOSS_COUNTERS, LiveBlock, LiveKey, Loss, MAX_PY_FRAMES,
+    MAX_PY_THREADS, MAX_STACK_DEPTH, OomEvent, OomFields, PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame,
+    PyProcess, PyStatus, SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES, SiteCounters, SiteKey,
+    SizeKey, StackEvent, SyscallInFlight, TALLY_COUNTERS, Tally, sample_weight, size_class,
 };
 
 /// Every record for userspace, in the order the probes reserved them.
@@ -142,6 +144,22 @@ static OOM_FIELDS: OomFields = OomFields {
     file_rss: 32,
     shmem_rss: 40,
 };
+
+/// Where `exceptions:page_fault_user` keeps its fields on this kernel, set at load time from tracefs.
+#[unsafe(no_mangle)]
+static FAULT_FIELDS: FaultFields = FaultFields {
+    address: 8,
+    error_code: 24,
+};
+
+/// One write fault in this many, drawn at random, is sent (the watch tier); each sample weighs this much.
+#[unsafe(no_mangle)]
+static FAULT_SAMPLE_EVERY: u32 = 16;
+
+/// `madvise` advice that releases a range's pages.
+const MADV_DONTNEED: u64 = 4;
+const MADV_FREE: u64 = 8;
+const MADV_REMOVE: u64 = 9;
 
 /// Offset of `child_pid` in the `sched_process_fork` record: its layout changed across kernels, so userspace
 /// reads it from tracefs and sets it at load time.
@@ -1092,6 +1110,57 @@ pub fn brk_exit(ctx: TracePointContext) -> u32 {
         0
     };
     emit_mapping(&ctx, AllocFn::Brk, field(&ctx, SYSCALL_RET), 0, flags);
+    0
+}
+
+/// A watched process touched a page: a write fault gives it a private page of its own. One in
+/// `FAULT_SAMPLE_EVERY`, at random, is sent with its stack, whose first frame is the faulting instruction.
+#[tracepoint]
+pub fn page_fault_user(ctx: TracePointContext) -> u32 {
+    if !is_target() {
+        return 0;
+    }
+    // SAFETY: plain globals set at load time.
+    let (fields, every) = unsafe {
+        (
+            core::ptr::read_volatile(&FAULT_FIELDS),
+            core::ptr::read_volatile(&FAULT_SAMPLE_EVERY),
+        )
+    };
+    let error_code = field(&ctx, fields.error_code as usize);
+    if error_code & FAULT_WRITE == 0 || error_code & FAULT_INSTRUCTION != 0 {
+        return 0;
+    }
+    // SAFETY: a plain helper without arguments.
+    if every > 1 && unsafe { bpf_get_prandom_u32() } % every != 0 {
+        return 0;
+    }
+    let event = FaultEvent {
+        header: header(EventKind::Fault),
+        addr: field(&ctx, fields.address as usize),
+        // The user registers' ip is the faulting instruction.
+        stack_id: capture_stack(ctx.as_ptr(), user_ip_and_top_word().0, None),
+        weight: every.max(1),
+        _pad: 0,
+    };
+    let _ = output(&event);
+    0
+}
+
+#[tracepoint]
+pub fn madvise_enter(ctx: TracePointContext) -> u32 {
+    if !is_target() {
+        return 0;
+    }
+    // madvise(start, len, behavior): only the advice that drops the pages of the range.
+    let advice = field(&ctx, SYSCALL_ARG0 + 16) & 0xffff_ffff;
+    if matches!(advice, MADV_DONTNEED | MADV_FREE | MADV_REMOVE) {
+        emit_release(
+            AllocFn::Madvise,
+            field(&ctx, SYSCALL_ARG0),
+            field(&ctx, SYSCALL_ARG0 + 8),
+        );
+    }
     0
 }
 

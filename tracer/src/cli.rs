@@ -1,7 +1,7 @@
 //! Command-line arguments, as clap parses them, and the checks that keep a mistyped or empty one (an unset
 //! shell variable) from tracing the wrong processes or running for ever.
 
-use std::{ffi::OsString, path::PathBuf, time::Duration};
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
@@ -31,6 +31,10 @@ pub enum Command {
     /// Report every OOM kill on the host as it happens, one record each: victim, container, memory cgroup and
     /// its limit, Airflow task, and, for a victim traced here (-p, --comm, or a command), its top stacks.
     Oom(OomArgs),
+    /// Run on a host for good: watch every container's processes (or those --container, --cgroup and --comm
+    /// name) without uprobes, write a post-mortem for each OOM kill, and serve /metrics for Prometheus.
+    /// SIGTERM or SIGINT stops it.
+    Agent(AgentArgs),
 }
 
 /// What to trace, and for how long. Children of traced processes are followed.
@@ -196,6 +200,70 @@ pub struct OomArgs {
 
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Watch only the processes with this name (repeatable).
+    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
+    pub comms: Vec<String>,
+
+    /// Watch only the processes of this container (a name, or an id or its prefix of 12 or more hex
+    /// digits; repeatable).
+    #[arg(long = "container", value_name = "NAME|ID", value_parser = parse_container)]
+    pub containers: Vec<String>,
+
+    /// Watch only the processes in this cgroup or below it (repeatable).
+    #[arg(long = "cgroup", value_name = "PATH", value_parser = parse_cgroup)]
+    pub cgroups: Vec<String>,
+
+    /// Where OOM post-mortems are written (created if missing).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/alloctrace")]
+    pub dir: PathBuf,
+
+    /// Where the HTTP endpoints (/metrics, /healthz) are served.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    pub listen: SocketAddr,
+
+    /// Sample one write fault in N, weighted by N: a larger N costs less and sees less.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub fault_sample_every: u32,
+
+    /// How long a container's series are still exported after its last process is gone.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10m")]
+    pub series_ttl: Duration,
+
+    /// Size of the ring buffer that carries events to the agent (a power of two, at least 4KiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_buffer_size, default_value = "16MiB")]
+    pub buffer_size: u64,
+
+    /// Most distinct stacks kept, named.
+    #[arg(long, value_name = "N", default_value_t = 128 << 10)]
+    pub max_stacks: usize,
+
+    /// Most sampled pages held at once (about 100 bytes each); samples past it are counted as lost.
+    #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+    pub max_samples: usize,
+}
+
+impl AgentArgs {
+    /// The processes the agent watches, as the session takes them.
+    pub fn targets(&self) -> TargetArgs {
+        TargetArgs {
+            pids: Vec::new(),
+            comms: self.comms.clone(),
+            containers: self.containers.clone(),
+            cgroups: self.cgroups.clone(),
+            duration: None,
+            buffer_size: self.buffer_size,
+            no_python_frames: false,
+            sample_every: None,
+            // The watch tier keeps no heap block in the kernel.
+            max_live_blocks: 1,
+            max_stacks: self.max_stacks,
+            command: Vec::new(),
+        }
+    }
 }
 
 impl TargetArgs {

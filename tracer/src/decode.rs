@@ -1,8 +1,8 @@
 //! Ring-buffer records (bytes written by `tracer-ebpf`) into [`Event`]s.
 
 use tracer_common::{
-    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, ForkEvent,
-    FreeEvent, MAX_PY_FRAMES, MAX_STACK_DEPTH, OomEvent, PyFrame, PyStatus, StackEvent,
+    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, FaultEvent,
+    ForkEvent, FreeEvent, MAX_PY_FRAMES, MAX_STACK_DEPTH, OomEvent, PyFrame, PyStatus, StackEvent,
 };
 
 /// One decoded record.
@@ -46,6 +46,14 @@ pub enum Event {
         held: bool,
     },
     Oom(OomEvent),
+    /// A sampled write fault (the watch tier): the page of `addr` was made resident by stack `stack_id`, and
+    /// stands for `weight` such faults.
+    Fault {
+        header: EventHeader,
+        addr: u64,
+        stack_id: u64,
+        weight: u32,
+    },
 }
 
 /// The Python side of a stack record.
@@ -136,6 +144,15 @@ impl TryFrom<&[u8]> for Event {
                 }
             }
             EventKind::Oom => Self::Oom(read(bytes, Some(kind))?),
+            EventKind::Fault => {
+                let e: FaultEvent = read(bytes, Some(kind))?;
+                Self::Fault {
+                    header,
+                    addr: e.addr,
+                    stack_id: e.stack_id,
+                    weight: e.weight,
+                }
+            }
             EventKind::Fork => {
                 let e: ForkEvent = read(bytes, Some(kind))?;
                 Self::Fork {
@@ -257,6 +274,49 @@ mod tests {
             Ok(Event::Exec {
                 header: exec.header,
                 held: true
+            })
+        );
+    }
+
+    #[test]
+    fn fault_and_madvise_round_trip() {
+        let record = FaultEvent {
+            header: header(EventKind::Fault),
+            addr: 0x7f12_3456_7890,
+            stack_id: 0xfeed,
+            weight: 16,
+            _pad: 0,
+        };
+        assert_eq!(
+            Event::try_from(bytes_of(&record)),
+            Ok(Event::Fault {
+                header: record.header,
+                addr: 0x7f12_3456_7890,
+                stack_id: 0xfeed,
+                weight: 16,
+            })
+        );
+        assert_eq!(
+            Event::try_from(&bytes_of(&record)[..48]),
+            Err(DecodeError::Short {
+                kind: Some(EventKind::Fault),
+                len: 48
+            })
+        );
+        let madvise = FreeEvent {
+            header: header(EventKind::Free),
+            func: AllocFn::Madvise as u32,
+            _pad: 0,
+            addr: 0x7000_0000,
+            size: 1 << 20,
+        };
+        assert_eq!(
+            Event::try_from(bytes_of(&madvise)),
+            Ok(Event::Free {
+                header: madvise.header,
+                func: AllocFn::Madvise,
+                addr: 0x7000_0000,
+                size: 1 << 20,
             })
         );
     }

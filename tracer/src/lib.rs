@@ -2,6 +2,7 @@
 //! memory. The binary (`main.rs`) parses arguments and calls [`trace`]; the modules below are the pipeline:
 //! probes → decode → procs (process registry, symbols) → aggregate → report → output.
 
+pub mod agent;
 pub mod aggregate;
 pub mod cli;
 pub mod decode;

@@ -6,6 +6,7 @@ use clap::{CommandFactory as _, Parser as _, error::ErrorKind};
 
 use anyhow::{Context as _, bail};
 use tracer::{
+    agent::{self, AgentOptions},
     cli::{Cli, Command, LargeArgs, LeaksArgs, OutputArgs, TargetArgs},
     os,
     output::{self, Report, escape::Escaped},
@@ -95,6 +96,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             trace.finish();
             Ok(())
         }
+        Command::Agent(args) => {
+            let options = AgentOptions {
+                dir: args.dir.clone(),
+                listen: args.listen,
+                fault_every: args.fault_sample_every,
+                max_samples: args.max_samples,
+                series_ttl: args.series_ttl,
+            };
+            agent::run(&args.targets(), &options).await
+        }
     }
 }
 
@@ -122,7 +133,7 @@ fn usage_error(err: clap::Error) -> ExitCode {
         // clap would print the whole help: the usage says enough.
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             eprintln!(
-                "alloctrace: error: name a command: leaks, large or oom\n\n{}\n\nFor more information, try '--help'.",
+                "alloctrace: error: name a command: leaks, large, oom or agent\n\n{}\n\nFor more information, try '--help'.",
                 Cli::command().render_usage()
             );
         }

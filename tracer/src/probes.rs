@@ -1,6 +1,7 @@
 //! Loads the eBPF programs and attaches them: allocator uprobes per traced process (with a pid filter, so no
 //! other process on the host hits a breakpoint), and the tracepoints for mapped memory and for following
-//! processes. Each tracepoint's kernel requirement is in [`TRACEPOINTS`]. Reads the kernel's tables of live
+//! processes. Each tracepoint's kernel requirement is in [`TRACEPOINTS`] (and [`WATCH_TRACEPOINTS`] for the
+//! agent's watch tier, which loads no uprobe at all). Reads the kernel's tables of live
 //! blocks and site counters, and its loss counters.
 
 use std::{
@@ -15,8 +16,8 @@ use aya::{
     programs::{TracePoint, UProbe, trace_point::TracePointLink},
 };
 use tracer_common::{
-    AllocFn, HOLD_AT_EXEC, LOSS_COUNTERS, LiveBlock, LiveKey, OomFields, PyProcess, SiteCounters,
-    SiteKey, SizeKey, TALLY_COUNTERS,
+    AllocFn, FaultFields, HOLD_AT_EXEC, LOSS_COUNTERS, LiveBlock, LiveKey, OomFields, PyProcess,
+    SiteCounters, SiteKey, SizeKey, TALLY_COUNTERS,
 };
 
 use crate::{
@@ -40,7 +41,9 @@ fn entry_program(func: AllocFn) -> Option<&'static str> {
         AllocFn::Memalign => "memalign_enter",
         AllocFn::Valloc => "valloc_enter",
         AllocFn::Pvalloc => "pvalloc_enter",
-        AllocFn::Mmap | AllocFn::Munmap | AllocFn::Mremap | AllocFn::Brk => return None,
+        AllocFn::Mmap | AllocFn::Munmap | AllocFn::Mremap | AllocFn::Brk | AllocFn::Madvise => {
+            return None;
+        }
     })
 }
 
@@ -63,6 +66,12 @@ const TRACEPOINTS: [(&str, &str, &str); 13] = [
     ("sched_process_exit", "sched", "sched_process_exit"),
 ];
 
+/// The watch tier's tracepoints: (program, category, event). `exceptions:page_fault_user` is x86's (Linux 3.13+).
+const WATCH_TRACEPOINTS: [(&str, &str, &str); 2] = [
+    ("page_fault_user", "exceptions", "page_fault_user"),
+    ("madvise_enter", "syscalls", "sys_enter_madvise"),
+];
+
 /// What the programs are loaded with.
 pub struct LoadOptions {
     /// Bytes of the ring buffer (a power of two).
@@ -72,6 +81,8 @@ pub struct LoadOptions {
     pub sampling: Sampling,
     /// Capacity of the kernel's table of live blocks.
     pub max_live_blocks: u32,
+    /// The watch tier (the agent): no uprobes; one write fault in this many is sampled, with its stack.
+    pub watch_faults: Option<u32>,
 }
 
 pub struct Probes {
@@ -115,7 +126,22 @@ impl Probes {
         let fsbase_offset = system::task_fsbase_offset()?;
         // The OOM tracepoint is optional (an older kernel may lack it): its fields are read where it exists.
         let oom_fields = oom_fields();
+        let fault_fields = match options.watch_faults {
+            Some(_) => {
+                let field = |name: &str| {
+                    system::tracepoint_field_offset("exceptions", "page_fault_user", name)
+                };
+                FaultFields {
+                    address: field("address")?,
+                    error_code: field("error_code")?,
+                }
+            }
+            None => FaultFields::default(),
+        };
+        let fault_every = options.watch_faults.unwrap_or(1);
         let mut ebpf = EbpfLoader::new()
+            .override_global("FAULT_FIELDS", &fault_fields, true)
+            .override_global("FAULT_SAMPLE_EVERY", &fault_every, true)
             .override_global("FORK_CHILD_PID_OFFSET", &child_pid_offset, true)
             .override_global("TASK_FSBASE_OFFSET", &fsbase_offset, true)
             .override_global("OOM_FIELDS", &oom_fields.unwrap_or_default(), true)
@@ -146,14 +172,20 @@ impl Probes {
             )?
         };
         let entries = AllocFn::ALLOCATOR.map(entry_program);
-        for name in entries.into_iter().flatten().chain([EXIT_PROGRAM]) {
+        let uprobe_programs = entries.into_iter().flatten().chain([EXIT_PROGRAM]);
+        // The watch tier never attaches a uprobe: their programs are not even loaded.
+        let uprobe_programs = uprobe_programs.filter(|_| options.watch_faults.is_none());
+        for name in uprobe_programs {
             let program: &mut UProbe = program(&mut ebpf, name)?.try_into()?;
             program
                 .load()
                 .with_context(|| format!("the kernel refused the eBPF program {name}"))?;
         }
         let mut tracepoint_links = Vec::new();
-        for (name, category, event) in TRACEPOINTS {
+        let watch_tracepoints = WATCH_TRACEPOINTS
+            .into_iter()
+            .filter(|_| options.watch_faults.is_some());
+        for (name, category, event) in TRACEPOINTS.into_iter().chain(watch_tracepoints) {
             let program: &mut TracePoint = program(&mut ebpf, name)?.try_into()?;
             if program.fd().is_err() {
                 program

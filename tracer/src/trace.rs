@@ -1,6 +1,8 @@
 //! A tracing session: finds and attaches to the targets (pids, names, a command, and the children they fork,
 //! held until attached), consumes the ring reader's records until the trace ends (duration, a stop signal, or
 //! every target gone), takes the heap from the kernel's tables, and hands the ledger to the report builders.
+//! The agent runs the same session in its watch tier ([`watch`]): no uprobes, sampled page faults into a
+//! [`Resident`] ledger, until a stop signal.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -18,22 +20,23 @@ use tokio::{
 use tracer_common::{AllocFn, Loss, OomEvent, PyStatus, SiteKey, Tally};
 
 use crate::{
-    aggregate::{Ledger, Site, SiteId, Sites},
+    aggregate::{Ledger, Site, SiteId, Sites, resident::Resident},
     cli::TargetArgs,
     decode::{Event, PythonStack},
     output::escape::Escaped,
     probes::{LoadOptions, Probes},
     procs::{
         Frame, ProcessInfo, Registry,
+        airflow::TaskIdentity,
         allocator::{self, Allocator},
-        container::{self, Selector},
+        container::{self, Container, Selector},
         maps::FileId,
     },
     python::runtime::{self, Reader},
     report::{
         AllocatorReport, CacheEvictions, Exit, Losses, ProcessReport,
         history::History,
-        oom::{self, Cgroups, OomInput, OomRecord},
+        oom::{self, Cgroups, OomInput, OomRecord, TopStack},
     },
     ring::{Delivery, RingReader},
     sampling::Sampling,
@@ -48,6 +51,46 @@ const HISTORY_INTERVAL: Duration = Duration::from_millis(250);
 /// minutes of growth, every 5 s, before an OOM kill.
 const GROWTH_EVERY: u64 = 20;
 const GROWTH_SAMPLES: usize = 60;
+
+/// How often the watch tier tells the agent what its processes hold.
+const WATCH_TICK: Duration = Duration::from_secs(1);
+
+/// The agent's watch tier, in place of tracing allocations: targets get no uprobe; their sampled write faults
+/// and mapping calls feed a [`Resident`] ledger; the session runs until a stop signal; and an exited process's
+/// pages are kept until the OOM kills read with its exit are reported.
+pub struct Watch<'a> {
+    /// One write fault in this many is sampled, and weighs this many.
+    pub fault_every: u32,
+    /// Most sampled pages held (see [`Resident::new`]).
+    pub max_samples: usize,
+    /// Every process in a container is watched: no `--container`, `--cgroup` or `--comm` narrows it.
+    pub every_container: bool,
+    /// Called every [`WATCH_TICK`] with what the watched processes hold.
+    pub on_tick: &'a mut dyn FnMut(&WatchTick),
+}
+
+/// What the watched processes hold, at one tick.
+pub struct WatchTick {
+    pub processes: Vec<WatchedProcess>,
+    /// Records that never reached the ledger since the start: the ring buffer was full, a record could not be
+    /// decoded, or the ledger was full.
+    pub lost_events: u64,
+}
+
+pub struct WatchedProcess {
+    pub pid: u32,
+    pub comm: String,
+    pub container: Option<Container>,
+    pub task: Option<TaskIdentity>,
+    /// The ledger's estimate of what its pages hold.
+    pub resident_bytes: u64,
+    /// The stacks that made its pages resident, biggest first: at most [`WATCH_STACKS`], named.
+    pub stacks: Vec<TopStack>,
+}
+
+/// How many of a watched process's stacks each tick names: the heap profile the agent serves is bounded by
+/// this many stacks per process.
+pub const WATCH_STACKS: usize = 64;
 
 /// What a finished trace gathered: the input of every report.
 pub struct Trace {
@@ -164,6 +207,10 @@ struct State {
     undecodable: u64,
     /// Processes that forked or exec'd, for the session to attach to.
     discovered: Vec<Discovery>,
+    /// The watch tier's ledger (`None` when tracing allocations).
+    resident: Option<Resident>,
+    /// Watched processes that exited, forgotten once the OOM kills read with their exit are reported.
+    gone: Vec<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,6 +230,12 @@ impl State {
                 return;
             }
         };
+        // The watch tier keeps pages, not ranges: no site is made for what it only follows by the page.
+        if let Some(resident) = &mut self.resident
+            && follow_pages(resident, &event)
+        {
+            return;
+        }
         match event {
             Event::Stack {
                 header,
@@ -248,8 +301,14 @@ impl State {
             }
             Event::Exec { header, held } => {
                 self.ledger.exec(header.pid);
+                if let Some(resident) = &mut self.resident {
+                    resident.forget(header.pid);
+                }
                 self.site_of_stack.retain(|&(pid, ..), _| pid != header.pid);
-                self.registry.refresh(header.pid);
+                // Watched, every exec on the host comes here: only the chosen are read, once chosen.
+                if self.resident.is_none() {
+                    self.registry.refresh(header.pid);
+                }
                 self.discovered.push(Discovery::Execed {
                     pid: header.pid,
                     ts_ns: header.ts_ns,
@@ -269,6 +328,8 @@ impl State {
                 });
             }
             Event::Oom(kill) => self.ooms.push(kill),
+            // Only the watch tier's programs send faults.
+            Event::Fault { .. } => self.undecodable += 1,
         }
     }
 
@@ -293,6 +354,69 @@ impl State {
         });
         self.ledger = ledger;
         Ok(())
+    }
+
+    /// The stacks that made a watched process's pages resident, biggest first, named.
+    fn resident_stacks(&self, pid: u32, most: usize) -> Vec<TopStack> {
+        let Some(resident) = &self.resident else {
+            return Vec::new();
+        };
+        resident
+            .top_stacks(pid)
+            .into_iter()
+            .take(most)
+            .map(|(stack_id, residency)| TopStack {
+                live_bytes: residency.resident_bytes(),
+                live_count: residency.resident_pages,
+                stack: self
+                    .stacks
+                    .get(&stack_id)
+                    .map(|frames| frames.iter().map(|f| Frame::clone(f)).collect())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// What the watched processes hold now.
+    fn watch_tick(&self, targets: &Targets) -> anyhow::Result<WatchTick> {
+        let Some(resident) = &self.resident else {
+            bail!("not watching");
+        };
+        let processes = targets
+            .order
+            .iter()
+            .map(|&pid| {
+                let info = self.registry.info(pid);
+                let stacks = self.resident_stacks(pid, WATCH_STACKS);
+                WatchedProcess {
+                    pid,
+                    comm: info.map(|i| i.comm.clone()).unwrap_or_default(),
+                    container: info.and_then(|i| i.container.clone()),
+                    task: info.and_then(|i| i.task.clone()),
+                    resident_bytes: resident.process(pid).resident_bytes(),
+                    stacks,
+                }
+            })
+            .collect();
+        let kernel = targets.probes.losses()?;
+        Ok(WatchTick {
+            processes,
+            lost_events: kernel[Loss::RingBufFull as usize] + self.undecodable + resident.refused(),
+        })
+    }
+
+    /// Forgets the watched processes that exited: their OOM kills, read with their exit, are reported.
+    fn forget_gone(&mut self, targets: &mut Targets) {
+        for pid in std::mem::take(&mut self.gone) {
+            if let Some(resident) = &mut self.resident {
+                resident.forget(pid);
+            }
+            targets.order.retain(|&p| p != pid);
+            targets.exited.remove(&pid);
+            self.growth.remove(&pid);
+            lock(&self.pythons).remove(&pid);
+            self.registry.forget(pid);
+        }
     }
 
     /// The site of an allocation, named the first time its stack is seen, while the process is alive.
@@ -320,6 +444,44 @@ impl State {
         self.site_of_stack.insert((pid, func, stack_id), site);
         site
     }
+}
+
+/// The watch tier's share of the records: sampled faults, and the calls that release or move pages. False for
+/// the others.
+fn follow_pages(resident: &mut Resident, event: &Event) -> bool {
+    match *event {
+        Event::Fault {
+            header,
+            addr,
+            stack_id,
+            weight,
+        } => resident.fault(header.pid, addr, stack_id, weight),
+        Event::Alloc {
+            header,
+            func,
+            addr,
+            size,
+            ..
+        } => match func {
+            AllocFn::Brk => resident.break_moved(header.pid, addr),
+            AllocFn::Mremap => resident.remapped(header.pid, header.tid, addr, size),
+            // A fresh mapping replaces whatever was mapped there.
+            AllocFn::Mmap => resident.released(header.pid, addr, size),
+            _ => return false,
+        },
+        Event::Free {
+            header,
+            func,
+            addr,
+            size,
+        } => match func {
+            AllocFn::Mremap => resident.remap_started(header.pid, header.tid, addr, size),
+            AllocFn::Munmap | AllocFn::Madvise => resident.released(header.pid, addr, size),
+            _ => return false,
+        },
+        _ => return false,
+    }
+    true
 }
 
 /// Handles records in order; a process a record reveals (a fork, an exec) is attached to before the records
@@ -403,6 +565,10 @@ struct Targets {
     allocator_pending: HashMap<u32, Instant>,
     /// Processes chosen for the trace that could not be attached to (gone at once, no allocator found).
     untraced: u64,
+    /// The watch tier: targets are marked for the tracepoints only, never given uprobes.
+    watching: bool,
+    /// Every process in a container is chosen (the agent, unless a selector narrows it).
+    every_container: bool,
 }
 
 /// How long a probe that read "holding" just before it was turned off may take to announce what it held.
@@ -423,6 +589,9 @@ impl Targets {
             .is_ok_and(|comm| self.comms.iter().any(|c| *c == comm.trim_end()));
         if named {
             return true;
+        }
+        if self.every_container {
+            return container::of_pid(pid).is_some();
         }
         if self.selector.is_empty() {
             return false;
@@ -457,16 +626,27 @@ impl Targets {
         if !self.python_frames {
             return;
         }
-        state.registry.refresh(pid);
+        // Watched, a process is not held at exec: its frames are read the sooner the better, and what else is
+        // known of it (its container's name) is read after.
+        if self.watching {
+            state.registry.refresh_maps(pid);
+        } else {
+            state.registry.refresh(pid);
+        }
         match runtime::detect(&mut state.registry, pid) {
             Some(interpreter) => {
                 self.python_pending.remove(&pid);
                 match interpreter.bpf_config() {
-                    Some(config) => {
-                        if let Err(err) = self.probes.add_python(pid, &config) {
-                            warn(format_args!("no Python frames for pid {pid}: {err:#}"));
-                        }
-                    }
+                    Some(config) => match self.probes.add_python(pid, &config) {
+                        Err(err) => warn(format_args!("no Python frames for pid {pid}: {err:#}")),
+                        // The agent says so (the trace says which processes it traces): its Python
+                        // frames are read from now on.
+                        Ok(()) if self.watching => warn(format_args!(
+                            "watching Python {} in pid {pid}",
+                            interpreter.info.version
+                        )),
+                        Ok(()) => {}
+                    },
                     None => warn(format_args!(
                         "no Python frames for pid {pid}: {}",
                         interpreter
@@ -547,7 +727,9 @@ impl Targets {
             }
             Discovery::Execed { pid, ts_ns, held } => {
                 // Its old address space is gone, and the blocks in it.
-                if let Err(err) = self.probes.forget_blocks(pid, ts_ns) {
+                if !self.watching
+                    && let Err(err) = self.probes.forget_blocks(pid, ts_ns)
+                {
                     warn(format_args!("{err:#}"));
                 }
                 lock(&state.pythons).remove(&pid);
@@ -555,6 +737,11 @@ impl Targets {
                 // Before anything slow: a shared libpython is mapped within milliseconds, and looked for
                 // from then on.
                 self.detect_python(state, pid, true);
+                // Watched, it needs nothing more than its exit followed.
+                if self.watching {
+                    self.watch(state, pid);
+                    return;
+                }
                 if self.spawned_exec == Some(pid) {
                     // The command alloctrace started, whose allocator was found from this very executable.
                     self.spawned_exec = None;
@@ -616,6 +803,11 @@ impl Targets {
             }
             lock(&state.pythons).insert(child, Reader::new(child, interpreter));
         }
+        if self.watching {
+            self.watch(state, child);
+            state.registry.inherit_task(child, parent);
+            return;
+        }
         let allocator = self
             .allocators
             .iter()
@@ -632,6 +824,24 @@ impl Targets {
             // It may have exited already; the trace goes on for the others.
             self.untraced += 1;
             warn(format_args!("not tracing pid {child}: {err:#}"));
+        }
+    }
+
+    /// Watches `pid` (the watch tier): marked for the tracepoints, its identity read, its exit followed.
+    fn watch(&mut self, state: &mut State, pid: u32) {
+        let _ = self.probes.add_target(pid);
+        state.registry.refresh(pid);
+        if let (Some(resident), Some(heap_end)) =
+            (&mut state.resident, state.registry.heap_end(pid))
+        {
+            resident.set_break(pid, heap_end);
+        }
+        if let Err(err) = self.track(pid) {
+            self.untraced += 1;
+            warn(format_args!("not watching pid {pid}: {err:#}"));
+        }
+        if self.exited.contains_key(&pid) {
+            state.gone.push(pid);
         }
     }
 
@@ -723,9 +933,15 @@ fn report_ooms(
     if state.ooms.is_empty() {
         return Ok(());
     }
-    // What the victims held: the kernel's tables as they are now.
-    state.take_heap(&targets.probes, sampling)?;
+    // What the victims held: the kernel's tables as they are now (the watch tier has its own ledger).
+    if state.resident.is_none() {
+        state.take_heap(&targets.probes, sampling)?;
+    }
     for kill in std::mem::take(&mut state.ooms) {
+        let watched = state
+            .resident
+            .is_some()
+            .then(|| state.resident_stacks(kill.victim_pid, usize::MAX));
         let record = oom::build(OomInput {
             event: &kill,
             registry: &mut state.registry,
@@ -738,6 +954,7 @@ fn report_ooms(
                 .map_or(&[][..], |samples| samples.as_slices().0),
             cgroups: &mut lock(&state.cgroups),
             window,
+            watched,
         });
         sink(&record)?;
     }
@@ -746,9 +963,30 @@ fn report_ooms(
 
 /// Runs a trace to its end. Without targets it only watches (OOM kills, with `oom_sink`) until `--duration`
 /// or Ctrl-C.
-pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow::Result<Trace> {
+pub async fn run(args: &TargetArgs, oom_sink: Option<OomSink<'_>>) -> anyhow::Result<Trace> {
+    session(args, oom_sink, None).await
+}
+
+/// Runs the watch tier over the processes `args` chooses (every container's with [`Watch::every_container`])
+/// until a stop signal (or `--duration`).
+pub async fn watch(
+    args: &TargetArgs,
+    oom_sink: OomSink<'_>,
+    watch: Watch<'_>,
+) -> anyhow::Result<Trace> {
+    session(args, Some(oom_sink), Some(watch)).await
+}
+
+async fn session(
+    args: &TargetArgs,
+    mut oom_sink: Option<OomSink<'_>>,
+    mut watch: Option<Watch<'_>>,
+) -> anyhow::Result<Trace> {
+    let watching = watch.is_some();
     system::require_root()?;
-    system::require_uprobes()?;
+    if !watching {
+        system::require_uprobes()?;
+    }
     system::ensure_tracefs()?;
     // Every traced process holds a descriptor per uprobe: a task that forks many children needs more than
     // the usual soft limit of 1024.
@@ -760,9 +998,11 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     let mut targets = Targets {
         probes: Probes::load(&LoadOptions {
             buffer_size: args.buffer_size,
-            watch_execs: args.chooses_by_cgroup(),
+            watch_execs: args.chooses_by_cgroup()
+                || watch.as_ref().is_some_and(|w| w.every_container),
             sampling: sampling.clone(),
             max_live_blocks: args.max_live_blocks,
+            watch_faults: watch.as_ref().map(|w| w.fault_every),
         })?,
         comms: args
             .comms
@@ -783,12 +1023,16 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         spawned_exec: None,
         python_frames: !args.no_python_frames,
         untraced: 0,
+        watching,
+        every_container: watch.as_ref().is_some_and(|w| w.every_container),
     };
     let mut state = State {
         max_stacks: args.max_stacks,
+        resident: watch.as_ref().map(|w| Resident::new(w.max_samples)),
         ..State::default()
     };
-    targets.probes.hold_new_processes(true)?;
+    // Watched processes get no uprobe: there is nothing to attach before they run.
+    targets.probes.hold_new_processes(!watching)?;
     // The trace's window opens before the first block can be recorded, so that no age exceeds the trace's
     // duration: before the first probe goes on a running process, or else as the command is released.
     let now = || (Instant::now(), system::monotonic_ns());
@@ -807,29 +1051,34 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     }
     // Processes found by name, container or cgroup come and go, and one may have just exec'd: each is attached
     // once its allocator is mapped, and one that cannot be traced is said, not fatal.
-    if !targets.comms.is_empty() || !targets.selector.is_empty() {
+    if !targets.comms.is_empty() || !targets.selector.is_empty() || targets.every_container {
         for pid in targets.running_chosen(&mut state.registry) {
             let _ = targets.probes.add_target(pid);
             targets.detect_python(&mut state, pid, true);
+            if watching {
+                targets.watch(&mut state, pid);
+                continue;
+            }
             targets
                 .allocator_pending
                 .insert(pid, Instant::now() + PENDING_WINDOW);
         }
         targets.attach_pending_allocators(&mut state);
     }
+    let verb = if watching { "watching" } else { "tracing" };
     for comm in &args.comms {
         warn(format_args!(
-            "tracing processes named {comm}, running or started from now on"
+            "{verb} processes named {comm}, running or started from now on"
         ));
     }
     for container in &args.containers {
         eprintln!(
-            "alloctrace: tracing the processes of container {container}, running or started from now on"
+            "alloctrace: {verb} the processes of container {container}, running or started from now on"
         );
     }
     for cgroup in &args.cgroups {
         eprintln!(
-            "alloctrace: tracing the processes of cgroup {cgroup}, running or started from now on"
+            "alloctrace: {verb} the processes of cgroup {cgroup}, running or started from now on"
         );
     }
 
@@ -894,10 +1143,11 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
     let mut pending_timer = tokio::time::interval(PENDING_INTERVAL);
     let mut history_timer = tokio::time::interval(HISTORY_INTERVAL);
     let mut history_ticks = 0u64;
+    let mut watch_timer = tokio::time::interval(WATCH_TICK);
     // With --comm, processes may still come, and without targets alloctrace only watches: only the duration
     // or Ctrl-C end the trace then.
     let waits_for_more =
-        !args.comms.is_empty() || args.chooses_by_cgroup() || targets.order.is_empty();
+        !args.comms.is_empty() || args.chooses_by_cgroup() || targets.order.is_empty() || watching;
     if oom_sink.is_some() && !targets.probes.oom_watched {
         bail!("this kernel has no usable oom:mark_victim tracepoint: OOM kills cannot be reported");
     }
@@ -913,10 +1163,16 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
             },
             _ = history_timer.tick() => {
                 let now = system::monotonic_ns();
-                let heap = targets.probes.site_counters()?;
+                let live: HashMap<u32, u64> = match &state.resident {
+                    Some(resident) => resident
+                        .processes()
+                        .map(|(pid, r)| (pid, r.resident_bytes()))
+                        .collect(),
+                    None => state.ledger.live_bytes_by_pid(&targets.probes.site_counters()?),
+                };
                 let growth_tick = history_ticks.is_multiple_of(GROWTH_EVERY);
                 history_ticks += 1;
-                for (pid, bytes) in state.ledger.live_bytes_by_pid(&heap) {
+                for (pid, bytes) in live {
                     state.history.record(now, pid, bytes);
                     if !growth_tick {
                         continue;
@@ -940,6 +1196,15 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
                 flush(&mut reader, &mut targets, &mut state).await;
                 targets.exited.entry(pid).or_insert(Exit::Exited);
                 targets.probes.detach(pid);
+                if watching {
+                    state.gone.push(pid);
+                }
+            }
+            _ = watch_timer.tick(), if watching => {
+                let tick = state.watch_tick(&targets)?;
+                if let Some(watch) = &mut watch {
+                    (watch.on_tick)(&tick);
+                }
             }
             Some(event) = recv(&mut child_events) => match event {
                 ChildEvent::ExecFailed(err) => {
@@ -967,6 +1232,7 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         follow_discoveries(&mut targets, &mut state);
         let window = (start_ns, system::monotonic_ns());
         report_ooms(&mut state, &targets, &sampling, window, &mut oom_sink)?;
+        state.forget_gone(&mut targets);
     }
     // Nothing is attached to from here on: new processes are no longer held. A process held just before that is
     // announced within microseconds (the record goes out before the stop): the flush after the pause handles it.
@@ -1002,8 +1268,9 @@ pub async fn run(args: &TargetArgs, mut oom_sink: Option<OomSink<'_>>) -> anyhow
         untraced_processes: targets.untraced,
     };
     // Selectors that chose nothing in the whole trace are said: a misspelt name must not look like a quiet
-    // process.
-    if targets.order.is_empty()
+    // process. (The watch tier forgets the processes that exit: it cannot tell.)
+    if !watching
+        && targets.order.is_empty()
         && !(args.comms.is_empty() && args.containers.is_empty() && args.cgroups.is_empty())
     {
         warn(format_args!(
@@ -1131,5 +1398,109 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::{EventHeader, EventKind};
+
+    use super::*;
+
+    const PAGE: u64 = 4096;
+
+    fn header(kind: EventKind, tid: u32) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            pid: 7,
+            tid,
+            ..Default::default()
+        }
+    }
+
+    fn fault(addr: u64) -> Event {
+        Event::Fault {
+            header: header(EventKind::Fault, 7),
+            addr,
+            stack_id: 3,
+            weight: 1,
+        }
+    }
+
+    fn release(func: AllocFn, addr: u64, size: u64) -> Event {
+        Event::Free {
+            header: header(EventKind::Free, 8),
+            func,
+            addr,
+            size,
+        }
+    }
+
+    fn map(func: AllocFn, addr: u64, size: u64) -> Event {
+        Event::Alloc {
+            header: header(EventKind::Alloc, 8),
+            func,
+            addr,
+            size,
+            stack_id: 0,
+            by_allocator: false,
+        }
+    }
+
+    /// Each record the watch tier sees reaches the ledger rule it stands for; the others are left to the session.
+    #[test]
+    fn the_watch_tier_takes_faults_and_the_calls_that_release_or_move_pages() {
+        let mut resident = Resident::new(1 << 10);
+        let held = |resident: &Resident| resident.process(7).resident_pages;
+        for page in 0..8 {
+            assert!(follow_pages(
+                &mut resident,
+                &fault(0x1000_0000 + page * PAGE)
+            ));
+        }
+        assert_eq!(held(&resident), 8);
+        assert!(follow_pages(
+            &mut resident,
+            &release(AllocFn::Madvise, 0x1000_0000, PAGE)
+        ));
+        assert!(follow_pages(
+            &mut resident,
+            &release(AllocFn::Munmap, 0x1000_0000 + PAGE, PAGE)
+        ));
+        // A fresh mapping over a page replaces it.
+        assert!(follow_pages(
+            &mut resident,
+            &map(AllocFn::Mmap, 0x1000_0000 + 2 * PAGE, PAGE)
+        ));
+        assert_eq!(held(&resident), 5);
+        // mremap moves the last two pages away and keeps one: its entry and its return, on one thread.
+        assert!(follow_pages(
+            &mut resident,
+            &release(AllocFn::Mremap, 0x1000_0000 + 6 * PAGE, 2 * PAGE)
+        ));
+        assert!(follow_pages(
+            &mut resident,
+            &map(AllocFn::Mremap, 0x2000_0000, PAGE)
+        ));
+        assert_eq!(held(&resident), 4);
+        // The break falls below the pages left at 3–5.
+        resident.set_break(7, 0x1000_0000 + 8 * PAGE);
+        assert!(follow_pages(
+            &mut resident,
+            &map(AllocFn::Brk, 0x1000_0000 + 3 * PAGE, 0)
+        ));
+        assert_eq!(held(&resident), 1, "the moved page");
+        // Heap blocks, stacks and process events are the session's.
+        assert!(!follow_pages(
+            &mut resident,
+            &map(AllocFn::Malloc, 0x3000_0000, 64)
+        ));
+        assert!(!follow_pages(
+            &mut resident,
+            &Event::Exec {
+                header: header(EventKind::Exec, 7),
+                held: false
+            }
+        ));
     }
 }

@@ -41,8 +41,8 @@ enum Task {
         filter: Option<String>,
     },
     /// Build, then measure what tracing costs the bench's workloads: untraced, under empty probes at
-    /// alloctrace's places, alloctrace exact, sampled and without Python frames, a memleak-style bpftrace script
-    /// and memray; medians and ratios in one Markdown table.
+    /// alloctrace's places, alloctrace exact, sampled and without Python frames, the agent's watch tier, a
+    /// memleak-style bpftrace script and memray; medians and ratios in one Markdown table.
     Bench {
         /// Only this workload (repeatable); all of them by default.
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(bench::NAMES))]

@@ -12,8 +12,9 @@ use anyhow::{Context as _, bail};
 use crate::{as_root, build, check, packages, root};
 
 /// What the integration tests run besides glibc: other allocators, preloaded or built in, setpriv for the
-/// not-root test, and a Docker engine for containers.
-const TEST_PACKAGES: [&str; 8] = [
+/// not-root test, a Docker engine for containers, Prometheus to scrape the agent, Go for `go tool pprof` and
+/// headless Chromium for the HTML page.
+const TEST_PACKAGES: [&str; 9] = [
     "libjemalloc2",
     "libtcmalloc-minimal4",
     "libmimalloc2.0",
@@ -23,6 +24,7 @@ const TEST_PACKAGES: [&str; 8] = [
     // `go tool pprof` reads the pprof output; headless Chromium loads the HTML page.
     "golang-go",
     "chromium",
+    "prometheus",
 ];
 
 /// How long dockerd may take to answer once started.

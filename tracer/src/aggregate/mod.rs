@@ -4,9 +4,11 @@
 //! weighing of sampled blocks — is unit-tested with synthetic events and tables.
 //!
 //! Heap blocks are counted in the kernel (a block that lives microseconds costs a map update, never a record):
-//! the ledger takes a snapshot of those tables when a report needs it.
+//! the ledger takes a snapshot of those tables when a report needs it. The agent's watch tier, which sees page
+//! faults rather than allocations, keeps its own ledger in [`resident`].
 
 pub mod regions;
+pub mod resident;
 
 use std::{
     collections::{BTreeMap, HashMap, hash_map::Entry},

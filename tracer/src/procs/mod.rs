@@ -236,6 +236,25 @@ impl Registry {
         }
     }
 
+    /// Reads `pid`'s address space again, and nothing else: what finding its interpreter needs, without the
+    /// slower questions of [`Registry::refresh`] (its container's name is asked of Docker, which may be busy
+    /// starting that very container).
+    pub fn refresh_maps(&mut self, pid: u32) {
+        let Some(maps) = Maps::from_pid(pid).ok().filter(|m| !m.mappings.is_empty()) else {
+            return;
+        };
+        match self.processes.get_mut(&pid) {
+            Some(process) => process.maps = maps,
+            None => {
+                let info = ProcessInfo {
+                    pid,
+                    ..Default::default()
+                };
+                self.processes.insert(pid, Process { info, maps });
+            }
+        }
+    }
+
     /// The name the container's runtime gives it, when it can be asked (Docker).
     pub fn name_container(&mut self, container: &mut Container) {
         if container.runtime == "docker" && container.name.is_none() {
@@ -257,6 +276,11 @@ impl Registry {
     pub fn set_info(&mut self, info: ProcessInfo) {
         let maps = Maps::default();
         self.processes.insert(info.pid, Process { info, maps });
+    }
+
+    /// Forgets a process that is gone (the agent, which runs for days, must not keep every pid it saw).
+    pub fn forget(&mut self, pid: u32) {
+        self.processes.remove(&pid);
     }
 
     pub fn info(&self, pid: u32) -> Option<&ProcessInfo> {

@@ -30,7 +30,8 @@ pub struct OomRecord {
     pub container: Option<Container>,
     pub memcg: Option<Memcg>,
     pub task: Option<TaskIdentity>,
-    /// Whether alloctrace was tracing the victim's allocations (`top_stacks` and `growth` are empty otherwise).
+    /// Whether alloctrace was tracing the victim's allocations, or (the agent) watching its page faults:
+    /// `top_stacks` and `growth` are empty otherwise.
     pub traced: bool,
     pub top_stacks: Vec<TopStack>,
     /// The victim's live memory over the minutes before the kill, oldest first, the last at the kill.
@@ -67,6 +68,7 @@ pub struct Memcg {
 #[derive(Clone, Debug, Serialize)]
 pub struct TopStack {
     pub live_bytes: u64,
+    /// Blocks, or for the agent's watch tier pages (estimated from sampled page faults).
     pub live_count: u64,
     pub stack: Vec<Frame>,
 }
@@ -178,6 +180,9 @@ pub struct OomInput<'a> {
     pub cgroups: &'a mut Cgroups,
     /// `bpf_ktime_get_ns` time now, and the trace's start: for `live_by_site`.
     pub window: (u64, u64),
+    /// What the agent's watch tier saw the victim make resident, biggest first, in place of the ledger's
+    /// allocations.
+    pub watched: Option<Vec<TopStack>>,
 }
 
 pub fn build(input: OomInput<'_>) -> OomRecord {
@@ -209,23 +214,25 @@ pub fn build(input: OomInput<'_>) -> OomRecord {
         .as_deref()
         .or(container.as_ref().map(|c| c.cgroup.as_str()))
         .and_then(|path| input.cgroups.memcg(path));
-    let mut top_stacks: Vec<TopStack> = input
-        .ledger
-        .live_by_site(u64::MAX, input.window)
-        .into_iter()
-        .filter(|(site, _)| input.sites.get(*site).pid == pid)
-        .map(|(site, live)| TopStack {
-            live_bytes: live.bytes,
-            live_count: live.count,
-            stack: input
-                .sites
-                .get(site)
-                .frames
-                .iter()
-                .map(|f| Frame::clone(f))
-                .collect(),
-        })
-        .collect();
+    let mut top_stacks: Vec<TopStack> = input.watched.unwrap_or_else(|| {
+        input
+            .ledger
+            .live_by_site(u64::MAX, input.window)
+            .into_iter()
+            .filter(|(site, _)| input.sites.get(*site).pid == pid)
+            .map(|(site, live)| TopStack {
+                live_bytes: live.bytes,
+                live_count: live.count,
+                stack: input
+                    .sites
+                    .get(site)
+                    .frames
+                    .iter()
+                    .map(|f| Frame::clone(f))
+                    .collect(),
+            })
+            .collect()
+    });
     let live_now: u64 = top_stacks.iter().map(|s| s.live_bytes).sum();
     top_stacks.sort_by_key(|s| std::cmp::Reverse(s.live_bytes));
     top_stacks.truncate(TOP_STACKS);

@@ -1,11 +1,14 @@
 //! The configurations each workload runs under, the command of each, and the checks of what a traced run
 //! recorded: untraced; empty bpftrace probes at alloctrace's places (the floor); alloctrace exact, sampled and
-//! without Python frames; the memleak-style bpftrace peer; memray, with and without `--native`.
+//! without Python frames; the agent's watch tier (no uprobes) watching the workload by name; the memleak-style
+//! bpftrace peer; memray, with and without `--native`.
 
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
@@ -37,18 +40,21 @@ pub enum Config {
     Sampled,
     /// `alloctrace leaks --no-python-frames`.
     NoPythonFrames,
+    /// `alloctrace agent --comm NAME`, started before the workload: the watch tier, no uprobes.
+    Agent,
     Peer,
     Memray,
     MemrayNative,
 }
 
 impl Config {
-    pub const ALL: [Config; 8] = [
+    pub const ALL: [Config; 9] = [
         Config::Untraced,
         Config::EmptyProbes,
         Config::Exact,
         Config::Sampled,
         Config::NoPythonFrames,
+        Config::Agent,
         Config::Peer,
         Config::Memray,
         Config::MemrayNative,
@@ -61,6 +67,7 @@ impl Config {
             Config::Exact => "alloctrace leaks (exact)",
             Config::Sampled => "alloctrace leaks --sample-every 512KiB",
             Config::NoPythonFrames => "alloctrace leaks --no-python-frames",
+            Config::Agent => "alloctrace agent (watch tier)",
             Config::Peer => "bpftrace memleak-style peer",
             Config::Memray => "memray run",
             Config::MemrayNative => "memray run --native",
@@ -75,6 +82,7 @@ impl Config {
             Config::Exact => "alloctrace",
             Config::Sampled => "alloctrace_sampled",
             Config::NoPythonFrames => "alloctrace_no_python_frames",
+            Config::Agent => "alloctrace_agent",
             Config::Peer => "bpftrace_memleak",
             Config::Memray => "memray",
             Config::MemrayNative => "memray_native",
@@ -115,8 +123,12 @@ pub fn run(config: Config, setup: &Setup) -> anyhow::Result<Run> {
     let command_line = workload.command(workload.iterations);
     let report_path = setup.work.join(format!("{}.report", config.key()));
     remove_stale(&report_path)?;
+    let agent = match config {
+        Config::Agent => Some(Agent::start(setup)?),
+        _ => None,
+    };
     let mut command = match config {
-        Config::Untraced => {
+        Config::Untraced | Config::Agent => {
             let mut command = Command::new(&command_line[0]);
             command
                 .args(&command_line[1..])
@@ -173,6 +185,7 @@ pub fn run(config: Config, setup: &Setup) -> anyhow::Result<Run> {
         &mut command,
         &setup.work.join(format!("{}.log", config.key())),
     )?;
+    let agent_lost = agent.map(|agent| agent.stop(setup)).transpose()?;
     let loop_time = outcome.loop_time();
     let Some((loop_ns, ops)) = loop_time.filter(|_| outcome.status.success()) else {
         let what = match config {
@@ -194,6 +207,9 @@ pub fn run(config: Config, setup: &Setup) -> anyhow::Result<Run> {
         lost: Vec::new(),
         totals: None,
     };
+    if let Some(lost) = agent_lost {
+        run.lost = vec![("events".to_owned(), lost)];
+    }
     if config.is_alloctrace() {
         check_alloctrace_report(config, setup, &report_path, &mut run)?;
     } else if config.is_memray() {
@@ -283,4 +299,97 @@ fn check_alloctrace_report(
             .context("alloctrace's report has no live_bytes")?,
     });
     Ok(())
+}
+
+/// How long the agent may take to load its programs and say it is ready, and to stop.
+const AGENT_START: Duration = Duration::from_secs(120);
+const AGENT_STOP: Duration = Duration::from_secs(60);
+
+/// `alloctrace agent --comm NAME` around one run of the workload, its stderr in a log file.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent watching the workload's executable by name, and waits until it says it is ready.
+    fn start(setup: &Setup) -> anyhow::Result<Self> {
+        let program = Path::new(&setup.workload.program[0]);
+        let name = program
+            .file_name()
+            .context("the workload has no program name")?
+            .to_string_lossy();
+        // The kernel's comm: 15 bytes.
+        let comm: String = name.chars().take(15).collect();
+        let log = setup.work.join("alloctrace_agent.agent.log");
+        let file =
+            fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let child = as_root(&setup.alloctrace)?
+            .args(["agent", "--listen", "127.0.0.1:0", "--comm", &comm, "--dir"])
+            .arg(setup.work.join("agent"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .context("cannot start alloctrace agent")?;
+        let mut agent = Self { child, log };
+        let started = Instant::now();
+        while !agent.said("alloctrace: agent ready:") {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("alloctrace agent ended ({status}):\n{}", agent.text());
+            }
+            if started.elapsed() > AGENT_START {
+                bail!(
+                    "alloctrace agent was not ready after {AGENT_START:?}:\n{}",
+                    agent.text()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(agent)
+    }
+
+    fn text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn said(&self, what: &str) -> bool {
+        self.text().lines().any(|line| line.starts_with(what))
+    }
+
+    /// Stops the agent once the workload is done; it must have read a CPython workload's frames. Returns the
+    /// events it said it lost.
+    fn stop(mut self, setup: &Setup) -> anyhow::Result<u64> {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let stopping = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if stopping.elapsed() > AGENT_STOP {
+                let _ = self.child.kill();
+                bail!("alloctrace agent did not stop within {AGENT_STOP:?}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        let text = self.text();
+        ensure!(
+            status.success(),
+            "alloctrace agent failed ({status}):\n{text}"
+        );
+        ensure!(
+            setup.workload.python.is_none() || text.contains("alloctrace: watching Python "),
+            "{} workload: the agent never read its Python frames:\n{text}",
+            setup.workload.key
+        );
+        // `N events lost (M since the start): …`: the last says them all.
+        let lost = text
+            .lines()
+            .filter_map(|line| line.split_once(" events lost (")?.1.split_once(' '))
+            .filter_map(|(total, _)| total.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        Ok(lost)
+    }
 }

@@ -1,0 +1,508 @@
+//! `alloctrace agent` with the real things: it starts first and watches every container; a container with an
+//! 80 MiB memory limit runs a Python task that appends 1 MiB bytearrays until the kernel kills it, and the
+//! agent's post-mortem names the container, the victim and the Python line that held the memory; a real
+//! Prometheus scrapes the agent and, queried through its HTTP API, shows the kill and a second container's live
+//! bytes. A container already running when the agent starts is watched too.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc::{Receiver, RecvTimeoutError, channel},
+    time::{Duration, Instant},
+};
+
+use alloctrace_tests::{alloctrace, docker, go_pprof, pyenv_prefix, require_root};
+use serde_json::Value;
+
+/// Generous bounds for things that take a fraction of a second on an idle machine: the tests share two cores.
+const STARTUP: Duration = Duration::from_secs(180);
+const EVENT: Duration = Duration::from_secs(90);
+
+/// The OOM victim: waits for a line, then appends 1 MiB bytearrays until it is killed. Line 5 holds it all.
+const HOG: &str = "import sys
+def hog():
+    held = []
+    while True:
+        held.append(bytearray(1 << 20))
+print('ready', flush=True)
+sys.stdin.readline()
+hog()
+";
+
+/// Holds 80 bytearrays of 1 MiB (83,886,080 bytes, every page written) once told to, until told to stop.
+const HOLDER: &str = "import sys
+print('ready', flush=True)
+sys.stdin.readline()
+held = [bytearray(1 << 20) for _ in range(80)]
+print('held', flush=True)
+sys.stdin.readline()
+";
+const HELD: f64 = 83_886_080.0;
+
+/// Lines a child writes on one of its streams, read on a thread of their own, kept for failure messages.
+struct Lines {
+    receiver: Receiver<String>,
+    seen: Vec<String>,
+    what: &'static str,
+}
+
+impl Lines {
+    fn new(stream: impl std::io::Read + Send + 'static, what: &'static str) -> Self {
+        let (sender, receiver) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            receiver,
+            seen: Vec::new(),
+            what,
+        }
+    }
+
+    /// The first line from now on that `wanted` accepts; fails after `bound`, with everything read.
+    fn wait_for(&mut self, bound: Duration, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + bound;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.receiver.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if wanted(&line) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "{} did not say it within {bound:?}:\n{}",
+                        self.what,
+                        self.seen.join("\n")
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("{} ended:\n{}", self.what, self.seen.join("\n"))
+                }
+            }
+        }
+    }
+}
+
+/// Kills and reaps a child when the test ends, whichever way.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A Python task in a container of its own: its stdin, stdout lines, and host pid.
+struct Task {
+    name: String,
+    stdin: ChildStdin,
+    stdout: Lines,
+    pid: u32,
+    id: String,
+    _child: Reaped,
+}
+
+impl Task {
+    fn start(image: &str, name: String, memory_mib: u32, script: &str) -> Self {
+        let python = pyenv_prefix("3.12").join("bin/python3.12");
+        let mut child = Command::new("docker")
+            .args(["run", "-i", "--network", "none", "--name", &name])
+            .arg(format!("--memory={memory_mib}m"))
+            .arg(format!("--memory-swap={memory_mib}m"))
+            .arg(image)
+            .arg(&python)
+            .args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker run");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = Lines::new(child.stdout.take().unwrap(), "the container");
+        stdout.wait_for(EVENT, |line| line == "ready");
+        let (pid, id) = (docker::container_pid(&name), docker::container_id(&name));
+        Self {
+            name,
+            stdin,
+            stdout,
+            pid,
+            id,
+            _child: Reaped(child),
+        }
+    }
+
+    fn go(&mut self) {
+        writeln!(self.stdin).unwrap();
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `GET path` on `addr`, the body of a 200 answer.
+fn get(addr: &str, path: &str) -> String {
+    String::from_utf8(get_bytes(addr, path)).expect("a text answer")
+}
+
+/// `GET path` on `addr`, the body of a 200 answer, as bytes.
+fn get_bytes(addr: &str, path: &str) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP answer");
+    let head = String::from_utf8_lossy(&answer[..split]);
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    answer[split + 4..].to_vec()
+}
+
+/// Percent-encodes a query for a URL.
+fn encode(query: &str) -> String {
+    query
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Asks Prometheus, until `accept` takes a sample value or `bound` passes, for the one series `query` gives.
+fn query_until(
+    prometheus: &str,
+    query: &str,
+    bound: Duration,
+    accept: impl Fn(f64) -> bool,
+) -> f64 {
+    let deadline = Instant::now() + bound;
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        let body = get(
+            prometheus,
+            &format!("/api/v1/query?query={}", encode(query)),
+        );
+        last = serde_json::from_str(&body).unwrap();
+        let value = last["data"]["result"]
+            .as_array()
+            .filter(|series| series.len() == 1)
+            .and_then(|series| series[0]["value"][1].as_str()?.parse::<f64>().ok());
+        if let Some(value) = value.filter(|v| accept(*v)) {
+            return value;
+        }
+        // Prometheus scrapes every second: asked again once it may have.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("Prometheus never answered {query} as expected within {bound:?}; last: {last:#}");
+}
+
+fn temp_dir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("alloctrace-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts Prometheus on loopback, scraping `target` every second; returns it and the address it listens on.
+fn start_prometheus(dir: &Path, target: &str) -> (Reaped, String) {
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: alloctrace\n    static_configs:\n      - targets: [\"{target}\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg("--web.listen-address=127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prometheus (Debian package prometheus: cargo xtask test installs it)");
+    let mut log = Lines::new(prometheus.stderr.take().unwrap(), "prometheus");
+    let listening = log.wait_for(STARTUP, |l| l.contains("msg=\"Listening on\""));
+    let addr = listening
+        .rsplit("address=")
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned();
+    log.wait_for(STARTUP, |l| {
+        l.contains("Server is ready to receive web requests")
+    });
+    // Its log is not read from here on: a thread drains it.
+    std::thread::spawn(move || while log.receiver.recv().is_ok() {});
+    (Reaped(prometheus), addr)
+}
+
+#[test]
+fn the_agent_writes_an_oom_post_mortem_with_the_python_line_and_prometheus_scrapes_its_series() {
+    require_root();
+    docker::require_docker();
+    let image = docker::python_image(&pyenv_prefix("3.12"), "3.12");
+    let dir = temp_dir("agent");
+    let post_mortems = dir.join("post-mortems");
+    let post_mortems_arg = post_mortems.to_string_lossy().into_owned();
+    let (mut agent, mut log, listen) =
+        start_agent(&["--listen", "127.0.0.1:0", "--dir", &post_mortems_arg]);
+    assert_eq!(get(&listen, "/healthz"), "ok\n");
+    let (_prometheus, prometheus) = start_prometheus(&dir, &listen);
+
+    // A task that holds 80 MiB in a container started after the agent, with room for it.
+    let mut holder = Task::start(
+        &image,
+        format!("alloctrace-agent-holder-{}", std::process::id()),
+        256,
+        HOLDER,
+    );
+    let watching = "watching Python 3.12";
+    let pid = holder.pid;
+    log.wait_for(EVENT, |l| {
+        l.contains(watching) && l.ends_with(&format!(" pid {pid}"))
+    });
+    holder.go();
+    holder.stdout.wait_for(EVENT, |l| l == "held");
+
+    // A task that grows until the kernel kills it.
+    let mut hog = Task::start(
+        &image,
+        format!("alloctrace-agent-hog-{}", std::process::id()),
+        80,
+        HOG,
+    );
+    let pid = hog.pid;
+    log.wait_for(EVENT, |l| {
+        l.contains(watching) && l.ends_with(&format!(" pid {pid}"))
+    });
+    hog.go();
+    let killed = log.wait_for(EVENT, |l| {
+        l.starts_with(&format!("alloctrace: OOM kill of pid {pid} "))
+    });
+    let path = PathBuf::from(killed.rsplit(": ").next().unwrap());
+    let file_name = path.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(path.parent(), Some(post_mortems.as_path()), "{killed}");
+    assert!(
+        file_name.starts_with("oom-") && file_name.ends_with(&format!("-{}-{pid}.json", hog.name)),
+        "{file_name}"
+    );
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(
+        (&record["schema"], &record["event"]),
+        (&Value::from(1), &Value::from("oom_kill")),
+        "{record:#}"
+    );
+    assert_eq!(record["container"]["name"], hog.name.as_str(), "{record:#}");
+    assert_eq!(record["container"]["id"], hog.id.as_str(), "{record:#}");
+    assert_eq!(record["victim"]["pid"], pid, "{record:#}");
+    assert!(
+        record["victim"]["comm"]
+            .as_str()
+            .unwrap()
+            .starts_with("python"),
+        "{record:#}"
+    );
+    assert_eq!(record["memcg"]["limit_bytes"], 80 << 20, "{record:#}");
+    let by_the_line = record["top_stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|stack| {
+            stack["stack"].as_array().unwrap().iter().any(|frame| {
+                frame["lang"] == "python" && frame["function"] == "hog" && frame["line"] == 5
+            })
+        })
+        .unwrap_or_else(|| panic!("no stack through hog, line 5: {record:#}"));
+    assert!(
+        by_the_line["live_bytes"].as_u64().unwrap() >= 40 << 20,
+        "{by_the_line:#}"
+    );
+
+    // Prometheus, scraping the agent, sees the kill and what the other container holds.
+    let kills = query_until(
+        &prometheus,
+        &format!("alloctrace_oom_kills_total{{container=\"{}\"}}", hog.name),
+        EVENT,
+        |v| v >= 1.0,
+    );
+    assert_eq!(kills, 1.0);
+    let live = query_until(
+        &prometheus,
+        &format!("alloctrace_live_bytes{{container=\"{}\"}}", holder.name),
+        EVENT,
+        |v| v >= 0.85 * HELD,
+    );
+    // The bytearrays, give or take the sampling (one fault in 16: a few percent), and the interpreter's own
+    // pages.
+    assert!(live <= 1.25 * HELD, "{live} bytes for {HELD}");
+    // The same memory in the heap profile Pyroscope and Parca scrape, read by the reference reader: the
+    // holder's line (its script is `-c`, so the file is `<string>`) holds it, labelled with its container.
+    let heap = dir.join("heap.pb.gz");
+    std::fs::write(&heap, get_bytes(&listen, "/debug/pprof/heap")).unwrap();
+    let top = go_pprof(
+        &[
+            "-top",
+            "-lines",
+            "-nodefraction=0",
+            "-nodecount=100000",
+            "-sample_index=inuse_space",
+            "-unit=B",
+            &format!("-tagfocus=container={}", holder.name),
+        ],
+        &heap,
+    );
+    let line_bytes = top
+        .lines()
+        .find(|row| row.ends_with(" <module> <string>:4"))
+        .and_then(|row| row.split_whitespace().nth(3))
+        .and_then(|cum| cum.strip_suffix('B')?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no <module> <string>:4 in the heap profile:\n{top}"));
+    assert!(
+        (0.85 * HELD..=1.25 * HELD).contains(&line_bytes),
+        "{line_bytes} bytes on the holder's line for {HELD}:\n{top}"
+    );
+    // Beside the post-mortem, the flame graph of what the victim held, naming its line.
+    let svg =
+        std::fs::read_to_string(path.with_extension("svg")).expect("the post-mortem's flame graph");
+    assert!(svg.starts_with("<?xml"), "{svg}");
+    assert!(svg.contains("hog (&lt;string&gt;:5)"), "{svg}");
+    let limit = query_until(
+        &prometheus,
+        &format!(
+            "alloctrace_memcg_limit_bytes{{container=\"{}\"}}",
+            holder.name
+        ),
+        EVENT,
+        |v| v > 0.0,
+    );
+    assert_eq!(limit, f64::from(256 << 20));
+    let rss = query_until(&prometheus, "alloctrace_agent_resident_bytes", EVENT, |v| {
+        v > 0.0
+    });
+    eprintln!(
+        "post-mortem {file_name}: {} bytes through hog line 5; holder live bytes {live}; agent RSS {rss}",
+        by_the_line["live_bytes"]
+    );
+
+    holder.go();
+    // SAFETY: signalling the child we spawned and have not reaped.
+    unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(agent.wait().unwrap().success(), "{}", log.seen.join("\n"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The agent, started with `args`, once it says it is ready: the child, its log, and where it serves.
+fn start_agent(args: &[&str]) -> (Child, Lines, String) {
+    let mut agent = Command::new(alloctrace())
+        .arg("agent")
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = Lines::new(agent.stderr.take().unwrap(), "the agent");
+    let ready = log.wait_for(STARTUP, |l| l.starts_with("alloctrace: agent ready:"));
+    let listen = ready
+        .split("serving http://")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .expect("the agent says where it serves")
+        .to_owned();
+    (agent, log, listen)
+}
+
+/// The value of the one `alloctrace_live_bytes` series of `container` in the agent's `/metrics`.
+fn live_bytes(listen: &str, container: &str) -> Option<f64> {
+    let metrics = get(listen, "/metrics");
+    let prefix = format!("alloctrace_live_bytes{{container=\"{container}\",");
+    let mut values = metrics
+        .lines()
+        .filter(|line| line.starts_with(&prefix))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap());
+    let value = values.next();
+    assert!(
+        values.next().is_none(),
+        "one series per container and task:\n{metrics}"
+    );
+    value
+}
+
+#[test]
+fn a_container_running_before_the_agent_is_watched_from_its_start() {
+    require_root();
+    docker::require_docker();
+    let image = docker::python_image(&pyenv_prefix("3.12"), "3.12");
+    let mut holder = Task::start(
+        &image,
+        format!("alloctrace-agent-early-{}", std::process::id()),
+        256,
+        HOLDER,
+    );
+    let dir = temp_dir("agent-early");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let (mut agent, log, listen) = start_agent(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        &dir_arg,
+        "--container",
+        &holder.name,
+    ]);
+    // Found in /proc at the start, its interpreter with it: said before the agent is ready.
+    let pid = holder.pid;
+    assert!(
+        log.seen
+            .iter()
+            .any(|l| l.contains("watching Python 3.12") && l.ends_with(&format!(" pid {pid}"))),
+        "{}",
+        log.seen.join("\n")
+    );
+    holder.go();
+    holder.stdout.wait_for(EVENT, |l| l == "held");
+    // The agent's ledger takes the faults as they come; its series follow at its next tick.
+    let deadline = Instant::now() + EVENT;
+    let live = loop {
+        let live = live_bytes(&listen, &holder.name);
+        if live.is_some_and(|v| v >= 0.85 * HELD) || Instant::now() > deadline {
+            break live;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let live = live.unwrap_or_else(|| panic!("no live bytes for {}", holder.name));
+    assert!(
+        (0.85 * HELD..=1.25 * HELD).contains(&live),
+        "{live} bytes for {HELD}:\n{}",
+        get(&listen, "/metrics")
+    );
+    holder.go();
+    // SAFETY: signalling the child we spawned and have not reaped.
+    unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(agent.wait().unwrap().success(), "{}", log.seen.join("\n"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
