@@ -103,6 +103,29 @@ fn inspect(name: &str, format: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The host pid of container `name`'s first process, once Docker has started it (`docker run` returns before).
+pub fn started_container_pid(name: &str) -> u32 {
+    let started = std::time::Instant::now();
+    loop {
+        let out = Command::new("docker")
+            .args(["inspect", "--format", "{{.State.Pid}}", name])
+            .output()
+            .expect("docker inspect");
+        let pid: u32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if pid != 0 {
+            return pid;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "container {name} never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The host pid of a running container's first process.
 pub fn container_pid(name: &str) -> u32 {
     inspect(name, "{{.State.Pid}}")

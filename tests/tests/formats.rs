@@ -580,25 +580,7 @@ fn formats_oom_writes_a_flame_graph_per_kill_into_a_directory() {
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
-    let pid = loop {
-        let out = Command::new("docker")
-            .args(["inspect", "--format", "{{.State.Pid}}", &name])
-            .output()
-            .unwrap();
-        let pid: u32 = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0);
-        if pid != 0 {
-            break pid;
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(120),
-            "container {name} never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let pid = docker::started_container_pid(&name);
     wait_for(&|line| line.contains(&format!("tracing pid {pid} ")));
     writeln!(container.stdin.as_mut().unwrap()).unwrap();
     assert_eq!(

@@ -221,7 +221,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DIR", default_value = "/var/lib/alloctrace")]
     pub dir: PathBuf,
 
-    /// Where the HTTP endpoints (/metrics, /healthz) are served.
+    /// Where the HTTP endpoints (/metrics, /debug/pprof/heap, /healthz) are served.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
     pub listen: SocketAddr,
 
