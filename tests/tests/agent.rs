@@ -39,6 +39,19 @@ held = [bytearray(1 << 20) for _ in range(80)]
 print('held', flush=True)
 sys.stdin.readline()
 ";
+/// [`HOLDER`] in a forked child, as a task runner forks its task: forks once told to, and the child holds the
+/// 80 MiB on line 8 once told to.
+const FORKING_HOLDER: &str = "import os, sys
+print('ready', flush=True)
+sys.stdin.readline()
+if os.fork():
+    os.wait()
+    sys.exit(0)
+sys.stdin.readline()
+held = [bytearray(1 << 20) for _ in range(80)]
+print('held', flush=True)
+sys.stdin.readline()
+";
 const HELD: f64 = 83_886_080.0;
 
 /// Lines a child writes on one of its streams, read on a thread of their own, kept for failure messages.
@@ -276,17 +289,21 @@ fn the_agent_writes_an_oom_post_mortem_with_the_python_line_and_prometheus_scrap
     assert_eq!(get(&listen, "/healthz"), "ok\n");
     let (_prometheus, prometheus) = start_prometheus(&dir, &listen);
 
-    // A task that holds 80 MiB in a container started after the agent, with room for it.
+    // A task that holds 80 MiB in a container started after the agent, with room for it, in a child it forks.
     let mut holder = Task::start(
         &image,
         format!("alloctrace-agent-holder-{}", std::process::id()),
         256,
-        HOLDER,
+        FORKING_HOLDER,
     );
     let watching = "watching Python 3.12";
     let pid = holder.pid;
     log.wait_for(EVENT, |l| {
         l.contains(watching) && l.ends_with(&format!(" pid {pid}"))
+    });
+    holder.go();
+    log.wait_for(EVENT, |l| {
+        l.contains(watching) && l.ends_with(&format!(", forked by pid {pid}"))
     });
     holder.go();
     holder.stdout.wait_for(EVENT, |l| l == "held");
@@ -363,7 +380,8 @@ fn the_agent_writes_an_oom_post_mortem_with_the_python_line_and_prometheus_scrap
     // pages.
     assert!(live <= 1.25 * HELD, "{live} bytes for {HELD}");
     // The same memory in the heap profile Pyroscope and Parca scrape, read by the reference reader: the
-    // holder's line (its script is `-c`, so the file is `<string>`) holds it, labelled with its container.
+    // holder's line in its forked child (the script is `-c`, so the file is `<string>`) holds it, labelled
+    // with its container.
     let heap = dir.join("heap.pb.gz");
     std::fs::write(&heap, get_bytes(&listen, "/debug/pprof/heap")).unwrap();
     let top = go_pprof(
@@ -380,10 +398,10 @@ fn the_agent_writes_an_oom_post_mortem_with_the_python_line_and_prometheus_scrap
     );
     let line_bytes = top
         .lines()
-        .find(|row| row.ends_with(" <module> <string>:4"))
+        .find(|row| row.ends_with(" <module> <string>:8"))
         .and_then(|row| row.split_whitespace().nth(3))
         .and_then(|cum| cum.strip_suffix('B')?.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no <module> <string>:4 in the heap profile:\n{top}"));
+        .unwrap_or_else(|| panic!("no <module> <string>:8 in the heap profile:\n{top}"));
     assert!(
         (0.85 * HELD..=1.25 * HELD).contains(&line_bytes),
         "{line_bytes} bytes on the holder's line for {HELD}:\n{top}"

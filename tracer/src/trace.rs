@@ -714,14 +714,17 @@ impl Targets {
     fn follow(&mut self, state: &mut State, discovery: Discovery) {
         match discovery {
             // A child forked once holding was off (the trace is ending) is left alone: traced from its first
-            // instruction, or not at all, never from some point in its life.
+            // instruction, or not at all, never from some point in its life. The watch tier holds nothing and
+            // follows every child (a task runner forks the task, a prefork worker its workers).
             Discovery::Forked {
                 parent,
                 child,
                 held,
             } => {
-                if held {
+                if held || self.watching {
                     self.follow_fork(state, parent, child);
+                }
+                if held {
                     resume(child);
                 }
             }
@@ -798,8 +801,15 @@ impl Targets {
             .get(&parent)
             .map(|reader| reader.interpreter().clone());
         if let Some(interpreter) = interpreter {
-            if let Some(config) = interpreter.bpf_config() {
-                let _ = self.probes.add_python(child, &config);
+            if let Some(config) = interpreter.bpf_config()
+                && self.probes.add_python(child, &config).is_ok()
+                && self.watching
+            {
+                // As for an exec'd interpreter: the agent says whose frames it reads from now on.
+                warn(format_args!(
+                    "watching Python {} in pid {child}, forked by pid {parent}",
+                    interpreter.info.version
+                ));
             }
             lock(&state.pythons).insert(child, Reader::new(child, interpreter));
         }
