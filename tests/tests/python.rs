@@ -442,7 +442,7 @@ fn an_oom_kill_in_a_container_is_one_record_with_the_victims_stacks() {
         .unwrap()
         .iter()
         .find(|f| f["lang"] == "python")
-        .expect("Python frames");
+        .unwrap_or_else(|| panic!("no Python frame in the top stack: {record:#}"));
     assert_eq!(
         (&python["function"], &python["line"]),
         (&serde_json::json!("<module>"), &serde_json::json!(5)),

@@ -299,8 +299,8 @@ impl Registry {
     /// The object behind a mapping, loaded once per file (again if the cache's bounds evicted it).
     pub fn module(&mut self, pid: u32, mapping: &Mapping) -> Option<Arc<Module>> {
         let id = mapping.file?;
-        self.modules.get_or_load(id, || {
-            let open_path = open_path(pid, mapping);
+        let open_path = open_path(pid, mapping);
+        self.modules.get_or_load(id, &open_path, || {
             Module::load(&open_path, &mapping.path).ok().map(Arc::new)
         })
     }
