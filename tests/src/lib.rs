@@ -3,8 +3,9 @@
 //! when it is missing, rather than pass without running.
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Child, Command, Output, Stdio},
     sync::OnceLock,
 };
 
@@ -247,4 +248,34 @@ pub fn go_pprof(args: &[&str], profile: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Starts `alloctrace ARGS -p PID -o REPORT` on a running process and returns it once it says, on its first
+/// line of stderr, that it traces that process: what the process does from then on is seen.
+pub fn start_tracing_pid(args: &[&str], pid: u32, report: &Path) -> Child {
+    let mut tracer = Command::new(alloctrace())
+        .args(args)
+        .arg("-p")
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(report)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut notice = String::new();
+    BufReader::new(tracer.stderr.as_mut().unwrap())
+        .read_line(&mut notice)
+        .unwrap();
+    assert!(
+        notice.starts_with(&format!("alloctrace: tracing pid {pid}")),
+        "{notice}"
+    );
+    tracer
+}
+
+/// Ends a trace as Ctrl-C does, and checks that alloctrace wrote its report and exited 0.
+pub fn interrupt(mut tracer: Child) {
+    // SAFETY: signalling a child the test spawned and has not reaped.
+    unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };
+    assert!(tracer.wait().unwrap().success());
 }

@@ -10,7 +10,8 @@ use std::{
 };
 
 use alloctrace_tests::{
-    SITES_EXPECTED, alloctrace, docker, go_pprof, pyenv_prefix, require_root, workload, workspace,
+    SITES_EXPECTED, alloctrace, docker, go_pprof, interrupt, pyenv_prefix, require_root,
+    start_tracing_pid, workload, workspace,
 };
 use serde_json::Value;
 
@@ -475,29 +476,12 @@ fn formats_text_tracebacks_read_a_containers_source_through_its_root() {
     assert_eq!(line, "waiting\n");
     let pid = docker::container_pid(&name);
     let report = temp("container.txt");
-    let mut tracer = Command::new(alloctrace())
-        .args(["leaks", "--top", "0", "--color", "always", "-p"])
-        .arg(pid.to_string())
-        .arg("-o")
-        .arg(&report)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut notice = String::new();
-    BufReader::new(tracer.stderr.as_mut().unwrap())
-        .read_line(&mut notice)
-        .unwrap();
-    assert!(
-        notice.starts_with(&format!("alloctrace: tracing pid {pid}")),
-        "{notice}"
-    );
+    let tracer = start_tracing_pid(&["leaks", "--top", "0", "--color", "always"], pid, &report);
     writeln!(container.stdin.as_mut().unwrap(), "go").unwrap();
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "ready\n");
-    // SAFETY: signalling the child we spawned and have not reaped.
-    unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };
-    assert!(tracer.wait().unwrap().success());
+    interrupt(tracer);
     drop(container.stdin.take());
     container.wait().unwrap();
     let text = std::fs::read_to_string(&report).unwrap();

@@ -8,7 +8,9 @@ use std::{
     process::{Command, Stdio},
 };
 
-use alloctrace_tests::{alloctrace, docker, pyenv_prefix, require_root, workspace};
+use alloctrace_tests::{
+    alloctrace, docker, interrupt, pyenv_prefix, require_root, start_tracing_pid, workspace,
+};
 use serde_json::Value;
 
 /// The most bytes CPython adds to an object's payload (object header, bytearray's trailing NUL, alignment).
@@ -287,29 +289,12 @@ fn cpython_in_a_container_with_its_own_libc_and_libpython() {
     let id = docker::container_id(&name);
     let report =
         std::env::temp_dir().join(format!("alloctrace-container-{}.json", std::process::id()));
-    let mut tracer = Command::new(alloctrace())
-        .args(["leaks", "--format", "json", "--top", "0", "-p"])
-        .arg(pid.to_string())
-        .arg("-o")
-        .arg(&report)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut notice = String::new();
-    BufReader::new(tracer.stderr.as_mut().unwrap())
-        .read_line(&mut notice)
-        .unwrap();
-    assert!(
-        notice.starts_with(&format!("alloctrace: tracing pid {pid}")),
-        "{notice}"
-    );
+    let tracer = start_tracing_pid(&["leaks", "--format", "json", "--top", "0"], pid, &report);
     writeln!(container.stdin.as_mut().unwrap(), "go").unwrap();
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "ready\n");
-    // SAFETY: signalling the child we spawned and have not reaped.
-    unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };
-    assert!(tracer.wait().unwrap().success());
+    interrupt(tracer);
     drop(container.stdin.take());
     container.wait().unwrap();
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
