@@ -79,6 +79,16 @@ static COMPILING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Like [`workload`], with another C compiler (`musl-gcc` for a program on musl's allocator).
 pub fn workload_built_by(name: &str, compiler: &str) -> PathBuf {
+    build_workload(name, compiler, "-O0")
+}
+
+/// Like [`workload`], optimized (`-O1 -g`, with frame pointers): functions are laid out and inlined as in a
+/// release build, and its DWARF still names every line.
+pub fn optimized_workload(name: &str) -> PathBuf {
+    build_workload(name, "cc", "-O1")
+}
+
+fn build_workload(name: &str, compiler: &str, optimization: &str) -> PathBuf {
     let _building = COMPILING.lock().unwrap_or_else(|e| e.into_inner());
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
@@ -87,10 +97,19 @@ pub fn workload_built_by(name: &str, compiler: &str) -> PathBuf {
         dir
     });
     let source = workspace().join(format!("tests/workloads/{name}.c"));
-    let binary = dir.join(format!("{name}-{compiler}-{}", std::process::id()));
+    let binary = dir.join(format!(
+        "{name}-{compiler}{optimization}-{}",
+        std::process::id()
+    ));
     if !binary.exists() {
         let out = Command::new(compiler)
-            .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+            .args([
+                optimization,
+                "-g",
+                "-fno-omit-frame-pointer",
+                "-pthread",
+                "-o",
+            ])
             .arg(&binary)
             .arg(&source)
             .output()

@@ -44,6 +44,9 @@ fn leaks_of_sites(format: &str) -> Vec<u8> {
 /// How a flame graph or pprof names a JSON frame: its function, or `module+0xoffset` by the module's file name.
 fn json_frame_name(frame: &Value) -> String {
     match frame["function"].as_str() {
+        // pprof keeps a call inlined into the next frame as a line of that frame's location, which go tool
+        // pprof shows as a function of its own, marked.
+        Some(function) if frame["inlined"] == true => format!("{function} (inline)"),
         Some(function) => function.to_owned(),
         None => {
             let module = frame["module"].as_str().unwrap_or("?");
@@ -60,11 +63,19 @@ fn json_per_function(report: &Value) -> (BTreeMap<String, u64>, BTreeMap<String,
     let mut cum = BTreeMap::new();
     for site in report["sites"].as_array().unwrap() {
         let bytes = site["live_bytes"].as_u64().unwrap();
-        let names: Vec<String> = site["stack"]
-            .as_array()
-            .unwrap()
+        let stack = site["stack"].as_array().unwrap();
+        // go tool pprof shows a function inlined into a copy of itself (a location's lines of one name) once,
+        // as the function it was inlined into.
+        let names: Vec<String> = stack
             .iter()
-            .map(json_frame_name)
+            .enumerate()
+            .filter(|(depth, frame)| {
+                !(frame["inlined"] == true
+                    && stack
+                        .get(depth + 1)
+                        .is_some_and(|next| next["function"] == frame["function"]))
+            })
+            .map(|(_, frame)| json_frame_name(frame))
             .collect();
         *flat.entry(names[0].clone()).or_insert(0) += bytes;
         let mut seen: Vec<&String> = Vec::new();

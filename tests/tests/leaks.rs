@@ -8,7 +8,8 @@ use std::{
 };
 
 use alloctrace_tests::{
-    alloctrace, assert_sites_exact, json_report, live, require_root, site, workload, workspace,
+    alloctrace, assert_sites_exact, json_report, live, optimized_workload, require_root, site,
+    workload, workspace,
 };
 
 #[test]
@@ -150,8 +151,77 @@ fn json_report_keeps_its_contract() {
     let frame = &site(&report, "malloc", "leak_site")["stack"][0];
     assert_eq!(frame["module"], sites.to_str().unwrap());
     assert!(frame["offset"].as_str().unwrap().starts_with("0x"));
-    assert!(frame["file"].is_null() && frame["line"].is_null());
+    // Built with -g: the DWARF names the file and the line of the malloc call.
+    assert_eq!(
+        (frame["file"].as_str(), frame["line"].as_u64()),
+        (
+            workspace().join("tests/workloads/sites.c").to_str(),
+            Some(source_line("sites.c", "void leak_site"))
+        ),
+        "{frame:#}"
+    );
     assert_eq!(frame["lang"], "native");
+    assert!(frame.get("inlined").is_none(), "{frame:#}");
+}
+
+/// The 1-based line of `tests/workloads/FILE` that contains `text`.
+fn source_line(file: &str, text: &str) -> u64 {
+    let path = workspace().join("tests/workloads").join(file);
+    let source = std::fs::read_to_string(&path).unwrap();
+    let index = source
+        .lines()
+        .position(|l| l.contains(text))
+        .unwrap_or_else(|| panic!("no line of {} contains {text:?}", path.display()));
+    index as u64 + 1
+}
+
+#[test]
+fn native_frames_of_an_optimized_program_get_their_file_and_line() {
+    require_root();
+    let sites = optimized_workload("sites");
+    let out = Command::new(alloctrace())
+        .args(["leaks", "--format", "json", "--top", "0", "--"])
+        .arg(&sites)
+        .output()
+        .unwrap();
+    let report = json_report(&out);
+    let pid = report["processes"][0]["pid"].as_u64().unwrap();
+    assert_sites_exact(&report, pid);
+    let source = workspace().join("tests/workloads/sites.c");
+    for (kind, function, text) in [
+        ("malloc", "leak_site", "void leak_site"),
+        ("malloc", "large_site", "void large_site"),
+        ("calloc", "calloc_site", "void calloc_site"),
+    ] {
+        let frame = &site(&report, kind, function)["stack"][0];
+        assert_eq!(
+            (frame["file"].as_str(), frame["line"].as_u64()),
+            (source.to_str(), Some(source_line("sites.c", text))),
+            "{function}: {frame:#}"
+        );
+    }
+    // The text report says where, after the symbol.
+    let out = Command::new(alloctrace())
+        .args(["leaks", "--top", "0", "--"])
+        .arg(&sites)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let expected = format!(
+        " at {}:{}  (",
+        source.display(),
+        source_line("sites.c", "void leak_site")
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("leak_site+0x") && l.contains(&expected)),
+        "{text}"
+    );
 }
 
 #[test]

@@ -139,7 +139,7 @@ struct Builder {
     strings: HashMap<String, i64>,
     functions: HashMap<(String, Option<String>), u64>,
     mappings: HashMap<String, u64>,
-    locations: HashMap<Frame, u64>,
+    locations: HashMap<Vec<Frame>, u64>,
 }
 
 impl Builder {
@@ -205,27 +205,35 @@ impl Builder {
         id
     }
 
-    fn location(&mut self, frame: &Frame, build_ids: &HashMap<&str, &str>) -> u64 {
-        if let Some(&id) = self.locations.get(frame) {
+    /// The location of `frames`: one frame, or a native frame preceded by the calls inlined into it
+    /// (innermost first), which pprof keeps as one location with a line each, the caller last.
+    fn location(&mut self, frames: &[Frame], build_ids: &HashMap<&str, &str>) -> u64 {
+        if let Some(&id) = self.locations.get(frames) {
             return id;
         }
         let id = self.profile.location.len() as u64 + 1;
-        let (function, mapping_id) = if frame.is_python() {
-            (
-                self.function(
-                    frame.function.as_deref().unwrap_or("?"),
-                    frame.file.as_deref(),
-                ),
-                0,
-            )
-        } else {
-            // Unnamed native frames are named `module+0xoffset`, as in flame graphs.
-            let function = self.function(&frame_name(frame), frame.file.as_deref());
-            let mapping = frame.module.as_deref().map_or(0, |module| {
-                self.mapping(module, build_ids.get(module).copied())
-            });
-            (function, mapping)
+        let Some(frame) = frames.last() else {
+            return 0;
         };
+        let mapping_id = match (&frame.module, frame.is_python()) {
+            (Some(module), false) => self.mapping(module, build_ids.get(module.as_str()).copied()),
+            _ => 0,
+        };
+        let line = frames
+            .iter()
+            .map(|frame| {
+                // Unnamed native frames are named `module+0xoffset`, as in flame graphs.
+                let name = if frame.is_python() {
+                    frame.function.clone().unwrap_or_else(|| "?".to_owned())
+                } else {
+                    frame_name(frame)
+                };
+                proto::Line {
+                    function_id: self.function(&name, frame.file.as_deref()),
+                    line: frame.line.map_or(0, i64::from),
+                }
+            })
+            .collect();
         self.profile.location.push(proto::Location {
             id,
             mapping_id,
@@ -234,12 +242,9 @@ impl Builder {
             } else {
                 frame.offset.unwrap_or(0)
             },
-            line: vec![proto::Line {
-                function_id: function,
-                line: frame.line.map_or(0, i64::from),
-            }],
+            line,
         });
-        self.locations.insert(frame.clone(), id);
+        self.locations.insert(frames.to_vec(), id);
         id
     }
 
@@ -282,10 +287,11 @@ fn encode(profile: &Profile) -> Vec<u8> {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     for sample in &profile.samples {
+        // Each run of inlined frames goes with the frame they were inlined into, after them.
         let location_id = sample
             .frames
-            .iter()
-            .map(|f| b.location(f, &build_ids))
+            .split_inclusive(|f| !f.inlined)
+            .map(|frames| b.location(frames, &build_ids))
             .collect();
         let v = sample.values;
         let mut value = vec![v.inuse_bytes as i64, v.inuse_objects as i64];

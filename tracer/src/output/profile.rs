@@ -397,6 +397,7 @@ pub(crate) mod tests {
             file: None,
             line: None,
             lang: "native",
+            inlined: false,
         }
     }
 

@@ -80,13 +80,28 @@ fn losses(lost: &Losses) -> String {
 fn frame(f: &Frame) -> String {
     let module = Escaped(f.module.as_deref().unwrap_or("?"));
     let offset = f.offset.unwrap_or(0);
+    let source = match (&f.file, f.line) {
+        (Some(file), Some(line)) => format!(" at {}:{line}", Escaped(file)),
+        (Some(file), None) => format!(" at {}", Escaped(file)),
+        (None, _) => String::new(),
+    };
     match &f.function {
+        Some(function) if f.inlined => {
+            format!(
+                "{} (inlined){source}  ({module}+{offset:#x})",
+                Escaped(function)
+            )
+        }
+        // A name from the DWARF alone (no symbol) comes without the offset into its function.
+        Some(function) if f.function_offset == 0 => {
+            format!("{}{source}  ({module}+{offset:#x})", Escaped(function))
+        }
         Some(function) => format!(
-            "{}+{:#x}  ({module}+{offset:#x})",
+            "{}+{:#x}{source}  ({module}+{offset:#x})",
             Escaped(function),
             f.function_offset
         ),
-        None => format!("{module}+{offset:#x}"),
+        None => format!("{module}+{offset:#x}{source}"),
     }
 }
 
@@ -504,6 +519,7 @@ mod tests {
             file: None,
             line: None,
             lang: "native",
+            inlined: false,
         };
         vec![
             native(Some(hostile())),

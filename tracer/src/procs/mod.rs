@@ -6,6 +6,7 @@
 pub mod airflow;
 pub mod allocator;
 pub mod container;
+pub mod debuginfo;
 pub mod docker;
 pub mod maps;
 pub mod module;
@@ -38,12 +39,17 @@ pub struct Frame {
     /// raw address when no module maps it; `None` for Python frames.
     #[serde(serialize_with = "hex_or_null")]
     pub offset: Option<u64>,
-    /// Offset from the start of `function`.
+    /// Offset from the start of `function`; 0 where unknown (a name from the DWARF, not the symbol table).
     #[serde(skip)]
     pub function_offset: u64,
+    /// The source file and line, from the module's DWARF (native frames) or the code object (Python's).
     pub file: Option<String>,
     pub line: Option<u32>,
     pub lang: &'static str,
+    /// A native call the compiler inlined into the frame after it: at the same address, in the same function
+    /// symbol, named from the DWARF.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub inlined: bool,
 }
 
 pub(crate) fn hex<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
@@ -77,6 +83,7 @@ impl Frame {
             file: Some(file),
             line,
             lang: "python",
+            inlined: false,
         }
     }
 
@@ -94,6 +101,7 @@ impl Frame {
             file: None,
             line: None,
             lang: "python",
+            inlined: false,
         }
     }
 
@@ -300,8 +308,11 @@ impl Registry {
     pub fn module(&mut self, pid: u32, mapping: &Mapping) -> Option<Arc<Module>> {
         let id = mapping.file?;
         let open_path = open_path(pid, mapping);
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
         self.modules.get_or_load(id, &open_path, || {
-            Module::load(&open_path, &mapping.path).ok().map(Arc::new)
+            Module::load(&open_path, &mapping.path, &root)
+                .ok()
+                .map(Arc::new)
         })
     }
 
@@ -347,12 +358,14 @@ impl Registry {
             if depth > 0 && !executable {
                 break;
             }
-            named.push(self.name_frame(pid, ip, mapping.as_ref()));
+            named.extend(self.name_frame(pid, ip, mapping.as_ref()));
         }
         named
     }
 
-    fn name_frame(&mut self, pid: u32, ip: u64, mapping: Option<&Mapping>) -> Frame {
+    /// Names the frame at `ip`: its function from the symbol table, and from the DWARF (where the module has
+    /// some) its file and line, preceded by a frame for each call inlined there, innermost first.
+    fn name_frame(&mut self, pid: u32, ip: u64, mapping: Option<&Mapping>) -> Vec<Frame> {
         let unnamed = Frame {
             function: None,
             module: mapping.map(|m| m.path.clone()),
@@ -361,36 +374,66 @@ impl Registry {
             file: None,
             line: None,
             lang: "native",
+            inlined: false,
         };
         let Some(mapping) = mapping else {
-            return unnamed;
+            return vec![unnamed];
         };
         let Some(module) = self.module(pid, mapping) else {
-            return Frame {
+            return vec![Frame {
                 offset: Some(ip - mapping.start + mapping.file_offset),
                 ..unnamed
-            };
+            }];
         };
         let file_offset = ip - mapping.start + mapping.file_offset;
         let Some(address) = module.address_of_file_offset(file_offset) else {
-            return Frame {
+            return vec![Frame {
                 offset: Some(file_offset),
                 ..unnamed
-            };
+            }];
         };
         // A return address can sit just past its function's end (a call to a function that never returns):
         // look up the call instruction's last byte.
-        let (function, function_offset) = match module.function_at(address.saturating_sub(1)) {
-            Some((name, offset)) => (Some(name.to_owned()), offset + 1),
+        let call = address.saturating_sub(1);
+        let (function, function_offset) = match module.function_at(call) {
+            Some((name, offset)) => (Some(demangle(name)), offset + 1),
             None => (None, 0),
         };
-        Frame {
+        let located = Frame {
             function,
             offset: Some(address),
             function_offset,
             ..unnamed
-        }
+        };
+        let sources = module.source_frames(call);
+        let Some((outermost, inlined)) = sources.split_last() else {
+            return vec![located];
+        };
+        let mut frames: Vec<Frame> = inlined
+            .iter()
+            .map(|source| Frame {
+                function: source.function.clone(),
+                function_offset: 0,
+                file: source.file.clone(),
+                line: source.line,
+                inlined: true,
+                ..located.clone()
+            })
+            .collect();
+        frames.push(Frame {
+            // The symbol table's name is the one reports have always shown; the DWARF's where it has none.
+            function: located.function.clone().or(outermost.function.clone()),
+            file: outermost.file.clone(),
+            line: outermost.line,
+            ..located
+        });
+        frames
     }
+}
+
+/// A symbol's name as people read it: Rust and C++ names demangled, C names as they are.
+fn demangle(name: &str) -> String {
+    addr2line::demangle_auto(std::borrow::Cow::Borrowed(name), None).into_owned()
 }
 
 /// Most bytes read of a process's command line or environment: a process can point them at any part of its

@@ -13,10 +13,13 @@ use std::{
     fs::{File, OpenOptions},
     ops::Range,
     os::unix::fs::OpenOptionsExt as _,
-    path::Path,
+    path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, ReadCache, ReadRef, SymbolKind};
+
+use super::debuginfo::{DebugInfo, SourceFrame};
 
 /// The largest file opened as an object. The biggest real libraries (libLLVM, libxul with symbols) are a few
 /// hundred MiB; a larger "object" is a sparse file made to be large.
@@ -151,15 +154,26 @@ pub struct Module {
     segments: Vec<Segment>,
     /// Symbols not kept because the object has more than [`MAX_SYMBOLS`] or [`MAX_SYMBOL_NAME_BYTES`].
     symbols_cut: u64,
+    /// Its DWARF (or its separate debug file's), for the file and line of frames: read the first time a frame
+    /// of this module is named, not before (most modules a process maps never are).
+    debug: OnceLock<Option<DebugInfo>>,
+    /// Where the DWARF is read from then: the object, still open (a container's file may be unreachable by
+    /// path by then), and the root of the process that mapped it, for a separate debug file.
+    debug_source: Option<(File, PathBuf)>,
     /// What the tables above take in memory, about: what the registry's cache of modules charges for it.
     heap_bytes: usize,
 }
 
 impl Module {
-    /// Reads `open_path` (which may be a `/proc/PID/map_files` link); `path` is the name reports use.
-    pub fn load(open_path: &Path, path: &str) -> Result<Self, ModuleError> {
-        let file = BoundedFile::new(open_object(open_path, path)?, MAX_OBJECT_READ_BYTES);
-        Self::parse(&file, path)
+    /// Reads `open_path` (which may be a `/proc/PID/map_files` link); `path` is the name reports use, and `root`
+    /// the root of the process that maps it (`/proc/PID/root`), where a separate debug file is looked for.
+    pub fn load(open_path: &Path, path: &str, root: &Path) -> Result<Self, ModuleError> {
+        let opened = open_object(open_path, path)?;
+        let debug_source = opened.try_clone().ok().map(|f| (f, root.to_path_buf()));
+        let file = BoundedFile::new(opened, MAX_OBJECT_READ_BYTES);
+        let mut module = Self::parse(&file, path)?;
+        module.debug_source = debug_source;
+        Ok(module)
     }
 
     pub fn parse<'data, R: ReadRef<'data>>(data: R, path: &str) -> Result<Self, ModuleError> {
@@ -251,6 +265,8 @@ impl Module {
             by_name,
             segments,
             symbols_cut: kept.cut,
+            debug: OnceLock::new(),
+            debug_source: None,
             heap_bytes,
         })
     }
@@ -295,6 +311,18 @@ impl Module {
         // Symbols without a size (hand-written assembly) cover up to the next symbol.
         let covered = symbol.size == 0 || offset < symbol.size;
         covered.then_some((symbol.name.as_str(), offset))
+    }
+
+    /// The source frames at `address` from the module's DWARF, innermost (inlined) first; empty without DWARF.
+    pub fn source_frames(&self, address: u64) -> Vec<SourceFrame> {
+        let debug = self.debug.get_or_init(|| {
+            let (file, root) = self.debug_source.as_ref()?;
+            DebugInfo::load(file, &self.path, root)
+        });
+        debug
+            .as_ref()
+            .map(|debug| debug.frames(address))
+            .unwrap_or_default()
     }
 
     /// The address of an exported function: the one other objects bind to when they call `name`.
@@ -345,7 +373,7 @@ mod tests {
     /// The test binary itself is an ELF object with a symbol table: a real file to check against.
     fn this_binary() -> Module {
         let exe = std::env::current_exe().unwrap();
-        Module::load(&exe, "test").unwrap()
+        Module::load(&exe, "test", Path::new("/")).unwrap()
     }
 
     #[test]
@@ -369,7 +397,12 @@ mod tests {
 
     #[test]
     fn finds_libc_exports() {
-        let libc = Module::load(Path::new("/lib/x86_64-linux-gnu/libc.so.6"), "libc").unwrap();
+        let libc = Module::load(
+            Path::new("/lib/x86_64-linux-gnu/libc.so.6"),
+            "libc",
+            Path::new("/"),
+        )
+        .unwrap();
         let malloc = libc.exported_function("malloc").unwrap();
         // The public name is shown, not an internal alias at the same address.
         assert_eq!(libc.function_at(malloc), Some(("malloc", 0)));

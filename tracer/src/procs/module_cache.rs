@@ -164,7 +164,7 @@ mod tests {
     /// The test binary: a real ELF object with a symbol table, of some megabytes of symbols.
     fn module() -> Arc<Module> {
         let exe = std::env::current_exe().unwrap();
-        Arc::new(Module::load(&exe, "test").unwrap())
+        Arc::new(Module::load(&exe, "test", Path::new("/")).unwrap())
     }
 
     #[test]

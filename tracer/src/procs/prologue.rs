@@ -92,7 +92,8 @@ mod tests {
     fn this_machines_free_is_probed_past_its_null_check() {
         use std::os::unix::fs::FileExt as _;
         let path = std::path::Path::new("/lib/x86_64-linux-gnu/libc.so.6");
-        let libc = super::super::module::Module::load(path, "libc").expect("glibc");
+        let libc = super::super::module::Module::load(path, "libc", std::path::Path::new("/"))
+            .expect("glibc");
         let free = libc.exported_function("free").unwrap();
         let start = libc.file_offset_of_address(free).unwrap();
         let mut code = [0; WINDOW];

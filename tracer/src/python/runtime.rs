@@ -538,6 +538,7 @@ fn unreadable_frame() -> Frame {
         file: None,
         line: None,
         lang: "python",
+        inlined: false,
     }
 }
 
@@ -853,6 +854,7 @@ mod tests {
             file: None,
             line: None,
             lang: "native",
+            inlined: false,
         }
     }
 

@@ -1,0 +1,257 @@
+//! Source locations of native frames from DWARF: function, file and line, inlined calls as frames of their own.
+//! The DWARF is the object's own, or a separate debug file found the way gdb finds one (by build id under
+//! `/usr/lib/debug/.build-id`, or by `.gnu_debuglink` beside the object and under `/usr/lib/debug`), looked up
+//! inside the process's own root (a container's files are its image's). Lookups go through `addr2line` (gimli).
+//!
+//! The object comes from a traced process, which alloctrace does not trust: only the sections a lookup needs
+//! are read, within [`MAX_DEBUG_BYTES`] (a compressed section is measured by what it claims once inflated,
+//! before it is inflated), and a separate debug file is opened as objects are (a regular file, bounded in size).
+
+use std::{
+    borrow::Cow,
+    fs::File,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use gimli::{EndianArcSlice, RunTimeEndian, SectionId};
+use object::{Object as _, ObjectSection as _};
+
+use super::module::{BoundedFile, open_object};
+
+/// The most bytes of DWARF kept for one object. A CPython built with `-g` has about 13 MiB of the sections read
+/// here; an object claiming more gets no source locations (its frames keep their symbol names).
+pub const MAX_DEBUG_BYTES: u64 = 64 << 20;
+
+/// The most bytes of DWARF held at once, by all objects: the registry's cache of modules is bounded in
+/// symbol data, and an object's DWARF, read when one of its frames is first named, is bounded here. Objects
+/// whose DWARF would pass it get no source locations until others are evicted.
+pub const MAX_DEBUG_BYTES_HELD: usize = 256 << 20;
+
+/// Bytes of DWARF held now, by every [`DebugInfo`] alive.
+static DEBUG_BYTES_HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// The most frames one address expands to (the function and the calls inlined into it, innermost first).
+const MAX_INLINED_FRAMES: usize = 16;
+
+/// Where separate debug files live, inside a process's root.
+const DEBUG_DIR: &str = "usr/lib/debug";
+
+type Reader = EndianArcSlice<RunTimeEndian>;
+
+/// One frame of an address's source location: the function (inlined or not), its file and line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceFrame {
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+}
+
+/// An object's DWARF, ready for look-ups.
+pub struct DebugInfo {
+    /// `addr2line` parses units lazily as look-ups need them: behind a lock, so modules stay shareable.
+    context: Mutex<addr2line::Context<Reader>>,
+    /// The bytes of the sections kept.
+    bytes: usize,
+}
+
+impl std::fmt::Debug for DebugInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DebugInfo")
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DebugInfo {
+    /// The DWARF of the object `file` (already opened as an object, with `path` its name in reports), or of its
+    /// separate debug file under `root`; `None` when neither has any, or it is over [`MAX_DEBUG_BYTES`].
+    pub fn load(file: &File, path: &str, root: &Path) -> Option<Self> {
+        let object_file = BoundedFile::new(file.try_clone().ok()?, MAX_DEBUG_BYTES);
+        let object = object::File::parse(&object_file).ok()?;
+        if object.section_by_name(".debug_info").is_some() {
+            return Self::from_object(&object);
+        }
+        let build_id = object.build_id().ok().flatten().map(<[u8]>::to_vec);
+        let link = object
+            .gnu_debuglink()
+            .ok()
+            .flatten()
+            .map(|(name, _crc)| String::from_utf8_lossy(name).into_owned());
+        for candidate in separate_candidates(root, path, build_id.as_deref(), link.as_deref()) {
+            let Ok(debug_file) = open_object(&candidate, &candidate.to_string_lossy()) else {
+                continue;
+            };
+            let debug_file = BoundedFile::new(debug_file, MAX_DEBUG_BYTES);
+            let Ok(debug) = object::File::parse(&debug_file) else {
+                continue;
+            };
+            // A debug file of another build would name the wrong lines: its build id must be the object's.
+            let matches = match &build_id {
+                Some(id) => debug.build_id().ok().flatten() == Some(id.as_slice()),
+                None => true,
+            };
+            if matches && let Some(info) = Self::from_object(&debug) {
+                return Some(info);
+            }
+        }
+        None
+    }
+
+    /// Reads the sections `addr2line` needs from `object`, within [`MAX_DEBUG_BYTES`] in all.
+    fn from_object<'data>(object: &object::File<'data, &'data BoundedFile>) -> Option<Self> {
+        let endian = if object.is_little_endian() {
+            RunTimeEndian::Little
+        } else {
+            RunTimeEndian::Big
+        };
+        let mut budget = MAX_DEBUG_BYTES;
+        let mut bytes = 0usize;
+        let mut failed = false;
+        let mut load = |id: SectionId| -> Result<Reader, gimli::Error> {
+            let data = match object.section_by_name(id.name()) {
+                // Location lists are not needed to name a line, and are large: not read.
+                Some(section) if id != SectionId::DebugLocLists && id != SectionId::DebugLoc => {
+                    match section_bytes(&section, &mut budget) {
+                        Some(data) => data,
+                        None => {
+                            failed = true;
+                            Cow::Borrowed(&[][..])
+                        }
+                    }
+                }
+                _ => Cow::Borrowed(&[][..]),
+            };
+            bytes += data.len();
+            Ok(EndianArcSlice::new(Arc::from(data.as_ref()), endian))
+        };
+        let dwarf = gimli::Dwarf::load(&mut load).ok()?;
+        if failed {
+            return None;
+        }
+        let context = addr2line::Context::from_dwarf(dwarf).ok()?;
+        let held = DEBUG_BYTES_HELD.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        // From here on, dropping `info` gives the bytes back.
+        let info = Self {
+            context: Mutex::new(context),
+            bytes,
+        };
+        (held <= MAX_DEBUG_BYTES_HELD).then_some(info)
+    }
+
+    /// The frames at `address` (an ELF address of the object), innermost first: the calls inlined there, then
+    /// the function that contains them. Empty where the DWARF does not cover the address.
+    pub fn frames(&self, address: u64) -> Vec<SourceFrame> {
+        let context = self.context.lock().unwrap_or_else(|e| e.into_inner());
+        let Ok(mut frames) = context.find_frames(address).skip_all_loads() else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        while let Ok(Some(frame)) = frames.next() {
+            if found.len() == MAX_INLINED_FRAMES {
+                break;
+            }
+            let function = frame
+                .function
+                .as_ref()
+                .and_then(|f| f.demangle().ok())
+                .map(Cow::into_owned);
+            let (file, line) = frame
+                .location
+                .map_or((None, None), |l| (l.file.map(str::to_owned), l.line));
+            found.push(SourceFrame {
+                function,
+                file,
+                line,
+            });
+        }
+        found
+    }
+}
+
+impl Drop for DebugInfo {
+    fn drop(&mut self) {
+        DEBUG_BYTES_HELD.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// A section's bytes, inflated when compressed, charged against `budget`; `None` when over it or unreadable.
+fn section_bytes<'data>(
+    section: &object::Section<'data, '_, &'data BoundedFile>,
+    budget: &mut u64,
+) -> Option<Cow<'data, [u8]>> {
+    // What a compressed section says it inflates to is checked before anything is inflated.
+    let size = section.compressed_data().ok()?.uncompressed_size;
+    *budget = budget.checked_sub(size)?;
+    section.uncompressed_data().ok()
+}
+
+/// Where a separate debug file may be, in the order gdb looks: by build id, then by debug link beside the
+/// object, in its `.debug` folder, and under the global debug folder. Paths are inside `root`.
+fn separate_candidates(
+    root: &Path,
+    path: &str,
+    build_id: Option<&[u8]>,
+    link: Option<&str>,
+) -> Vec<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(id) = build_id.filter(|id| id.len() >= 2) {
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        candidates.push(root.join(format!(
+            "{DEBUG_DIR}/.build-id/{}/{}.debug",
+            &hex[..2],
+            &hex[2..]
+        )));
+    }
+    // A link is a file name: one with a slash (or `..`) would leave the folders it is looked up in.
+    let link = link.filter(|l| !l.is_empty() && !l.contains('/') && *l != "..");
+    if let Some(link) = link {
+        let dir = Path::new(path)
+            .parent()
+            .and_then(|d| d.strip_prefix("/").ok())
+            .unwrap_or(Path::new(""));
+        candidates.push(root.join(dir).join(link));
+        candidates.push(root.join(dir).join(".debug").join(link));
+        candidates.push(root.join(DEBUG_DIR).join(dir).join(link));
+    }
+    candidates
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn separate_debug_files_are_looked_up_by_build_id_then_by_link_inside_the_root() {
+        let candidates = separate_candidates(
+            Path::new("/proc/42/root"),
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            Some(&[0xab, 0xcd, 0xef]),
+            Some("libc.so.6.debug"),
+        );
+        let candidates: Vec<String> = candidates
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            candidates,
+            [
+                "/proc/42/root/usr/lib/debug/.build-id/ab/cdef.debug",
+                "/proc/42/root/usr/lib/x86_64-linux-gnu/libc.so.6.debug",
+                "/proc/42/root/usr/lib/x86_64-linux-gnu/.debug/libc.so.6.debug",
+                "/proc/42/root/usr/lib/debug/usr/lib/x86_64-linux-gnu/libc.so.6.debug",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_debug_link_that_names_another_folder_is_not_followed() {
+        for link in ["../../etc/shadow", "..", "a/b", ""] {
+            let candidates = separate_candidates(Path::new("/"), "/usr/lib/x.so", None, Some(link));
+            assert!(candidates.is_empty(), "{link}: {candidates:?}");
+        }
+    }
+}
