@@ -200,6 +200,22 @@ fn native_frames_of_an_optimized_program_get_their_file_and_line() {
             "{function}: {frame:#}"
         );
     }
+    // The loader's own mappings are made in glibc's mmap wrapper, stripped of its DWARF: named from the
+    // separate debug file Debian's libc6-dbg installs under /usr/lib/debug/.build-id.
+    let mmap_frames: Vec<&serde_json::Value> = report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["kind"] == "mmap")
+        .map(|s| &s["stack"][0])
+        .collect();
+    assert!(
+        mmap_frames.iter().any(|f| f["file"]
+            .as_str()
+            .is_some_and(|file| file.ends_with("sysv/linux/mmap64.c"))
+            && f["line"].is_u64()),
+        "{mmap_frames:#?}"
+    );
     // The text report says where, after the symbol.
     let out = Command::new(alloctrace())
         .args(["leaks", "--top", "0", "--"])

@@ -12,9 +12,10 @@ use anyhow::{Context as _, bail};
 use crate::{as_root, build, check, packages, root};
 
 /// What the integration tests run besides glibc: other allocators, preloaded or built in, setpriv for the
-/// not-root test, a Docker engine for containers, Prometheus to scrape the agent, Go for `go tool pprof` and
-/// headless Chromium for the HTML page.
-const TEST_PACKAGES: [&str; 9] = [
+/// not-root test, a Docker engine for containers, Prometheus to scrape the agent, Go for `go tool pprof`,
+/// headless Chromium for the HTML page, and glibc's separate debug files for source lines in libc.
+const TEST_PACKAGES: [&str; 10] = [
+    "libc6-dbg",
     "libjemalloc2",
     "libtcmalloc-minimal4",
     "libmimalloc2.0",
