@@ -396,21 +396,6 @@ mod tests {
     }
 
     #[test]
-    fn finds_libc_exports() {
-        let libc = Module::load(
-            Path::new("/lib/x86_64-linux-gnu/libc.so.6"),
-            "libc",
-            Path::new("/"),
-        )
-        .unwrap();
-        let malloc = libc.exported_function("malloc").unwrap();
-        // The public name is shown, not an internal alias at the same address.
-        assert_eq!(libc.function_at(malloc), Some(("malloc", 0)));
-        assert!(libc.file_offset_of_address(malloc).is_some());
-        assert_eq!(libc.exported_function("no_such_function_here"), None);
-    }
-
-    #[test]
     fn opens_only_regular_files() {
         let refused = |path: &Path| open_object(path, "target").unwrap_err().to_string();
         assert_eq!(
