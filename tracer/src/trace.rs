@@ -924,7 +924,6 @@ fn attach_running(targets: &mut Targets, state: &mut State, pid: u32) -> anyhow:
     Ok(())
 }
 
-/// Runs a trace to its end.
 /// Receives each OOM kill as it is read.
 pub type OomSink<'a> = &'a mut dyn FnMut(&OomRecord) -> anyhow::Result<()>;
 

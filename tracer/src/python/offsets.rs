@@ -18,9 +18,8 @@
 //!
 //! 3.13 publishes its own offsets in `_Py_DebugOffsets`, the first member of `_PyRuntime` (declared in
 //! `internal/pycore_runtime.h`, filled by `_Py_DebugOffsets_INIT` in `internal/pycore_runtime_init.h`), read by
-//! [`Offsets::from_debug_offsets`]. Two numbers are not published there and are derived from 3.13's headers:
-//! `co_flags` is the `int` just before `co_argcount` (`cpython/code.h`), and `PyCompactUnicodeObject` is
-//! `PyASCIIObject` plus `utf8_length` and `utf8` (16 bytes; `cpython/unicodeobject.h`), which must agree with the
+//! [`Offsets::from_debug_offsets`]. One number is not published there and is derived from 3.13's headers:
+//! `PyCompactUnicodeObject` is `PyASCIIObject` plus `utf8_length` and `utf8` (16 bytes; `cpython/unicodeobject.h`), which must agree with the
 //! published `sizeof(PyUnicodeObject)` less its 8-byte data pointer. 3.14 inserted members into the middle of
 //! `_Py_DebugOffsets` (`interpreter_state.threads_main`, ...), so only 3.13's layout is accepted.
 //!
@@ -90,11 +89,6 @@ pub struct Offsets {
     /// 3.11+: `co_code_adaptive`, the bytecode inside the code object, where the frames' instruction pointers
     /// point.
     pub code_code_adaptive: Option<u64>,
-    /// `co_argcount` (`int`), immutable: with `co_flags` and `co_firstlineno`, a checksum that tells a recycled
-    /// code object address from the one recorded.
-    pub code_argcount: u64,
-    /// `co_flags` (`int`), immutable.
-    pub code_flags: u64,
     // str and bytes objects
     /// `PyASCIIObject.state`: the bit-fields described in the module documentation.
     pub unicode_state: u64,
@@ -130,8 +124,6 @@ const PY3_8_AND_3_9: Offsets = Offsets {
     code_firstlineno: 40,
     code_linetable: 120,
     code_code_adaptive: None,
-    code_argcount: 16,
-    code_flags: 36,
     unicode_state: 32,
     unicode_ascii_data: 48,
     unicode_compact_data: 72,
@@ -168,8 +160,6 @@ const PY3_11: Offsets = Offsets {
     code_firstlineno: 72,
     code_linetable: 136,
     code_code_adaptive: Some(184),
-    code_argcount: 56,
-    code_flags: 48,
     unicode_state: 32,
     unicode_ascii_data: 48,
     unicode_compact_data: 72,
@@ -199,8 +189,6 @@ const PY3_12: Offsets = Offsets {
     code_firstlineno: 68,
     code_linetable: 136,
     code_code_adaptive: Some(192),
-    code_argcount: 52,
-    code_flags: 48,
     unicode_state: 32,
     unicode_ascii_data: 40,
     unicode_compact_data: 56,
@@ -258,7 +246,6 @@ mod word {
     pub const CODE_QUALNAME: usize = 37;
     pub const CODE_LINETABLE: usize = 38;
     pub const CODE_FIRSTLINENO: usize = 39;
-    pub const CODE_ARGCOUNT: usize = 40;
     pub const CODE_CO_CODE_ADAPTIVE: usize = 43;
     pub const BYTES_SIZE: usize = 64;
     pub const BYTES_OB_SIZE: usize = 65;
@@ -275,8 +262,6 @@ mod word {
 const COMPACT_UNICODE_EXTRA: u64 = 16;
 /// `PyUnicodeObject` adds the `data` union (a pointer) to `PyCompactUnicodeObject`.
 const UNICODE_DATA_POINTER: u64 = 8;
-/// `co_flags` is the `int` declared just before `co_argcount` (3.12+).
-const CODE_FLAGS_BEFORE_ARGCOUNT: u64 = 4;
 
 impl Offsets {
     /// How many bytes of `_PyRuntime` [`Offsets::from_debug_offsets`] reads: the whole of 3.13's
@@ -338,7 +323,6 @@ impl Offsets {
         let bytes = |field, index| inside(field, index, word::BYTES_SIZE);
         let unicode = |field, index| inside(field, index, word::UNICODE_SIZE);
 
-        let code_argcount = code("co_argcount", word::CODE_ARGCOUNT)?;
         let unicode_ascii_data = unicode("sizeof(PyASCIIObject)", word::UNICODE_ASCIIOBJECT_SIZE)?;
         let unicode_compact_data = unicode_ascii_data.saturating_add(COMPACT_UNICODE_EXTRA);
         // The derived size must leave exactly PyUnicodeObject's data pointer before the published size.
@@ -377,14 +361,6 @@ impl Offsets {
             code_firstlineno: code("co_firstlineno", word::CODE_FIRSTLINENO)?,
             code_linetable: code("co_linetable", word::CODE_LINETABLE)?,
             code_code_adaptive: Some(code("co_code_adaptive", word::CODE_CO_CODE_ADAPTIVE)?),
-            code_argcount,
-            code_flags: code_argcount
-                .checked_sub(CODE_FLAGS_BEFORE_ARGCOUNT)
-                .ok_or(OffsetsError::Implausible {
-                    field: "co_argcount",
-                    offset: code_argcount,
-                    size: words[word::CODE_SIZE],
-                })?,
             unicode_state: unicode("state", word::UNICODE_STATE)?,
             unicode_ascii_data,
             unicode_compact_data,
@@ -425,8 +401,6 @@ mod tests {
         code_firstlineno: 68,
         code_linetable: 136,
         code_code_adaptive: Some(200),
-        code_argcount: 52,
-        code_flags: 48,
         unicode_state: 32,
         unicode_ascii_data: 40,
         unicode_compact_data: 56,

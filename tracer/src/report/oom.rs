@@ -178,7 +178,7 @@ pub struct OomInput<'a> {
     /// Samples of the victim's live bytes: (`bpf_ktime_get_ns` time, bytes), oldest first.
     pub samples: &'a [(u64, u64)],
     pub cgroups: &'a mut Cgroups,
-    /// `bpf_ktime_get_ns` time now, and the trace's start: for `live_by_site`.
+    /// The trace's start and now, in `bpf_ktime_get_ns` time: for `live_by_site`.
     pub window: (u64, u64),
     /// What the agent's watch tier saw the victim make resident, biggest first, in place of the ledger's
     /// allocations.

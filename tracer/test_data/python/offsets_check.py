@@ -42,8 +42,6 @@ FIELDS = (
     "code_firstlineno",
     "code_linetable",
     "code_code_adaptive",
-    "code_argcount",
-    "code_flags",
     "unicode_state",
     "unicode_ascii_data",
     "unicode_compact_data",
@@ -403,8 +401,6 @@ def check_code(c, code):
     else:
         c.expect(label + ": no co_qualname before 3.11", o["code_qualname"], None)
     c.expect(label + ": co_firstlineno", i32(base + o["code_firstlineno"]), code.co_firstlineno)
-    c.expect(label + ": co_argcount", i32(base + o["code_argcount"]), code.co_argcount)
-    c.expect(label + ": co_flags", i32(base + o["code_flags"]), code.co_flags)
     table = code.co_lnotab if sys.version_info[:2] < (3, 10) else code.co_linetable
     table_address = ptr(base + o["code_linetable"])
     c.expect(label + ": line table object", table_address, id(table))
@@ -508,7 +504,6 @@ def check_debug_offsets(c):
         "code_firstlineno": d["code_object.firstlineno"],
         "code_linetable": d["code_object.linetable"],
         "code_code_adaptive": d["code_object.co_code_adaptive"],
-        "code_argcount": d["code_object.argcount"],
         "unicode_state": d["unicode_object.state"],
         "unicode_length": d["unicode_object.length"],
         "unicode_ascii_data": d["unicode_object.asciiobject_size"],
