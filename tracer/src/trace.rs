@@ -667,13 +667,18 @@ impl Targets {
         }
     }
 
-    /// Retries detection for the processes still pending.
+    /// Retries detection for the processes still pending, and gives up on those whose window has passed: after
+    /// this last look, so that a process is never given up on without a look once its window is over (the
+    /// event loop may have been busy through the whole window, on a loaded machine).
     fn detect_pending_pythons(&mut self, state: &mut State) {
         let now = Instant::now();
-        self.python_pending.retain(|_, until| *until > now);
-        let pending: Vec<u32> = self.python_pending.keys().copied().collect();
-        for pid in pending {
+        let pending: Vec<(u32, Instant)> =
+            self.python_pending.iter().map(|(&p, &t)| (p, t)).collect();
+        for (pid, until) in pending {
             self.detect_python(state, pid, true);
+            if until <= now {
+                self.python_pending.remove(&pid);
+            }
         }
     }
 

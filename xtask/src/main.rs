@@ -1,6 +1,7 @@
 //! `cargo xtask`: the development tasks, one module each. Every task that needs the eBPF build chain runs
 //! `setup` first, so on a fresh machine one command does everything.
 
+mod airflow;
 mod bench;
 mod build;
 mod packages;
@@ -51,6 +52,9 @@ enum Task {
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         runs: Option<u32>,
     },
+    /// Build, install Airflow 2.10.5 into a venv (PyPI), then run a real Airflow task untraced and under
+    /// `alloctrace leaks` with default flags: wall times, losses, the tracer's peak RSS, the DAG's lines.
+    Airflow,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run::run(args),
         Task::Test { filter } => test::run(filter),
         Task::Bench { only, runs } => bench::run(&bench::Options { only, runs }),
+        Task::Airflow => airflow::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

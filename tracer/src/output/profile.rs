@@ -398,6 +398,7 @@ pub(crate) mod tests {
             line: None,
             lang: "native",
             inlined: false,
+            source: None,
         }
     }
 

@@ -520,6 +520,7 @@ mod tests {
             line: None,
             lang: "native",
             inlined: false,
+            source: None,
         };
         vec![
             native(Some(hostile())),

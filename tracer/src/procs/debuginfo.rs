@@ -3,36 +3,47 @@
 //! `/usr/lib/debug/.build-id`, or by `.gnu_debuglink` beside the object and under `/usr/lib/debug`), looked up
 //! inside the process's own root (a container's files are its image's). Lookups go through `addr2line` (gimli).
 //!
+//! A frame is named while its process lives, with a [`DebugSource`]: the object kept open. Its DWARF is read
+//! only when a report is written, for the frames the report shows ([`resolve`]), one object at a time and
+//! dropped after: a CPython built with `-g` has 13 MiB of it, and its parsed units grow with every address
+//! looked up, which the trace itself never needs.
+//!
 //! The object comes from a traced process, which alloctrace does not trust: only the sections a lookup needs
 //! are read, within [`MAX_DEBUG_BYTES`] (a compressed section is measured by what it claims once inflated,
 //! before it is inflated), and a separate debug file is opened as objects are (a regular file, bounded in size).
 
 use std::{
     borrow::Cow,
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs::File,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
 use gimli::{EndianArcSlice, RunTimeEndian, SectionId};
 use object::{Object as _, ObjectSection as _};
 
-use super::module::{BoundedFile, open_object};
+use super::{
+    Frame,
+    module::{BoundedFile, open_object},
+};
 
 /// The most bytes of DWARF kept for one object. A CPython built with `-g` has about 13 MiB of the sections read
 /// here; an object claiming more gets no source locations (its frames keep their symbol names).
 pub const MAX_DEBUG_BYTES: u64 = 64 << 20;
 
-/// The most bytes of DWARF held at once, by all objects: the registry's cache of modules is bounded in
-/// symbol data, and an object's DWARF, read when one of its frames is first named, is bounded here. Objects
-/// whose DWARF would pass it get no source locations until others are evicted.
-pub const MAX_DEBUG_BYTES_HELD: usize = 256 << 20;
+/// The most objects kept open for their DWARF at once (each is a descriptor): a target that maps ever new
+/// files gets source lines for the first ones only.
+pub const MAX_DEBUG_SOURCES: usize = 1024;
 
-/// Bytes of DWARF held now, by every [`DebugInfo`] alive.
-static DEBUG_BYTES_HELD: AtomicUsize = AtomicUsize::new(0);
+/// [`DebugSource`]s alive now.
+static DEBUG_SOURCES_OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Ids of [`DebugSource`]s, in the order they were made.
+static DEBUG_SOURCE_IDS: AtomicU64 = AtomicU64::new(0);
 
 /// The most frames one address expands to (the function and the calls inlined into it, innermost first).
 const MAX_INLINED_FRAMES: usize = 16;
@@ -44,14 +55,143 @@ type Reader = EndianArcSlice<RunTimeEndian>;
 
 /// One frame of an address's source location: the function (inlined or not), its file and line.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SourceFrame {
-    pub function: Option<String>,
-    pub file: Option<String>,
-    pub line: Option<u32>,
+struct SourceFrame {
+    function: Option<String>,
+    file: Option<String>,
+    line: Option<u32>,
+}
+
+/// Where a module's DWARF can be read when a report needs it: the object, still open (a container's file may
+/// be unreachable by path once its process is gone), its name, and the root of the process that mapped it, for
+/// a separate debug file. Frames of the module share it; it is compared by identity.
+pub struct DebugSource {
+    id: u64,
+    file: File,
+    path: String,
+    root: PathBuf,
+}
+
+impl DebugSource {
+    /// `None` once [`MAX_DEBUG_SOURCES`] are open.
+    pub fn new(file: File, path: &str, root: &Path) -> Option<Arc<Self>> {
+        if DEBUG_SOURCES_OPEN.fetch_add(1, Ordering::Relaxed) >= MAX_DEBUG_SOURCES {
+            DEBUG_SOURCES_OPEN.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Arc::new(Self {
+            id: DEBUG_SOURCE_IDS.fetch_add(1, Ordering::Relaxed),
+            file,
+            path: path.to_owned(),
+            root: root.to_path_buf(),
+        }))
+    }
+}
+
+impl Drop for DebugSource {
+    fn drop(&mut self) {
+        DEBUG_SOURCES_OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl PartialEq for DebugSource {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for DebugSource {}
+
+impl std::hash::Hash for DebugSource {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
+}
+
+impl PartialOrd for DebugSource {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for DebugSource {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.id.cmp(&other.id)
+    }
+}
+
+impl std::fmt::Debug for DebugSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DebugSource")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Gives the native frames of `stacks` that have a [`DebugSource`] their file and line, and a frame before each
+/// for every call inlined at their address. Each object's DWARF is read once, for all its frames, and dropped
+/// before the next object's is read.
+pub fn resolve<'a>(stacks: impl IntoIterator<Item = &'a mut Vec<Frame>>) {
+    let mut stacks: Vec<&mut Vec<Frame>> = stacks.into_iter().collect();
+    let mut wanted: BTreeMap<Arc<DebugSource>, BTreeSet<u64>> = BTreeMap::new();
+    for frame in stacks.iter().flat_map(|stack| stack.iter()) {
+        if let (Some(source), Some(address), None) = (&frame.source, frame.offset, &frame.file) {
+            wanted
+                .entry(Arc::clone(source))
+                .or_default()
+                .insert(lookup_address(address));
+        }
+    }
+    let mut found: HashMap<(u64, u64), Vec<SourceFrame>> = HashMap::new();
+    for (source, addresses) in wanted {
+        let Some(info) = DebugInfo::load(&source.file, &source.path, &source.root) else {
+            continue;
+        };
+        for address in addresses {
+            found.insert((source.id, address), info.frames(address));
+        }
+    }
+    if found.is_empty() {
+        return;
+    }
+    for stack in &mut stacks {
+        let mut resolved = Vec::with_capacity(stack.len());
+        for frame in stack.drain(..) {
+            let sources = match (&frame.source, frame.offset) {
+                (Some(source), Some(address)) => found.get(&(source.id, lookup_address(address))),
+                _ => None,
+            };
+            let Some((outermost, inlined)) = sources.and_then(|s| s.split_last()) else {
+                resolved.push(frame);
+                continue;
+            };
+            resolved.extend(inlined.iter().map(|source| Frame {
+                function: source.function.clone(),
+                function_offset: 0,
+                file: source.file.clone(),
+                line: source.line,
+                inlined: true,
+                ..frame.clone()
+            }));
+            resolved.push(Frame {
+                // The symbol table's name is the one reports have always shown; the DWARF's where it has none.
+                function: frame.function.clone().or(outermost.function.clone()),
+                file: outermost.file.clone(),
+                line: outermost.line,
+                ..frame
+            });
+        }
+        **stack = resolved;
+    }
+}
+
+/// The address a frame's line is looked up at: a return address can sit just past its function's end (a call
+/// to a function that never returns), so the call instruction's last byte.
+fn lookup_address(address: u64) -> u64 {
+    address.saturating_sub(1)
 }
 
 /// An object's DWARF, ready for look-ups.
-pub struct DebugInfo {
+struct DebugInfo {
     /// `addr2line` parses units lazily as look-ups need them: behind a lock, so modules stay shareable.
     context: Mutex<addr2line::Context<Reader>>,
     /// The bytes of the sections kept.
@@ -69,7 +209,7 @@ impl std::fmt::Debug for DebugInfo {
 impl DebugInfo {
     /// The DWARF of the object `file` (already opened as an object, with `path` its name in reports), or of its
     /// separate debug file under `root`; `None` when neither has any, or it is over [`MAX_DEBUG_BYTES`].
-    pub fn load(file: &File, path: &str, root: &Path) -> Option<Self> {
+    fn load(file: &File, path: &str, root: &Path) -> Option<Self> {
         let object_file = BoundedFile::new(file.try_clone().ok()?, MAX_DEBUG_BYTES);
         let object = object::File::parse(&object_file).ok()?;
         if object.section_by_name(".debug_info").is_some() {
@@ -133,18 +273,15 @@ impl DebugInfo {
             return None;
         }
         let context = addr2line::Context::from_dwarf(dwarf).ok()?;
-        let held = DEBUG_BYTES_HELD.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        // From here on, dropping `info` gives the bytes back.
-        let info = Self {
+        Some(Self {
             context: Mutex::new(context),
             bytes,
-        };
-        (held <= MAX_DEBUG_BYTES_HELD).then_some(info)
+        })
     }
 
     /// The frames at `address` (an ELF address of the object), innermost first: the calls inlined there, then
     /// the function that contains them. Empty where the DWARF does not cover the address.
-    pub fn frames(&self, address: u64) -> Vec<SourceFrame> {
+    fn frames(&self, address: u64) -> Vec<SourceFrame> {
         let context = self.context.lock().unwrap_or_else(|e| e.into_inner());
         let Ok(mut frames) = context.find_frames(address).skip_all_loads() else {
             return Vec::new();
@@ -169,12 +306,6 @@ impl DebugInfo {
             });
         }
         found
-    }
-}
-
-impl Drop for DebugInfo {
-    fn drop(&mut self) {
-        DEBUG_BYTES_HELD.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 

@@ -50,6 +50,9 @@ pub struct Frame {
     /// symbol, named from the DWARF.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub inlined: bool,
+    /// Where a native frame's file and line can be read when a report shows it ([`debuginfo::resolve`]).
+    #[serde(skip)]
+    pub source: Option<Arc<debuginfo::DebugSource>>,
 }
 
 pub(crate) fn hex<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
@@ -84,6 +87,7 @@ impl Frame {
             line,
             lang: "python",
             inlined: false,
+            source: None,
         }
     }
 
@@ -102,6 +106,7 @@ impl Frame {
             line: None,
             lang: "python",
             inlined: false,
+            source: None,
         }
     }
 
@@ -358,14 +363,14 @@ impl Registry {
             if depth > 0 && !executable {
                 break;
             }
-            named.extend(self.name_frame(pid, ip, mapping.as_ref()));
+            named.push(self.name_frame(pid, ip, mapping.as_ref()));
         }
         named
     }
 
-    /// Names the frame at `ip`: its function from the symbol table, and from the DWARF (where the module has
-    /// some) its file and line, preceded by a frame for each call inlined there, innermost first.
-    fn name_frame(&mut self, pid: u32, ip: u64, mapping: Option<&Mapping>) -> Vec<Frame> {
+    /// Names the frame at `ip`: its function from the symbol table, and where its file and line can be read
+    /// when a report shows it (the module's [`debuginfo::DebugSource`]).
+    fn name_frame(&mut self, pid: u32, ip: u64, mapping: Option<&Mapping>) -> Frame {
         let unnamed = Frame {
             function: None,
             module: mapping.map(|m| m.path.clone()),
@@ -375,59 +380,37 @@ impl Registry {
             line: None,
             lang: "native",
             inlined: false,
+            source: None,
         };
         let Some(mapping) = mapping else {
-            return vec![unnamed];
+            return unnamed;
         };
         let Some(module) = self.module(pid, mapping) else {
-            return vec![Frame {
+            return Frame {
                 offset: Some(ip - mapping.start + mapping.file_offset),
                 ..unnamed
-            }];
+            };
         };
         let file_offset = ip - mapping.start + mapping.file_offset;
         let Some(address) = module.address_of_file_offset(file_offset) else {
-            return vec![Frame {
+            return Frame {
                 offset: Some(file_offset),
                 ..unnamed
-            }];
+            };
         };
         // A return address can sit just past its function's end (a call to a function that never returns):
         // look up the call instruction's last byte.
-        let call = address.saturating_sub(1);
-        let (function, function_offset) = match module.function_at(call) {
+        let (function, function_offset) = match module.function_at(address.saturating_sub(1)) {
             Some((name, offset)) => (Some(demangle(name)), offset + 1),
             None => (None, 0),
         };
-        let located = Frame {
+        Frame {
             function,
             offset: Some(address),
             function_offset,
+            source: module.debug_source.clone(),
             ..unnamed
-        };
-        let sources = module.source_frames(call);
-        let Some((outermost, inlined)) = sources.split_last() else {
-            return vec![located];
-        };
-        let mut frames: Vec<Frame> = inlined
-            .iter()
-            .map(|source| Frame {
-                function: source.function.clone(),
-                function_offset: 0,
-                file: source.file.clone(),
-                line: source.line,
-                inlined: true,
-                ..located.clone()
-            })
-            .collect();
-        frames.push(Frame {
-            // The symbol table's name is the one reports have always shown; the DWARF's where it has none.
-            function: located.function.clone().or(outermost.function.clone()),
-            file: outermost.file.clone(),
-            line: outermost.line,
-            ..located
-        });
-        frames
+        }
     }
 }
 

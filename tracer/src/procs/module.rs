@@ -13,13 +13,13 @@ use std::{
     fs::{File, OpenOptions},
     ops::Range,
     os::unix::fs::OpenOptionsExt as _,
-    path::{Path, PathBuf},
-    sync::OnceLock,
+    path::Path,
+    sync::Arc,
 };
 
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, ReadCache, ReadRef, SymbolKind};
 
-use super::debuginfo::{DebugInfo, SourceFrame};
+use super::debuginfo::DebugSource;
 
 /// The largest file opened as an object. The biggest real libraries (libLLVM, libxul with symbols) are a few
 /// hundred MiB; a larger "object" is a sparse file made to be large.
@@ -154,12 +154,8 @@ pub struct Module {
     segments: Vec<Segment>,
     /// Symbols not kept because the object has more than [`MAX_SYMBOLS`] or [`MAX_SYMBOL_NAME_BYTES`].
     symbols_cut: u64,
-    /// Its DWARF (or its separate debug file's), for the file and line of frames: read the first time a frame
-    /// of this module is named, not before (most modules a process maps never are).
-    debug: OnceLock<Option<DebugInfo>>,
-    /// Where the DWARF is read from then: the object, still open (a container's file may be unreachable by
-    /// path by then), and the root of the process that mapped it, for a separate debug file.
-    debug_source: Option<(File, PathBuf)>,
+    /// Where its DWARF (or its separate debug file's) is read when a report shows one of its frames.
+    pub debug_source: Option<Arc<DebugSource>>,
     /// What the tables above take in memory, about: what the registry's cache of modules charges for it.
     heap_bytes: usize,
 }
@@ -169,7 +165,10 @@ impl Module {
     /// the root of the process that maps it (`/proc/PID/root`), where a separate debug file is looked for.
     pub fn load(open_path: &Path, path: &str, root: &Path) -> Result<Self, ModuleError> {
         let opened = open_object(open_path, path)?;
-        let debug_source = opened.try_clone().ok().map(|f| (f, root.to_path_buf()));
+        let debug_source = opened
+            .try_clone()
+            .ok()
+            .and_then(|file| DebugSource::new(file, path, root));
         let file = BoundedFile::new(opened, MAX_OBJECT_READ_BYTES);
         let mut module = Self::parse(&file, path)?;
         module.debug_source = debug_source;
@@ -265,7 +264,6 @@ impl Module {
             by_name,
             segments,
             symbols_cut: kept.cut,
-            debug: OnceLock::new(),
             debug_source: None,
             heap_bytes,
         })
@@ -311,18 +309,6 @@ impl Module {
         // Symbols without a size (hand-written assembly) cover up to the next symbol.
         let covered = symbol.size == 0 || offset < symbol.size;
         covered.then_some((symbol.name.as_str(), offset))
-    }
-
-    /// The source frames at `address` from the module's DWARF, innermost (inlined) first; empty without DWARF.
-    pub fn source_frames(&self, address: u64) -> Vec<SourceFrame> {
-        let debug = self.debug.get_or_init(|| {
-            let (file, root) = self.debug_source.as_ref()?;
-            DebugInfo::load(file, &self.path, root)
-        });
-        debug
-            .as_ref()
-            .map(|debug| debug.frames(address))
-            .unwrap_or_default()
     }
 
     /// The address of an exported function: the one other objects bind to when they call `name`.

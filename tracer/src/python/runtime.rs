@@ -539,6 +539,7 @@ fn unreadable_frame() -> Frame {
         line: None,
         lang: "python",
         inlined: false,
+        source: None,
     }
 }
 
@@ -855,6 +856,7 @@ mod tests {
             line: None,
             lang: "native",
             inlined: false,
+            source: None,
         }
     }
 

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::{Group, GroupBy, Header, group, kind, stack};
 use crate::{
-    procs::{Frame, container::Container},
+    procs::{Frame, container::Container, debuginfo},
     trace::Trace,
 };
 
@@ -70,6 +70,7 @@ pub fn build(trace: &Trace, options: &LargeOptions) -> LargeReport {
         objects.iter().map(|o| (o.pid, o.size, 1)),
     );
     objects.truncate(options.top);
+    debuginfo::resolve(objects.iter_mut().map(|o| &mut o.stack));
     LargeReport {
         groups,
         header,

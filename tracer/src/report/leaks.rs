@@ -13,6 +13,7 @@ use crate::{
     aggregate::{SiteId, SiteStats},
     procs::Frame,
     procs::container::Container,
+    procs::debuginfo,
     sampling,
     trace::Trace,
 };
@@ -209,6 +210,7 @@ pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
         sites.iter().map(|s| (s.pid, s.live_bytes, s.live_count)),
     );
     sites.truncate(options.top);
+    debuginfo::resolve(sites.iter_mut().map(|s| &mut s.stack));
     LeaksReport {
         groups,
         header,

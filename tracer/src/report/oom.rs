@@ -14,7 +14,7 @@ use tracer_common::OomEvent;
 
 use crate::{
     aggregate::{Ledger, Sites},
-    procs::{Frame, ProcessInfo, Registry, airflow::TaskIdentity, container::Container},
+    procs::{Frame, ProcessInfo, Registry, airflow::TaskIdentity, container::Container, debuginfo},
 };
 
 /// Stacks a record gives for a traced victim, biggest first.
@@ -236,6 +236,7 @@ pub fn build(input: OomInput<'_>) -> OomRecord {
     let live_now: u64 = top_stacks.iter().map(|s| s.live_bytes).sum();
     top_stacks.sort_by_key(|s| std::cmp::Reverse(s.live_bytes));
     top_stacks.truncate(TOP_STACKS);
+    debuginfo::resolve(top_stacks.iter_mut().map(|s| &mut s.stack));
     let killed_at = event.header.ts_ns;
     let mut growth: Vec<GrowthSample> = input
         .samples
