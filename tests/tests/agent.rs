@@ -2,7 +2,9 @@
 //! 80 MiB memory limit runs a Python task that appends 1 MiB bytearrays until the kernel kills it, and the
 //! agent's post-mortem names the container, the victim and the Python line that held the memory; a real
 //! Prometheus scrapes the agent and, queried through its HTTP API, shows the kill and a second container's live
-//! bytes. A container already running when the agent starts is watched too.
+//! bytes. A container already running when the agent starts is watched too. A container past `--escalate-at`
+//! gets the allocator uprobes, and loses them when it falls back; its OOM post-mortem then names, to the byte,
+//! what its Python line allocated since.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -53,6 +55,35 @@ print('held', flush=True)
 sys.stdin.readline()
 ";
 const HELD: f64 = 83_886_080.0;
+
+/// A task driven step by step, each step answered with `done`: `fill N` appends one block of N MiB on line 5
+/// (allocated at once, then written: however a tick falls, no allocation of that line follows it), `grow N`
+/// appends N blocks of 1 MiB on line 8 (each 1,048,577 bytes: a bytearray keeps a byte past its end), `free`
+/// drops them all, and `hog` allocates 100 MiB on line 11.
+const STEPPER: &str = "import sys
+held = []
+def fill(n):
+    if n:
+        held.append(bytearray(n << 20))
+def grow(n):
+    for _ in range(n):
+        block = bytearray(1 << 20)
+        held.append(block)
+def hog():
+    held.append(bytearray(100 << 20))
+print('ready', flush=True)
+for line in sys.stdin:
+    command, *count = line.split()
+    if command == 'free':
+        held.clear()
+    elif command == 'hog':
+        hog()
+    else:
+        globals()[command](int(count[0]))
+    print('done', flush=True)
+";
+/// What one `grow` block of [`STEPPER`] is, as CPython 3.12 asks the allocator for it.
+const GROW_BLOCK: u64 = (1 << 20) + 1;
 
 /// Lines a child writes on one of its streams, read on a thread of their own, kept for failure messages.
 struct Lines {
@@ -157,6 +188,12 @@ impl Task {
 
     fn go(&mut self) {
         writeln!(self.stdin).unwrap();
+    }
+
+    /// Has [`STEPPER`] take a step, and waits until it is done.
+    fn step(&mut self, command: &str) {
+        writeln!(self.stdin, "{command}").unwrap();
+        self.stdout.wait_for(EVENT, |l| l == "done");
     }
 }
 
@@ -522,5 +559,205 @@ fn a_container_running_before_the_agent_is_watched_from_its_start() {
     // SAFETY: signalling the child we spawned and have not reaped.
     unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
     assert!(agent.wait().unwrap().success(), "{}", log.seen.join("\n"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// How many of the agent's descriptors are eBPF programs of this `prog_type` (2: kprobe, which uprobes are).
+fn programs_of_type(agent: u32, prog_type: u32) -> usize {
+    let wanted = format!("prog_type:\t{prog_type}");
+    std::fs::read_dir(format!("/proc/{agent}/fdinfo"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter(|info| info.lines().any(|line| line == wanted))
+        .count()
+}
+
+/// How many perf events the agent holds open (its tracepoints, and a uprobe's per escalated process).
+fn perf_events(agent: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{agent}/fd"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy() == "anon_inode:[perf_event]")
+        .count()
+}
+
+/// The value of a series of the agent's `/metrics`, named with its labels exactly.
+fn metric(listen: &str, series: &str) -> Option<f64> {
+    get(listen, "/metrics").lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .parse::<f64>()
+            .ok()
+    })
+}
+
+/// `(bytes, blocks)` of the stacks of `stacks` that pass through a Python function's line.
+fn through_line(stacks: &Value, function: &str, line: u64) -> (u64, u64) {
+    stacks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|stack| {
+            stack["stack"].as_array().unwrap().iter().any(|frame| {
+                frame["lang"] == "python" && frame["function"] == function && frame["line"] == line
+            })
+        })
+        .fold((0, 0), |(bytes, blocks), stack| {
+            (
+                bytes + stack["live_bytes"].as_u64().unwrap(),
+                blocks + stack["live_count"].as_u64().unwrap(),
+            )
+        })
+}
+
+#[test]
+fn a_container_past_escalate_at_gets_the_uprobes_until_it_falls_back_and_its_post_mortem_names_the_exact_bytes()
+ {
+    require_root();
+    docker::require_docker();
+    let image = docker::python_image(&pyenv_prefix("3.12"), "3.12");
+    // 160 MiB: escalated past 50 % (80 MiB), relaxed under 40 % (64 MiB).
+    let mut task = Task::start(
+        &image,
+        format!("alloctrace-agent-escalated-{}", std::process::id()),
+        160,
+        STEPPER,
+    );
+    let dir = temp_dir("agent-escalation");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let (agent, mut log, listen) = start_agent(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        &dir_arg,
+        "--container",
+        &task.name,
+        "--escalate-at",
+        "50",
+        "--escalate-exact",
+    ]);
+    // Killed if the test fails: it would hold the test's output open.
+    let mut agent = Reaped(agent);
+    let (name, pid) = (task.name.clone(), task.pid);
+    // The uprobe programs are loaded, for escalation; no process has them yet.
+    assert!(
+        programs_of_type(agent.0.id(), 2) > 0,
+        "no uprobe program loaded"
+    );
+    let watched_only = perf_events(agent.0.id());
+    let escalated_line = |l: &str| {
+        l.starts_with(&format!("alloctrace: escalated container {name} ("))
+            && l.contains("(past --escalate-at)")
+            && l.ends_with(&format!("; pids {pid}"))
+    };
+
+    // Past 80 MiB: escalated at the agent's next tick.
+    task.step("fill 88");
+    let crossed = Instant::now();
+    let line = log.wait_for(EVENT, escalated_line);
+    eprintln!(
+        "escalated {:.2} s after the step that crossed the threshold ended: {line}",
+        crossed.elapsed().as_secs_f64()
+    );
+    let escalated = perf_events(agent.0.id());
+    assert!(escalated > watched_only, "{escalated} perf events");
+    let labels = format!("{{container=\"{name}\",container_id=\"{}\"}}", task.id);
+    assert_eq!(
+        metric(&listen, &format!("alloctrace_escalations_total{labels}")),
+        Some(1.0)
+    );
+    assert_eq!(metric(&listen, "alloctrace_escalated_processes"), Some(1.0));
+
+    // Back under 64 MiB: relaxed (after its 10 s escalated), the process's perf events closed. Each probe
+    // point has one perf event of the agent's own, which carries its program and stays for the next escalation
+    // (see uprobe_events.rs), and one per escalated process.
+    task.step("grow 16");
+    task.step("free");
+    log.wait_for(EVENT, |l| {
+        l.starts_with(&format!("alloctrace: relaxed container {name} ("))
+            && l.ends_with(&format!("; pids {pid}"))
+    });
+    let relaxed = perf_events(agent.0.id());
+    assert!(
+        relaxed < escalated && relaxed - watched_only == escalated - relaxed,
+        "{watched_only} perf events watched only, {escalated} escalated, {relaxed} relaxed"
+    );
+    assert_eq!(metric(&listen, "alloctrace_escalated_processes"), Some(0.0));
+
+    // Escalated again; 16 MiB on line 8 since; then killed holding it.
+    task.step("fill 88");
+    log.wait_for(EVENT, escalated_line);
+    assert_eq!(perf_events(agent.0.id()), escalated);
+    assert_eq!(
+        metric(&listen, &format!("alloctrace_escalations_total{labels}")),
+        Some(2.0)
+    );
+    task.step("grow 16");
+    writeln!(task.stdin, "hog").unwrap();
+    let killed = log.wait_for(EVENT, |l| {
+        l.starts_with(&format!("alloctrace: OOM kill of pid {pid} "))
+    });
+    let path = PathBuf::from(killed.rsplit(": ").next().unwrap());
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let escalation = &record["escalation"];
+    assert!(
+        escalation["seconds_before"].as_f64().unwrap() > 0.0,
+        "{record:#}"
+    );
+    assert_eq!(escalation["sample_every_bytes"], Value::Null, "{record:#}");
+    // Exactly what line 8 allocated since the second escalation (the first one's blocks were freed, and
+    // forgotten as it relaxed), and the block the kill interrupted.
+    assert_eq!(
+        through_line(&escalation["top_stacks"], "grow", 8),
+        (16 * GROW_BLOCK, 16),
+        "{record:#}"
+    );
+    assert_eq!(
+        through_line(&escalation["top_stacks"], "hog", 11),
+        ((100 << 20) + 1, 1),
+        "{record:#}"
+    );
+    eprintln!(
+        "escalated {} s before the kill; its top stacks: {}",
+        escalation["seconds_before"],
+        escalation["top_stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{} B in {}", s["live_bytes"], s["live_count"]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert_eq!(
+        through_line(&escalation["top_stacks"], "fill", 5),
+        (0, 0),
+        "allocated before the escalation: {record:#}"
+    );
+    drop(task);
+    // SAFETY: signalling the child we spawned and have not reaped.
+    unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(agent.0.wait().unwrap().success(), "{}", log.seen.join("\n"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_agent_with_no_escalation_loads_no_uprobe_program() {
+    require_root();
+    let dir = temp_dir("agent-no-escalation");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let (agent, log, _listen) = start_agent(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        &dir_arg,
+        "--no-escalation",
+    ]);
+    let mut agent = Reaped(agent);
+    // Its tracepoint programs are there (prog_type 5): the count is of the agent's programs.
+    assert!(programs_of_type(agent.0.id(), 5) > 0);
+    assert_eq!(programs_of_type(agent.0.id(), 2), 0);
+    // SAFETY: signalling the child we spawned and have not reaped.
+    unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(agent.0.wait().unwrap().success(), "{}", log.seen.join("\n"));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -152,6 +152,11 @@ static FAULT_FIELDS: FaultFields = FaultFields {
     error_code: 24,
 };
 
+/// 1 in the agent's watch tier, whose page ledger must see every mapping: an allocator's own `mmap` and
+/// `mremap` in a process escalated to the uprobes are still sent (marked as the allocator's, without a stack).
+#[unsafe(no_mangle)]
+static WATCH_TIER: u32 = 0;
+
 /// One write fault in this many, drawn at random, is sent (the watch tier); each sample weighs this much.
 #[unsafe(no_mangle)]
 static FAULT_SAMPLE_EVERY: u32 = 16;
@@ -1007,9 +1012,18 @@ fn emit_mapping(ctx: &TracePointContext, func: AllocFn, addr: u64, size: u64, fl
     let _ = output(&event);
 }
 
+/// Whether a mapping the allocator makes inside one of its calls is skipped: its blocks account for it, except
+/// in the watch tier (see `WATCH_TIER`).
+#[inline(always)]
+fn skipped_in_allocator() -> bool {
+    // SAFETY: a plain global set at load time.
+    let watch_tier = unsafe { core::ptr::read_volatile(&WATCH_TIER) };
+    watch_tier == 0 && in_allocator()
+}
+
 #[tracepoint]
 pub fn mmap_enter(ctx: TracePointContext) -> u32 {
-    if !is_target() || in_allocator() {
+    if !is_target() || skipped_in_allocator() {
         return 0;
     }
     // mmap(addr, len, prot, flags, fd, off): only anonymous memory that can be used; files are page cache,
@@ -1036,7 +1050,7 @@ pub fn mmap_enter(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn mremap_enter(ctx: TracePointContext) -> u32 {
-    if !is_target() || in_allocator() {
+    if !is_target() || skipped_in_allocator() {
         return 0;
     }
     // mremap(old, old_len, new_len, flags, new_addr): the old range goes now, in order with other threads.
@@ -1079,7 +1093,13 @@ pub fn map_exit(ctx: TracePointContext) -> u32 {
     };
     // A failed mremap keeps the old range, which userspace restores on a 0 address.
     let addr = if failed { 0 } else { ret };
-    emit_mapping(&ctx, func, addr, state.len, 0);
+    // Only the watch tier gets here inside an allocator call: its ledger needs no stack for the allocator's own.
+    let flags = if in_allocator() {
+        ALLOC_BY_ALLOCATOR
+    } else {
+        0
+    };
+    emit_mapping(&ctx, func, addr, state.len, flags);
     0
 }
 

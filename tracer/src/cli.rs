@@ -244,6 +244,32 @@ pub struct AgentArgs {
     /// Most sampled pages held at once (about 100 bytes each); samples past it are counted as lost.
     #[arg(long, value_name = "N", default_value_t = 1 << 20)]
     pub max_samples: usize,
+
+    /// Escalate a container to the exact tier (allocator uprobes on its biggest processes) past this percent of
+    /// its memory limit; it relaxes 10 points below, after at least 10 s.
+    #[arg(long, value_name = "PERCENT", default_value_t = 80, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub escalate_at: u32,
+
+    /// Escalate a container growing faster than SIZE per second over 10 s (the only trigger for a container
+    /// without a limit); it relaxes under half of it.
+    #[arg(long, value_name = "SIZE", value_parser = parse_rate, default_value = "64MiB")]
+    pub escalate_rate: u64,
+
+    /// Most processes escalated at once, host-wide: the biggest of the escalated containers'.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = parse_max_escalated)]
+    pub max_escalated: usize,
+
+    /// An escalated process's allocations are sampled, one every SIZE bytes on average, and weighted.
+    #[arg(long, value_name = "SIZE", value_parser = parse_sample_interval, default_value = "512KiB")]
+    pub escalate_sample_every: u64,
+
+    /// Record every allocation of an escalated process, not a sample (dearer on allocation-heavy work).
+    #[arg(long, conflicts_with = "escalate_sample_every")]
+    pub escalate_exact: bool,
+
+    /// Never escalate: no uprobe program is even loaded.
+    #[arg(long, conflicts_with_all = ["escalate_at", "escalate_rate", "max_escalated", "escalate_sample_every", "escalate_exact"])]
+    pub no_escalation: bool,
 }
 
 impl AgentArgs {
@@ -257,9 +283,11 @@ impl AgentArgs {
             duration: None,
             buffer_size: self.buffer_size,
             no_python_frames: false,
-            sample_every: None,
-            // The watch tier keeps no heap block in the kernel.
-            max_live_blocks: 1,
+            // Escalated processes are traced with this sampling.
+            sample_every: (!self.no_escalation && !self.escalate_exact)
+                .then_some(self.escalate_sample_every),
+            // Only escalated processes have heap blocks in the kernel (its table takes memory as it fills).
+            max_live_blocks: if self.no_escalation { 1 } else { 4 << 20 },
             max_stacks: self.max_stacks,
             command: Vec::new(),
         }
@@ -384,6 +412,21 @@ fn parse_sample_interval(text: &str) -> Result<u64, String> {
         ));
     }
     Ok(interval)
+}
+
+/// A rate of growth per second: a size, not 0.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    match parse_size(text)? {
+        0 => Err("a rate of growth must be more than 0".to_owned()),
+        rate => Ok(rate),
+    }
+}
+
+fn parse_max_escalated(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=4096).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?}: from 1 to 4096 processes")),
+    }
 }
 
 fn parse_buffer_size(text: &str) -> Result<u64, String> {

@@ -103,6 +103,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 fault_every: args.fault_sample_every,
                 max_samples: args.max_samples,
                 series_ttl: args.series_ttl,
+                escalation: (!args.no_escalation).then_some(agent::EscalationOptions {
+                    thresholds: agent::escalation::Thresholds {
+                        at_percent: args.escalate_at,
+                        rate: args.escalate_rate,
+                    },
+                    max_processes: args.max_escalated,
+                }),
             };
             agent::run(&args.targets(), &options).await
         }

@@ -1,8 +1,8 @@
 //! Loads the eBPF programs and attaches them: allocator uprobes per traced process (with a pid filter, so no
 //! other process on the host hits a breakpoint), and the tracepoints for mapped memory and for following
 //! processes. Each tracepoint's kernel requirement is in [`TRACEPOINTS`] (and [`WATCH_TRACEPOINTS`] for the
-//! agent's watch tier, which loads no uprobe at all). Reads the kernel's tables of live
-//! blocks and site counters, and its loss counters.
+//! agent's watch tier, which loads the uprobe programs only to escalate to them). Reads the kernel's tables of
+//! live blocks and site counters, and its loss counters, and drops a process's share of them.
 
 use std::{
     collections::HashMap,
@@ -16,8 +16,8 @@ use aya::{
     programs::{TracePoint, UProbe, trace_point::TracePointLink},
 };
 use tracer_common::{
-    AllocFn, FaultFields, HOLD_AT_EXEC, LOSS_COUNTERS, LiveBlock, LiveKey, OomFields, PyProcess,
-    SiteCounters, SiteKey, SizeKey, TALLY_COUNTERS,
+    AllocFn, FaultFields, HOLD_AT_EXEC, InFlight, LOSS_COUNTERS, LiveBlock, LiveKey, OomFields,
+    PyProcess, SiteCounters, SiteKey, SizeKey, TALLY_COUNTERS,
 };
 
 use crate::{
@@ -81,8 +81,10 @@ pub struct LoadOptions {
     pub sampling: Sampling,
     /// Capacity of the kernel's table of live blocks.
     pub max_live_blocks: u32,
-    /// The watch tier (the agent): no uprobes; one write fault in this many is sampled, with its stack.
+    /// The watch tier (the agent): one write fault in this many is sampled, with its stack.
     pub watch_faults: Option<u32>,
+    /// The allocator uprobe programs are loaded: always to trace, and in the watch tier only to escalate to.
+    pub uprobes: bool,
 }
 
 pub struct Probes {
@@ -139,6 +141,7 @@ impl Probes {
             None => FaultFields::default(),
         };
         let fault_every = options.watch_faults.unwrap_or(1);
+        let watch_tier = u32::from(options.watch_faults.is_some());
         let mut ebpf = EbpfLoader::new()
             .override_global("FAULT_FIELDS", &fault_fields, true)
             .override_global("FAULT_SAMPLE_EVERY", &fault_every, true)
@@ -146,6 +149,7 @@ impl Probes {
             .override_global("TASK_FSBASE_OFFSET", &fsbase_offset, true)
             .override_global("OOM_FIELDS", &oom_fields.unwrap_or_default(), true)
             .override_global("WATCH_EXECS", &watch_execs, true)
+            .override_global("WATCH_TIER", &watch_tier, true)
             .override_global("SAMPLE_INTERVAL", &options.sampling.interval, true)
             .override_global("SAMPLE_INTERVALS", &intervals, true)
             .override_global("SAMPLE_WEIGHTS", &options.sampling.weights, true)
@@ -173,8 +177,8 @@ impl Probes {
         };
         let entries = AllocFn::ALLOCATOR.map(entry_program);
         let uprobe_programs = entries.into_iter().flatten().chain([EXIT_PROGRAM]);
-        // The watch tier never attaches a uprobe: their programs are not even loaded.
-        let uprobe_programs = uprobe_programs.filter(|_| options.watch_faults.is_none());
+        // A watch tier that never escalates does not even load them.
+        let uprobe_programs = uprobe_programs.filter(|_| options.uprobes);
         for name in uprobe_programs {
             let program: &mut UProbe = program(&mut ebpf, name)?.try_into()?;
             program
@@ -281,6 +285,83 @@ impl Probes {
     /// grace period (see [`crate::uprobe_events`]).
     pub fn detach(&mut self, pid: u32) {
         self.links.remove(&pid);
+    }
+
+    /// Whether `pid` has the allocator uprobes now.
+    pub fn attached(&self, pid: u32) -> bool {
+        self.links.contains_key(&pid)
+    }
+
+    /// The live blocks the uprobes recorded in `pid`, oldest first.
+    pub fn live_blocks(&self, pid: u32) -> anyhow::Result<Vec<LiveBlock>> {
+        let mut blocks = Vec::new();
+        tables::for_each(
+            fd(&self.live)?,
+            None,
+            |key: LiveKey, block: &[LiveBlock]| {
+                if key.tgid == pid {
+                    blocks.extend(block.first().copied());
+                }
+            },
+        )
+        .context("cannot read the table of live blocks")?;
+        blocks.sort_by_key(|block| block.ts_ns);
+        Ok(blocks)
+    }
+
+    /// Drops what the kernel's tables hold of `pid`: its live blocks, its sites' counters and sizes, and its
+    /// threads' calls in flight (a call whose return will never be seen once its probes are off). For a process
+    /// whose uprobes were closed ([`Self::detach`]), or that is gone.
+    pub fn forget_heap(&self, pid: u32) -> anyhow::Result<()> {
+        let mut blocks = Vec::new();
+        tables::for_each(fd(&self.live)?, None, |key: LiveKey, _: &[LiveBlock]| {
+            if key.tgid == pid {
+                blocks.push(key);
+            }
+        })
+        .context("cannot read the table of live blocks")?;
+        tables::delete(fd(&self.live)?, &blocks)
+            .context("cannot prune the table of live blocks")?;
+        let mut sites = Vec::new();
+        tables::for_each(
+            fd(&self.sites)?,
+            Some(self.cpus),
+            |key: SiteKey, _: &[SiteCounters]| {
+                if key.tgid == pid {
+                    sites.push(key);
+                }
+            },
+        )
+        .context("cannot read the table of sites")?;
+        tables::delete(fd(&self.sites)?, &sites).context("cannot prune the table of sites")?;
+        let mut sizes = Vec::new();
+        tables::for_each(
+            fd(&self.sizes)?,
+            Some(self.cpus),
+            |key: SizeKey, _: &[u64]| {
+                if key.site.tgid == pid {
+                    sizes.push(key);
+                }
+            },
+        )
+        .context("cannot read the table of sizes")?;
+        tables::delete(fd(&self.sizes)?, &sizes).context("cannot prune the table of sizes")?;
+        let in_flight = match self.ebpf.map("IN_FLIGHT") {
+            Some(Map::HashMap(data)) => data.fd().as_fd(),
+            _ => anyhow::bail!("the eBPF object has no map IN_FLIGHT"),
+        };
+        let mut threads = Vec::new();
+        tables::for_each(
+            in_flight,
+            None,
+            |pid_tgid: u64, _: &[[u8; size_of::<InFlight>()]]| {
+                if (pid_tgid >> 32) as u32 == pid {
+                    threads.push(pid_tgid);
+                }
+            },
+        )
+        .context("cannot read the table of calls in flight")?;
+        tables::delete(in_flight, &threads).context("cannot prune the table of calls in flight")
     }
 
     /// Turns holding new processes until they are attached on or off: off as the trace ends, when nothing will

@@ -2,7 +2,8 @@
 //! held until attached), consumes the ring reader's records until the trace ends (duration, a stop signal, or
 //! every target gone), takes the heap from the kernel's tables, and hands the ledger to the report builders.
 //! The agent runs the same session in its watch tier ([`watch`]): no uprobes, sampled page faults into a
-//! [`Resident`] ledger, until a stop signal.
+//! [`Resident`] ledger, until a stop signal; at each tick the agent may escalate processes to the allocator
+//! uprobes, and relax them ([`Escalate`]).
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -65,8 +66,20 @@ pub struct Watch<'a> {
     pub max_samples: usize,
     /// Every process in a container is watched: no `--container`, `--cgroup` or `--comm` narrows it.
     pub every_container: bool,
-    /// Called every [`WATCH_TICK`] with what the watched processes hold.
-    pub on_tick: &'a mut dyn FnMut(&WatchTick),
+    /// The allocator uprobe programs are loaded, for the agent to escalate processes to (sampled as the
+    /// session's `sample_every` says); without it none is even loaded, and [`Escalate::escalate`] refuses.
+    pub escalation: bool,
+    /// Called every [`WATCH_TICK`] with what the watched processes hold, and what escalates them.
+    pub on_tick: &'a mut dyn FnMut(&WatchTick, &mut dyn Escalate),
+}
+
+/// What the agent asks of the watch tier's session at a tick: the exact tier for some processes, and back.
+pub trait Escalate {
+    /// Puts the allocator uprobes on a watched process: from now on its blocks are recorded in the kernel's
+    /// tables (sampled as the session is).
+    fn escalate(&mut self, pid: u32) -> anyhow::Result<()>;
+    /// Takes them off (its perf events closed), and drops what the kernel's tables hold of it.
+    fn relax(&mut self, pid: u32) -> anyhow::Result<()>;
 }
 
 /// What the watched processes hold, at one tick.
@@ -84,6 +97,8 @@ pub struct WatchedProcess {
     pub task: Option<TaskIdentity>,
     /// The ledger's estimate of what its pages hold.
     pub resident_bytes: u64,
+    /// It has the allocator uprobes ([`Escalate::escalate`]).
+    pub escalated: bool,
     /// The stacks that made its pages resident, biggest first: at most [`WATCH_STACKS`], named.
     pub stacks: Vec<TopStack>,
 }
@@ -211,6 +226,8 @@ struct State {
     resident: Option<Resident>,
     /// Watched processes that exited, forgotten once the OOM kills read with their exit are reported.
     gone: Vec<u32>,
+    /// Watched processes escalated to the allocator uprobes, and when (`bpf_ktime_get_ns` time).
+    escalated: HashMap<u32, u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -394,6 +411,7 @@ impl State {
                     container: info.and_then(|i| i.container.clone()),
                     task: info.and_then(|i| i.task.clone()),
                     resident_bytes: resident.process(pid).resident_bytes(),
+                    escalated: self.escalated.contains_key(&pid),
                     stacks,
                 }
             })
@@ -405,9 +423,48 @@ impl State {
         })
     }
 
+    /// The stacks of the blocks the uprobes recorded in an escalated process and that are still live, biggest
+    /// first, named: each block weighs what it stands for when sampled.
+    fn escalated_stacks(&self, probes: &Probes, sampling: &Sampling, pid: u32) -> Vec<TopStack> {
+        let blocks = match probes.live_blocks(pid) {
+            Ok(blocks) => blocks,
+            Err(err) => {
+                warn(format_args!("no escalated stacks for pid {pid}: {err:#}"));
+                return Vec::new();
+            }
+        };
+        let mut by_stack: HashMap<(u32, u64), (u64, f64)> = HashMap::new();
+        for block in blocks {
+            let (count, bytes) = sampling.weigh(block.size);
+            let sum = by_stack.entry((block.func, block.stack_id)).or_default();
+            sum.0 += bytes;
+            sum.1 += count;
+        }
+        let mut stacks: Vec<TopStack> = by_stack
+            .into_iter()
+            .map(|((_, stack_id), (bytes, count))| TopStack {
+                live_bytes: bytes,
+                live_count: count.round() as u64,
+                stack: self
+                    .stacks
+                    .get(&stack_id)
+                    .map(|frames| frames.iter().map(|f| Frame::clone(f)).collect())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        stacks.sort_by_key(|s| std::cmp::Reverse(s.live_bytes));
+        stacks.truncate(oom::TOP_STACKS);
+        stacks
+    }
+
     /// Forgets the watched processes that exited: their OOM kills, read with their exit, are reported.
     fn forget_gone(&mut self, targets: &mut Targets) {
         for pid in std::mem::take(&mut self.gone) {
+            if self.escalated.remove(&pid).is_some()
+                && let Err(err) = targets.probes.forget_heap(pid)
+            {
+                warn(format_args!("{err:#}"));
+            }
             if let Some(resident) = &mut self.resident {
                 resident.forget(pid);
             }
@@ -745,8 +802,18 @@ impl Targets {
                 // Before anything slow: a shared libpython is mapped within milliseconds, and looked for
                 // from then on.
                 self.detect_python(state, pid, true);
-                // Watched, it needs nothing more than its exit followed.
+                // Watched, it needs nothing more than its exit followed. An escalated one's uprobes were on its
+                // old image's allocator: off, until the agent escalates it again.
                 if self.watching {
+                    if state.escalated.remove(&pid).is_some() {
+                        self.probes.detach(pid);
+                        if let Err(err) = self.probes.forget_heap(pid) {
+                            warn(format_args!("{err:#}"));
+                        }
+                        warn(format_args!(
+                            "pid {pid} replaced its image: its allocator uprobes are off"
+                        ));
+                    }
                     self.watch(state, pid);
                     return;
                 }
@@ -956,6 +1023,14 @@ fn report_ooms(
             .resident
             .is_some()
             .then(|| state.resident_stacks(kill.victim_pid, usize::MAX));
+        let escalation = state
+            .escalated
+            .get(&kill.victim_pid)
+            .map(|&since| oom::Escalation {
+                seconds_before: kill.header.ts_ns.saturating_sub(since) as f64 / 1e9,
+                sample_every_bytes: (!sampling.is_exact()).then_some(sampling.interval),
+                top_stacks: state.escalated_stacks(&targets.probes, sampling, kill.victim_pid),
+            });
         let record = oom::build(OomInput {
             event: &kill,
             registry: &mut state.registry,
@@ -969,6 +1044,7 @@ fn report_ooms(
             cgroups: &mut lock(&state.cgroups),
             window,
             watched,
+            escalation,
         });
         sink(&record)?;
     }
@@ -997,8 +1073,9 @@ async fn session(
     mut watch: Option<Watch<'_>>,
 ) -> anyhow::Result<Trace> {
     let watching = watch.is_some();
+    let uprobes = watch.as_ref().is_none_or(|w| w.escalation);
     system::require_root()?;
-    if !watching {
+    if uprobes {
         system::require_uprobes()?;
     }
     system::ensure_tracefs()?;
@@ -1017,6 +1094,7 @@ async fn session(
             sampling: sampling.clone(),
             max_live_blocks: args.max_live_blocks,
             watch_faults: watch.as_ref().map(|w| w.fault_every),
+            uprobes,
         })?,
         comms: args
             .comms
@@ -1217,7 +1295,12 @@ async fn session(
             _ = watch_timer.tick(), if watching => {
                 let tick = state.watch_tick(&targets)?;
                 if let Some(watch) = &mut watch {
-                    (watch.on_tick)(&tick);
+                    let mut escalation = Escalation {
+                        targets: &mut targets,
+                        state: &mut state,
+                        on: uprobes,
+                    };
+                    (watch.on_tick)(&tick, &mut escalation);
                 }
             }
             Some(event) = recv(&mut child_events) => match event {
@@ -1338,6 +1421,45 @@ async fn session(
         history: state.history,
         _probes: targets.probes,
     })
+}
+
+/// The watch tier's session, as the agent escalates it.
+struct Escalation<'a> {
+    targets: &'a mut Targets,
+    state: &'a mut State,
+    /// The uprobe programs are loaded.
+    on: bool,
+}
+
+impl Escalate for Escalation<'_> {
+    fn escalate(&mut self, pid: u32) -> anyhow::Result<()> {
+        if !self.on {
+            bail!("escalation is off");
+        }
+        if self.state.escalated.contains_key(&pid) {
+            return Ok(());
+        }
+        let allocator = allocator::for_pid(&mut self.state.registry, pid)
+            .with_context(|| format!("cannot find the allocator of pid {pid}"))?;
+        // Before the first probe goes on: no block it records is older than its escalation.
+        let since = system::monotonic_ns();
+        if let Err(err) = self.targets.probes.attach(pid, &allocator) {
+            // The probes that went on come off, and what they recorded meanwhile with them.
+            self.targets.probes.detach(pid);
+            let _ = self.targets.probes.forget_heap(pid);
+            return Err(err);
+        }
+        self.state.escalated.insert(pid, since);
+        Ok(())
+    }
+
+    fn relax(&mut self, pid: u32) -> anyhow::Result<()> {
+        self.targets.probes.detach(pid);
+        if self.state.escalated.remove(&pid).is_none() {
+            return Ok(());
+        }
+        self.targets.probes.forget_heap(pid)
+    }
 }
 
 /// Attaches to the processes the last records revealed.

@@ -72,6 +72,7 @@ mod tests {
                 container: None,
                 task: None,
                 resident_bytes: 3 << 20,
+                escalated: false,
                 stacks: vec![stack(2 << 20, "hog"), stack(1 << 20, "load")],
             }],
             lost_events: 0,

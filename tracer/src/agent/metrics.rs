@@ -1,6 +1,6 @@
 //! The agent's Prometheus series, through `prometheus-client`: what the watch tier attributes to each container
-//! and Airflow task, their OOM kills, each container's memory cgroup usage and limit, events lost, and the
-//! agent's own RSS. Labels are per container and task, never per stack or pid, so the number of series follows
+//! and Airflow task, their OOM kills, each container's memory cgroup usage and limit and escalations to the
+//! exact tier, the processes escalated now, events lost, and the agent's own RSS. Labels are per container and task, never per stack or pid, so the number of series follows
 //! the containers. A container's series stay for a set time after it was last seen (an OOM-killed container's
 //! counter can still be scraped and alerted on), then go.
 
@@ -99,6 +99,8 @@ pub struct Metrics {
     oom_kills: Family<KillLabels, Counter>,
     memcg_usage: Family<ContainerLabels, Gauge>,
     memcg_limit: Family<ContainerLabels, Gauge>,
+    escalations: Family<ContainerLabels, Counter>,
+    escalated_processes: Gauge,
     lost_events: Counter,
     agent_rss: Gauge,
     /// When each group and container was last seen (a watched process, or a kill).
@@ -114,6 +116,8 @@ impl Metrics {
         let oom_kills = Family::<KillLabels, Counter>::default();
         let memcg_usage = Family::<ContainerLabels, Gauge>::default();
         let memcg_limit = Family::<ContainerLabels, Gauge>::default();
+        let escalations = Family::<ContainerLabels, Counter>::default();
+        let escalated_processes = Gauge::default();
         let lost_events = Counter::default();
         let agent_rss = Gauge::default();
         registry.register(
@@ -137,6 +141,16 @@ impl Metrics {
             memcg_limit.clone(),
         );
         registry.register(
+            "alloctrace_escalations",
+            "Escalations of the container to the exact tier (allocator uprobes on its biggest processes)",
+            escalations.clone(),
+        );
+        registry.register(
+            "alloctrace_escalated_processes",
+            "Processes that have the allocator uprobes now",
+            escalated_processes.clone(),
+        );
+        registry.register(
             "alloctrace_lost_events",
             "Events that never reached the agent's ledger (ring buffer full, undecodable, ledger full)",
             lost_events.clone(),
@@ -152,6 +166,8 @@ impl Metrics {
             oom_kills,
             memcg_usage,
             memcg_limit,
+            escalations,
+            escalated_processes,
             lost_events,
             agent_rss,
             groups: HashMap::new(),
@@ -160,8 +176,14 @@ impl Metrics {
         }
     }
 
-    /// Takes a tick of the watch tier; returns the containers seen for the first time (name or id).
-    pub fn update(&mut self, tick: &WatchTick, now: Instant) -> Vec<String> {
+    /// Takes a tick of the watch tier, with the memory cgroups of its containers (by cgroup path) read once for
+    /// this tick; returns the containers seen for the first time (name or id).
+    pub fn update(
+        &mut self,
+        tick: &WatchTick,
+        memory: &HashMap<String, Memory>,
+        now: Instant,
+    ) -> Vec<String> {
         let mut sums: HashMap<GroupLabels, u64> = HashMap::new();
         let mut new_containers = Vec::new();
         for process in &tick.processes {
@@ -203,14 +225,16 @@ impl Metrics {
             true
         });
         let (usage, limit) = (&self.memcg_usage, &self.memcg_limit);
+        let escalations = &self.escalations;
         self.containers.retain(|labels, (seen, cgroup)| {
             if now.duration_since(*seen) > ttl {
                 usage.remove(labels);
                 limit.remove(labels);
+                escalations.remove(labels);
                 return false;
             }
-            // A removed cgroup keeps its last values until its time is up.
-            if let Some(memory) = cgroup.as_deref().and_then(Memory::from_sys) {
+            // A container without a process this tick keeps its last values until its time is up.
+            if let Some(memory) = cgroup.as_deref().and_then(|cgroup| memory.get(cgroup)) {
                 usage.get_or_create(labels).set(saturating(memory.usage));
                 match memory.limit {
                     Some(bytes) => {
@@ -230,7 +254,26 @@ impl Metrics {
         if let Some(rss) = own_resident_bytes() {
             self.agent_rss.set(saturating(rss));
         }
+        let escalated = tick.processes.iter().filter(|p| p.escalated).count();
+        self.escalated_processes
+            .set(i64::try_from(escalated).unwrap_or(i64::MAX));
         new_containers
+    }
+
+    /// Counts an escalation of `container` to the exact tier.
+    pub fn escalated(&mut self, container: &Container, now: Instant) {
+        let labels = GroupLabels::new(Some(container), None).container();
+        self.escalations.get_or_create(&labels).inc();
+        self.containers
+            .entry(labels)
+            .and_modify(|(seen, _)| *seen = now)
+            .or_insert((now, Some(container.cgroup.clone())));
+    }
+
+    /// Sets the number of processes that have the allocator uprobes, as they are after a tick's escalations.
+    pub fn set_escalated_processes(&mut self, count: usize) {
+        self.escalated_processes
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Counts an OOM kill against its victim's container and task.
@@ -342,6 +385,7 @@ mod tests {
                 try_number: None,
             }),
             resident_bytes: bytes,
+            escalated: false,
             stacks: Vec::new(),
         }
     }
@@ -369,7 +413,7 @@ mod tests {
             lost_events: 3,
         };
         assert_eq!(
-            metrics.update(&tick, now),
+            metrics.update(&tick, &HashMap::new(), now),
             ["worker (2c6a4b5a8f1e)"],
             "said once"
         );
@@ -392,7 +436,7 @@ mod tests {
             ["alloctrace_lost_events_total 3"]
         );
         // Seen again: not new.
-        assert!(metrics.update(&tick, now).is_empty());
+        assert!(metrics.update(&tick, &HashMap::new(), now).is_empty());
     }
 
     #[test]
@@ -403,17 +447,62 @@ mod tests {
             processes: vec![process(1, "web", None, 4096)],
             lost_events: 0,
         };
-        metrics.update(&tick, start);
+        metrics.update(&tick, &HashMap::new(), start);
         let empty = WatchTick {
             processes: Vec::new(),
             lost_events: 0,
         };
-        metrics.update(&empty, start + Duration::from_secs(599));
+        metrics.update(&empty, &HashMap::new(), start + Duration::from_secs(599));
         let live = lines(&metrics, "alloctrace_live_bytes{");
         assert_eq!(live.len(), 1);
         assert!(live[0].ends_with(" 0"), "{live:?}");
-        metrics.update(&empty, start + Duration::from_secs(601));
+        metrics.update(&empty, &HashMap::new(), start + Duration::from_secs(601));
         assert!(lines(&metrics, "alloctrace_live_bytes{").is_empty());
+    }
+
+    #[test]
+    fn escalations_are_counted_per_container_and_the_escalated_processes_are_a_gauge() {
+        let mut metrics = Metrics::new(Duration::from_secs(600));
+        let now = Instant::now();
+        let mut escalated = process(1, "worker", None, 4096);
+        escalated.escalated = true;
+        let tick = WatchTick {
+            processes: vec![escalated, process(2, "worker", None, 4096)],
+            lost_events: 0,
+        };
+        let cgroup = container("worker").cgroup;
+        let memory = HashMap::from([(
+            cgroup,
+            Memory {
+                usage: 90 << 20,
+                limit: Some(100 << 20),
+            },
+        )]);
+        metrics.update(&tick, &memory, now);
+        assert_eq!(
+            lines(&metrics, "alloctrace_escalated_processes"),
+            ["alloctrace_escalated_processes 1"]
+        );
+        // The usage handed in, not read again.
+        assert_eq!(
+            lines(&metrics, "alloctrace_memcg_usage_bytes{"),
+            [format!(
+                "alloctrace_memcg_usage_bytes{{container=\"worker\",container_id=\"{ID}\"}} 94371840"
+            )]
+        );
+        metrics.escalated(&container("worker"), now);
+        metrics.escalated(&container("worker"), now);
+        assert_eq!(
+            lines(&metrics, "alloctrace_escalations_total{"),
+            [format!(
+                "alloctrace_escalations_total{{container=\"worker\",container_id=\"{ID}\"}} 2"
+            )]
+        );
+        metrics.set_escalated_processes(0);
+        assert_eq!(
+            lines(&metrics, "alloctrace_escalated_processes"),
+            ["alloctrace_escalated_processes 0"]
+        );
     }
 
     #[test]

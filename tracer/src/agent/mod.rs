@@ -1,14 +1,19 @@
 //! `alloctrace agent`: the host's always-on process. It runs the session's watch tier (no uprobes: sampled page
 //! faults and the mapping calls, see [`crate::trace::watch`]) over every container's processes, or those a
 //! selector names, until SIGTERM or SIGINT; writes a post-mortem file (and its flame graph) for each OOM kill of
-//! a watched process; and serves `/metrics`, `/debug/pprof/heap` and `/healthz` over HTTP. It says one line on stderr per notable event: ready, a
-//! container seen, an OOM kill, events lost.
+//! a watched process; and serves `/metrics`, `/debug/pprof/heap` and `/healthz` over HTTP. A container near its
+//! memory limit, or growing fast, is escalated to the exact tier: its biggest processes get the allocator
+//! uprobes until it falls back ([`escalation`]), and an escalated victim's post-mortem names what they saw. It
+//! says one line on stderr per notable event: ready, a container seen, an escalation and its end, an OOM kill,
+//! events lost.
 
+pub mod escalation;
 pub mod heap;
 pub mod http;
 pub mod metrics;
 
 use std::{
+    collections::{HashMap, HashSet},
     fs,
     io::Write as _,
     net::SocketAddr,
@@ -22,10 +27,12 @@ use anyhow::Context as _;
 use crate::{
     cli::TargetArgs,
     output::{escape::Escaped, flamegraph, profile::Profile},
+    procs::container::Container,
     report::oom::OomRecord,
-    trace::{self, Watch, WatchTick},
+    trace::{self, Escalate, Watch, WatchTick},
 };
-use metrics::Metrics;
+use escalation::{Candidate, Change, Policy, Thresholds, Trigger};
+use metrics::{Memory, Metrics};
 
 /// What the agent runs with, besides the processes it watches.
 #[derive(Clone, Debug)]
@@ -39,6 +46,26 @@ pub struct AgentOptions {
     pub max_samples: usize,
     /// How long a container's series stay exported after its last process is gone.
     pub series_ttl: Duration,
+    /// When and how far containers escalate to the exact tier; `None`: never (no uprobe program is loaded).
+    /// Its sampling is the session's (`TargetArgs::sample_every`).
+    pub escalation: Option<EscalationOptions>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct EscalationOptions {
+    pub thresholds: Thresholds,
+    /// Most processes that have the uprobes at once, host-wide.
+    pub max_processes: usize,
+}
+
+/// The agent's escalations: the policy, and what it has said.
+struct Escalations {
+    policy: Policy,
+    max_processes: usize,
+    /// Processes whose escalation failed (no allocator found, say): not tried again while they live.
+    refused: HashSet<u32>,
+    /// Escalated containers whose cap was said, until they relax.
+    capped_said: HashSet<String>,
 }
 
 /// Runs the agent until a stop signal.
@@ -61,8 +88,17 @@ pub async fn run(targets: &TargetArgs, options: &AgentOptions) -> anyhow::Result
         targets.comms.is_empty() && targets.containers.is_empty() && targets.cgroups.is_empty();
     let mut ready = false;
     let mut lost_said = 0;
-    let mut on_tick = |tick: &WatchTick| {
-        let seen = lock(&metrics).update(tick, Instant::now());
+    let mut escalations = options.escalation.map(|escalation| Escalations {
+        policy: Policy::new(escalation.thresholds),
+        max_processes: escalation.max_processes,
+        refused: HashSet::new(),
+        capped_said: HashSet::new(),
+    });
+    let mut on_tick = |tick: &WatchTick, escalate: &mut dyn Escalate| {
+        let now = Instant::now();
+        // Read once, for the series and the escalation policy alike.
+        let memory = memory_cgroups(tick);
+        let seen = lock(&metrics).update(tick, &memory, now);
         *lock(&heap_profile) = heap::profile(tick, options.fault_every);
         if !ready {
             ready = true;
@@ -83,6 +119,9 @@ pub async fn run(targets: &TargetArgs, options: &AgentOptions) -> anyhow::Result
                 tick.lost_events
             ));
             lost_said = tick.lost_events;
+        }
+        if let Some(escalations) = &mut escalations {
+            escalations.tick(tick, &memory, escalate, &metrics, now);
         }
     };
     let dir = options.dir.clone();
@@ -115,12 +154,197 @@ pub async fn run(targets: &TargetArgs, options: &AgentOptions) -> anyhow::Result
             fault_every: options.fault_every,
             max_samples: options.max_samples,
             every_container,
+            escalation: options.escalation.is_some(),
             on_tick: &mut on_tick,
         },
     )
     .await?;
     trace.finish();
     Ok(())
+}
+
+/// The memory cgroups of the tick's containers, by cgroup path, each read once.
+fn memory_cgroups(tick: &WatchTick) -> HashMap<String, Memory> {
+    let mut memory = HashMap::new();
+    for container in tick.processes.iter().filter_map(|p| p.container.as_ref()) {
+        if !memory.contains_key(&container.cgroup)
+            && let Some(read) = Memory::from_sys(&container.cgroup)
+        {
+            memory.insert(container.cgroup.clone(), read);
+        }
+    }
+    memory
+}
+
+impl Escalations {
+    /// Decides and carries out a tick's escalations, counts them in `metrics` with the processes that have the
+    /// uprobes after it, then says each: whoever reads a line finds the series already there.
+    fn tick(
+        &mut self,
+        tick: &WatchTick,
+        memory: &HashMap<String, Memory>,
+        escalate: &mut dyn Escalate,
+        metrics: &Mutex<Metrics>,
+        now: Instant,
+    ) {
+        let mut lines: Vec<String> = Vec::new();
+        let containers: HashMap<&str, &Container> = tick
+            .processes
+            .iter()
+            .filter_map(|p| p.container.as_ref())
+            .map(|c| (c.id.as_str(), c))
+            .collect();
+        let by_container: HashMap<String, Memory> = containers
+            .iter()
+            .filter_map(|(id, c)| Some(((*id).to_owned(), *memory.get(&c.cgroup)?)))
+            .collect();
+        let decisions = self.policy.tick(now, &by_container);
+        let escalated = self.policy.escalated();
+        self.refused
+            .retain(|pid| tick.processes.iter().any(|p| p.pid == *pid));
+        self.capped_said
+            .retain(|id| escalated.contains(id.as_str()));
+        let candidates: Vec<Candidate<'_>> = tick
+            .processes
+            .iter()
+            .filter(|p| !self.refused.contains(&p.pid))
+            .filter_map(|p| {
+                Some(Candidate {
+                    pid: p.pid,
+                    container: p.container.as_ref()?.id.as_str(),
+                    resident_bytes: p.resident_bytes,
+                    escalated: p.escalated,
+                })
+            })
+            .collect();
+        let assignment = escalation::assign(&candidates, &escalated, self.max_processes);
+        let mut count = tick.processes.iter().filter(|p| p.escalated).count();
+        let container_of = |pid: u32| {
+            candidates
+                .iter()
+                .find(|c| c.pid == pid)
+                .map(|c| c.container)
+        };
+        let mut relaxed: HashMap<&str, Vec<u32>> = HashMap::new();
+        for &pid in &assignment.detach {
+            if let Err(err) = escalate.relax(pid) {
+                lines.push(format!("relaxing pid {pid}: {err:#}"));
+            }
+            count -= 1;
+            if let Some(container) = container_of(pid) {
+                relaxed.entry(container).or_default().push(pid);
+            }
+        }
+        for change in &decisions.relax {
+            let pids = relaxed
+                .remove(change.container.as_str())
+                .unwrap_or_default();
+            lines.push(format!(
+                "relaxed container {}: {}; pids {}",
+                label(
+                    containers.get(change.container.as_str()).copied(),
+                    &change.container
+                ),
+                describe(change),
+                list(&pids)
+            ));
+        }
+        let mut attached: HashMap<&str, Vec<u32>> = HashMap::new();
+        for (container, pids) in &assignment.attach {
+            for &pid in pids {
+                match escalate.escalate(pid) {
+                    Ok(()) => {
+                        count += 1;
+                        attached.entry(container.as_str()).or_default().push(pid);
+                    }
+                    Err(err) => {
+                        self.refused.insert(pid);
+                        lines.push(format!(
+                            "cannot escalate pid {pid} of container {}: {err:#}",
+                            label(containers.get(container.as_str()).copied(), container)
+                        ));
+                    }
+                }
+            }
+        }
+        for (change, trigger) in &decisions.escalate {
+            let container = containers.get(change.container.as_str()).copied();
+            if let Some(container) = container {
+                lock(metrics).escalated(container, now);
+            }
+            let pids = attached
+                .remove(change.container.as_str())
+                .unwrap_or_default();
+            let why = match trigger {
+                Trigger::Limit => "past --escalate-at",
+                Trigger::Rate => "growing faster than --escalate-rate",
+            };
+            lines.push(format!(
+                "escalated container {} ({why}): {}; pids {}",
+                label(container, &change.container),
+                describe(change),
+                list(&pids)
+            ));
+        }
+        // Processes that joined a container escalated before.
+        let mut joined: Vec<(&str, Vec<u32>)> = attached.into_iter().collect();
+        joined.sort();
+        for (id, pids) in joined {
+            lines.push(format!(
+                "escalated container {}: more processes; pids {}",
+                label(containers.get(id).copied(), id),
+                list(&pids)
+            ));
+        }
+        for (id, pids) in &assignment.capped {
+            if self.capped_said.insert(id.clone()) {
+                lines.push(format!(
+                    "capped container {}: pids {} stay in the watch tier: {} processes have the uprobes (--max-escalated)",
+                    label(containers.get(id.as_str()).copied(), id),
+                    list(pids),
+                    self.max_processes
+                ));
+            }
+        }
+        lock(metrics).set_escalated_processes(count);
+        for line in lines {
+            say(format_args!("{line}"));
+        }
+    }
+}
+
+/// A container as the log names it: `name (id prefix)`, or the id prefix.
+fn label(container: Option<&Container>, id: &str) -> String {
+    let short: String = id.chars().take(12).collect();
+    match container.and_then(|c| c.name.as_deref()) {
+        Some(name) => format!("{name} ({short})"),
+        None => short,
+    }
+}
+
+/// A container's memory as the escalation lines give it.
+fn describe(change: &Change) -> String {
+    let mib = |bytes: f64| bytes / f64::from(1 << 20);
+    let reading = &change.reading;
+    let usage = match (reading.limit, reading.percent()) {
+        (Some(limit), Some(percent)) => format!(
+            "{:.1} MiB, {percent:.0}% of its {:.1} MiB limit",
+            mib(reading.usage as f64),
+            mib(limit as f64)
+        ),
+        _ => format!("{:.1} MiB, no limit", mib(reading.usage as f64)),
+    };
+    format!("{usage}, growing {:.1} MiB/s", mib(reading.rate))
+}
+
+fn list(pids: &[u32]) -> String {
+    if pids.is_empty() {
+        return "none".to_owned();
+    }
+    pids.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The container's name (or id) a record names, or `host`.

@@ -709,6 +709,7 @@ mod tests {
                 stack: hostile_stack(),
             }],
             growth: Vec::new(),
+            escalation: None,
         };
         let mut out = Vec::new();
         write_oom(&record, false, &mut out).unwrap();

@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// Stacks a record gives for a traced victim, biggest first.
-const TOP_STACKS: usize = 5;
+pub const TOP_STACKS: usize = 5;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct OomRecord {
@@ -36,6 +36,20 @@ pub struct OomRecord {
     pub top_stacks: Vec<TopStack>,
     /// The victim's live memory over the minutes before the kill, oldest first, the last at the kill.
     pub growth: Vec<GrowthSample>,
+    /// The agent had escalated the victim to the allocator uprobes: what they saw. `null` otherwise.
+    pub escalation: Option<Escalation>,
+}
+
+/// What the allocator uprobes saw of an escalated victim: the blocks allocated since its escalation and still
+/// live at the kill, by stack, exact or (sampled) estimated.
+#[derive(Clone, Debug, Serialize)]
+pub struct Escalation {
+    /// How long before the kill the uprobes went on.
+    pub seconds_before: f64,
+    /// Blocks were sampled every this many bytes on average, and weighted; `null` when each was recorded.
+    pub sample_every_bytes: Option<u64>,
+    /// Biggest first, at most [`TOP_STACKS`].
+    pub top_stacks: Vec<TopStack>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -183,6 +197,8 @@ pub struct OomInput<'a> {
     /// What the agent's watch tier saw the victim make resident, biggest first, in place of the ledger's
     /// allocations.
     pub watched: Option<Vec<TopStack>>,
+    /// What the allocator uprobes saw since the agent escalated the victim.
+    pub escalation: Option<Escalation>,
 }
 
 pub fn build(input: OomInput<'_>) -> OomRecord {
@@ -278,6 +294,7 @@ pub fn build(input: OomInput<'_>) -> OomRecord {
         traced: input.traced,
         top_stacks,
         growth,
+        escalation: input.escalation,
     }
 }
 
