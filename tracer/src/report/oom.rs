@@ -252,7 +252,14 @@ pub fn build(input: OomInput<'_>) -> OomRecord {
     let live_now: u64 = top_stacks.iter().map(|s| s.live_bytes).sum();
     top_stacks.sort_by_key(|s| std::cmp::Reverse(s.live_bytes));
     top_stacks.truncate(TOP_STACKS);
-    debuginfo::resolve(top_stacks.iter_mut().map(|s| &mut s.stack));
+    let mut escalation = input.escalation;
+    let escalation_stacks = escalation.iter_mut().flat_map(|e| &mut e.top_stacks);
+    debuginfo::resolve(
+        top_stacks
+            .iter_mut()
+            .chain(escalation_stacks)
+            .map(|s| &mut s.stack),
+    );
     let killed_at = event.header.ts_ns;
     let mut growth: Vec<GrowthSample> = input
         .samples
@@ -294,7 +301,7 @@ pub fn build(input: OomInput<'_>) -> OomRecord {
         traced: input.traced,
         top_stacks,
         growth,
-        escalation: input.escalation,
+        escalation,
     }
 }
 
