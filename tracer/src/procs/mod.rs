@@ -301,7 +301,7 @@ impl Registry {
         let id = mapping.file?;
         let open_path = open_path(pid, mapping);
         self.modules.get_or_load(id, &open_path, || {
-            Module::load(&open_path, &mapping.path).ok().map(Arc::new)
+            Module::load(&open_path, &mapping.path).ok()
         })
     }
 

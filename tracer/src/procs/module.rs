@@ -137,8 +137,8 @@ struct Segment {
     address: u64,
 }
 
-/// The parts of an ELF object alloctrace uses.
-#[derive(Debug)]
+/// The parts of an ELF object alloctrace uses. Two are equal when they name every address alike.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Module {
     /// The path reports show: the one the process mapped it from.
     pub path: String,
