@@ -11,6 +11,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod agent;
 pub mod docker;
 
 /// The `alloctrace` binary: `ALLOCTRACE` (set by `cargo xtask test`), else the workspace's release build.

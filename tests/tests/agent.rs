@@ -7,20 +7,16 @@
 //! what its Python line allocated since.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::TcpStream,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
-    sync::mpsc::{Receiver, RecvTimeoutError, channel},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use alloctrace_tests::{alloctrace, docker, go_pprof, pyenv_prefix, require_root};
+use alloctrace_tests::{
+    agent::{EVENT, Lines, Reaped, STARTUP, Task, get, get_bytes, start_agent, temp_dir},
+    docker, go_pprof, pyenv_prefix, require_root,
+};
 use serde_json::Value;
-
-/// Generous bounds for things that take a fraction of a second on an idle machine: the tests share two cores.
-const STARTUP: Duration = Duration::from_secs(180);
-const EVENT: Duration = Duration::from_secs(90);
 
 /// The OOM victim: waits for a line, then appends 1 MiB bytearrays until it is killed. Line 5 holds it all.
 const HOG: &str = "import sys
@@ -85,151 +81,6 @@ for line in sys.stdin:
 /// What one `grow` block of [`STEPPER`] is, as CPython 3.12 asks the allocator for it.
 const GROW_BLOCK: u64 = (1 << 20) + 1;
 
-/// Lines a child writes on one of its streams, read on a thread of their own, kept for failure messages.
-struct Lines {
-    receiver: Receiver<String>,
-    seen: Vec<String>,
-    what: &'static str,
-}
-
-impl Lines {
-    fn new(stream: impl std::io::Read + Send + 'static, what: &'static str) -> Self {
-        let (sender, receiver) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            receiver,
-            seen: Vec::new(),
-            what,
-        }
-    }
-
-    /// The first line from now on that `wanted` accepts; fails after `bound`, with everything read.
-    fn wait_for(&mut self, bound: Duration, wanted: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + bound;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.receiver.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if wanted(&line) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "{} did not say it within {bound:?}:\n{}",
-                        self.what,
-                        self.seen.join("\n")
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!("{} ended:\n{}", self.what, self.seen.join("\n"))
-                }
-            }
-        }
-    }
-}
-
-/// Kills and reaps a child when the test ends, whichever way.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A Python task in a container of its own: its stdin, stdout lines, and host pid.
-struct Task {
-    name: String,
-    stdin: ChildStdin,
-    stdout: Lines,
-    pid: u32,
-    id: String,
-    _child: Reaped,
-}
-
-impl Task {
-    fn start(image: &str, name: String, memory_mib: u32, script: &str) -> Self {
-        let python = pyenv_prefix("3.12").join("bin/python3.12");
-        let mut child = Command::new("docker")
-            .args(["run", "-i", "--network", "none", "--name", &name])
-            .arg(format!("--memory={memory_mib}m"))
-            .arg(format!("--memory-swap={memory_mib}m"))
-            .arg(image)
-            .arg(&python)
-            .args(["-c", script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("docker run");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = Lines::new(child.stdout.take().unwrap(), "the container");
-        stdout.wait_for(EVENT, |line| line == "ready");
-        let (pid, id) = (docker::container_pid(&name), docker::container_id(&name));
-        Self {
-            name,
-            stdin,
-            stdout,
-            pid,
-            id,
-            _child: Reaped(child),
-        }
-    }
-
-    fn go(&mut self) {
-        writeln!(self.stdin).unwrap();
-    }
-
-    /// Has [`STEPPER`] take a step, and waits until it is done.
-    fn step(&mut self, command: &str) {
-        writeln!(self.stdin, "{command}").unwrap();
-        self.stdout.wait_for(EVENT, |l| l == "done");
-    }
-}
-
-impl Drop for Task {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rm", "-f", &self.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// `GET path` on `addr`, the body of a 200 answer.
-fn get(addr: &str, path: &str) -> String {
-    String::from_utf8(get_bytes(addr, path)).expect("a text answer")
-}
-
-/// `GET path` on `addr`, the body of a 200 answer, as bytes.
-fn get_bytes(addr: &str, path: &str) -> Vec<u8> {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).unwrap();
-    let split = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("an HTTP answer");
-    let head = String::from_utf8_lossy(&answer[..split]);
-    assert!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "{head}"
-    );
-    answer[split + 4..].to_vec()
-}
-
 /// Percent-encodes a query for a URL.
 fn encode(query: &str) -> String {
     query
@@ -267,13 +118,6 @@ fn query_until(
         std::thread::sleep(Duration::from_millis(500));
     }
     panic!("Prometheus never answered {query} as expected within {bound:?}; last: {last:#}");
-}
-
-fn temp_dir(what: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("alloctrace-{what}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Starts Prometheus on loopback, scraping `target` every second; returns it and the address it listens on.
@@ -471,25 +315,6 @@ fn the_agent_writes_an_oom_post_mortem_with_the_python_line_and_prometheus_scrap
     unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
     assert!(agent.wait().unwrap().success(), "{}", log.seen.join("\n"));
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// The agent, started with `args`, once it says it is ready: the child, its log, and where it serves.
-fn start_agent(args: &[&str]) -> (Child, Lines, String) {
-    let mut agent = Command::new(alloctrace())
-        .arg("agent")
-        .args(args)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut log = Lines::new(agent.stderr.take().unwrap(), "the agent");
-    let ready = log.wait_for(STARTUP, |l| l.starts_with("alloctrace: agent ready:"));
-    let listen = ready
-        .split("serving http://")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .expect("the agent says where it serves")
-        .to_owned();
-    (agent, log, listen)
 }
 
 /// The value of the one `alloctrace_live_bytes` series of `container` in the agent's `/metrics`.
@@ -693,7 +518,7 @@ fn a_container_past_escalate_at_gets_the_uprobes_until_it_falls_back_and_its_pos
         Some(2.0)
     );
     task.step("grow 16");
-    writeln!(task.stdin, "hog").unwrap();
+    task.send("hog");
     let killed = log.wait_for(EVENT, |l| {
         l.starts_with(&format!("alloctrace: OOM kill of pid {pid} "))
     });

@@ -134,7 +134,7 @@ fn machine_python_debug_offsets_of_the_live_3_13_are_proven() {
 
 #[test]
 fn machine_glibc_exports_malloc_under_its_public_name() {
-    let libc = Module::load(Path::new(LIBC), "libc", Path::new("/")).expect("glibc");
+    let libc = Module::load(Path::new(LIBC), "libc").expect("glibc");
     let malloc = libc.exported_function("malloc").unwrap();
     // The public name is shown, not an internal alias at the same address.
     assert_eq!(libc.function_at(malloc), Some(("malloc", 0)));
@@ -145,7 +145,7 @@ fn machine_glibc_exports_malloc_under_its_public_name() {
 #[test]
 fn machine_glibc_free_is_probed_past_its_null_check() {
     use std::os::unix::fs::FileExt as _;
-    let libc = Module::load(Path::new(LIBC), "libc", Path::new("/")).expect("glibc");
+    let libc = Module::load(Path::new(LIBC), "libc").expect("glibc");
     let free = libc.exported_function("free").unwrap();
     let start = libc.file_offset_of_address(free).unwrap();
     let mut code = [0; prologue::WINDOW];

@@ -416,6 +416,23 @@ impl Probes {
             .with_context(|| format!("cannot forget pid {pid} as a Python process"))
     }
 
+    /// Removes the kernel's marks of stacks sent to userspace, which forgets them: a probe that takes one of
+    /// them again sends it again.
+    pub fn forget_sent_stacks(
+        &self,
+        stack_ids: &std::collections::HashSet<u64>,
+    ) -> anyhow::Result<()> {
+        if stack_ids.is_empty() {
+            return Ok(());
+        }
+        let map = match self.ebpf.map("SENT_STACKS") {
+            Some(Map::LruHashMap(data)) => data.fd().as_fd(),
+            _ => anyhow::bail!("the eBPF object has no map SENT_STACKS"),
+        };
+        let ids: Vec<u64> = stack_ids.iter().copied().collect();
+        tables::delete(map, &ids).context("cannot remove stacks from the table of stacks sent")
+    }
+
     /// Traces every process that execs with this name (the kernel's 15-character `comm`).
     pub fn add_comm(&mut self, comm: &str) -> anyhow::Result<()> {
         let mut key = [0u8; 16];

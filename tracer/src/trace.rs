@@ -201,6 +201,10 @@ struct State {
     stack_bytes: usize,
     /// Every distinct frame, once: Python stacks share most of their frames.
     frames: HashSet<Arc<Frame>>,
+    /// The watch tier's stacks that no sampled page held at the last tick, whose kernel mark was removed then:
+    /// forgotten at the next tick unless a page or a new record of theirs came meanwhile (see
+    /// [`State::forget_stacks`]).
+    unheld_stacks: HashSet<u64>,
     /// The CPython processes among the targets, and what reads their frames.
     pythons: Pythons,
     /// The Python frames of stacks, named on the ring reader's thread as soon as their record was read: a
@@ -261,6 +265,10 @@ impl State {
                 guessed_caller,
                 python,
             } => {
+                // Its Python frames, named early on the reader's thread, are taken whether it is kept or not.
+                let early = lock(&self.python_stacks).remove(&stack_id);
+                // The kernel marked it as sent again: it is not to be forgotten at the next tick.
+                self.unheld_stacks.remove(&stack_id);
                 // A target that makes ever new stacks must not make the tracer grow without bound: past the
                 // limit, a new stack is not kept, and what uses it is counted as allocated without a stack.
                 let full = self.stacks.len() >= self.max_stacks || self.stack_bytes >= STACK_MEMORY;
@@ -270,7 +278,6 @@ impl State {
                 // Named now, while the process that sent it is alive: its blocks may outlive it.
                 let pid = header.pid;
                 let native = self.registry.symbolize(pid, &frames, guessed_caller);
-                let early = lock(&self.python_stacks).remove(&stack_id);
                 let python =
                     early.unwrap_or_else(|| name_python(&mut lock(&self.pythons), pid, &python));
                 let named: Vec<Arc<Frame>> = runtime::merge(native, python)
@@ -278,7 +285,10 @@ impl State {
                     .map(|frame| self.intern(frame))
                     .collect();
                 self.stack_bytes += named.len() * size_of::<Arc<Frame>>();
-                self.stacks.insert(stack_id, named.into());
+                // Sent twice (two threads at once, or sent again after the kernel forgot it): the old copy goes.
+                if let Some(old) = self.stacks.insert(stack_id, named.into()) {
+                    self.stack_bytes -= old.len() * size_of::<Arc<Frame>>();
+                }
             }
             Event::Alloc {
                 header,
@@ -471,9 +481,57 @@ impl State {
             targets.order.retain(|&p| p != pid);
             targets.exited.remove(&pid);
             self.growth.remove(&pid);
+            self.history.forget(pid);
             lock(&self.pythons).remove(&pid);
             self.registry.forget(pid);
         }
+    }
+
+    /// The watch tier's stacks that no sampled page holds any more (their processes are gone, or released
+    /// what they touched), forgotten with the frames only they named, in two phases: at one tick the kernel's
+    /// marks of the stacks held by nobody are removed (a process that makes such a stack again sends it
+    /// again); at the next, once every record written before that has been handled (`flushed`), those still
+    /// held by nobody, and not sent again meanwhile, are forgotten. A stack is so never forgotten between its
+    /// record and the first sample that names it, nor while the kernel takes it as sent. Returns whether
+    /// stacks wait for the second phase (the caller flushes the ring buffer before the next call).
+    fn forget_stacks(&mut self, probes: &mut Probes) -> bool {
+        let Some(resident) = &self.resident else {
+            return false;
+        };
+        let held = resident.held_stacks();
+        let mut forgotten = 0;
+        for id in std::mem::take(&mut self.unheld_stacks) {
+            if held.contains(&id) {
+                continue;
+            }
+            if let Some(frames) = self.stacks.remove(&id) {
+                self.stack_bytes -= frames.len() * size_of::<Arc<Frame>>();
+                forgotten += 1;
+            }
+        }
+        // A frame only the interning set holds is named by no stack any more.
+        if forgotten > 0 {
+            let stack_bytes = &mut self.stack_bytes;
+            self.frames.retain(|frame| {
+                let named = Arc::strong_count(frame) > 1;
+                if !named {
+                    *stack_bytes -= frame.heap_bytes();
+                }
+                named
+            });
+        }
+        self.unheld_stacks = self
+            .stacks
+            .keys()
+            .filter(|id| !held.contains(id))
+            .copied()
+            .collect();
+        if let Err(err) = probes.forget_sent_stacks(&self.unheld_stacks) {
+            // Kept, then: a stack the kernel takes as sent must stay named.
+            warn(format_args!("{err:#}"));
+            self.unheld_stacks.clear();
+        }
+        !self.unheld_stacks.is_empty()
     }
 
     /// The site of an allocation, named the first time its stack is seen, while the process is alive.
@@ -866,7 +924,11 @@ impl Targets {
     /// A fork has its parent's address space: its allocator, its interpreter, its task.
     fn follow_fork(&mut self, state: &mut State, parent: u32, child: u32) {
         if !std::path::Path::new(&format!("/proc/{child}")).exists() {
-            // Gone before its record was read: what it did while traced is already counted.
+            // Gone before its record was read: what it did while traced is already counted. Watched, the pages
+            // it touched meanwhile go with it.
+            if self.watching {
+                state.gone.push(child);
+            }
             return;
         }
         let interpreter = lock(&state.pythons)
@@ -1236,6 +1298,7 @@ async fn session(
     let mut history_timer = tokio::time::interval(HISTORY_INTERVAL);
     let mut history_ticks = 0u64;
     let mut watch_timer = tokio::time::interval(WATCH_TICK);
+    let mut stacks_unheld = false;
     // With --comm, processes may still come, and without targets alloctrace only watches: only the duration
     // or Ctrl-C end the trace then.
     let waits_for_more =
@@ -1302,6 +1365,11 @@ async fn session(
                     };
                     (watch.on_tick)(&tick, &mut escalation);
                 }
+                // The second phase of forgetting stacks needs every record written before the first handled.
+                if stacks_unheld {
+                    flush(&mut reader, &mut targets, &mut state).await;
+                }
+                stacks_unheld = state.forget_stacks(&mut targets.probes);
             }
             Some(event) = recv(&mut child_events) => match event {
                 ChildEvent::ExecFailed(err) => {

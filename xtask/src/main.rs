@@ -45,12 +45,16 @@ enum Task {
     /// alloctrace's places, alloctrace exact, sampled and without Python frames, the agent's watch tier, a
     /// memleak-style bpftrace script and memray; medians and ratios in one Markdown table.
     Bench {
-        /// Only this workload (repeatable); all of them by default.
-        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(bench::NAMES))]
+        /// Only this workload (repeatable); all of them by default. `soak` (only when named) runs the agent
+        /// while containers come and go, and with 100 at once, and reads its memory.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(bench::JOBS))]
         only: Vec<String>,
         /// Runs of each configuration, whose median is reported [default: 3 for seed, 5 for the others].
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         runs: Option<u32>,
+        /// How long the soak runs, in minutes (a shorter run for a quick look).
+        #[arg(long, value_name = "MINUTES", default_value_t = 10.0)]
+        soak_minutes: f64,
     },
     /// Build, install Airflow 2.10.5 into a venv (PyPI), then run a real Airflow task untraced and under
     /// `alloctrace leaks` with default flags: wall times, losses, the tracer's peak RSS, the DAG's lines.
@@ -63,7 +67,15 @@ fn main() -> ExitCode {
         Task::Build => build::run().map(|_| ()),
         Task::Run { args } => run::run(args),
         Task::Test { filter } => test::run(filter),
-        Task::Bench { only, runs } => bench::run(&bench::Options { only, runs }),
+        Task::Bench {
+            only,
+            runs,
+            soak_minutes,
+        } => bench::run(&bench::Options {
+            only,
+            runs,
+            soak_minutes,
+        }),
         Task::Airflow => airflow::run(),
     };
     match result {

@@ -5,7 +5,7 @@
 //! range); `exec` and exit drop the process. Pure bookkeeping, unit-tested with synthetic events; bounded by a
 //! cap on sampled pages, past which new samples are refused and counted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Bytes of a page: x86-64's base page, the one a user page fault maps (transparent huge pages, which map
 /// 2 MiB at a fault, are counted as one page: an underestimate, said in the README).
@@ -237,6 +237,16 @@ impl Resident {
             .collect();
         stacks.sort_by_key(|&(id, r)| (std::cmp::Reverse(r.resident_pages), id));
         stacks
+    }
+
+    /// The stacks that hold sampled pages in some process (pages an `mremap` is moving included).
+    pub fn held_stacks(&self) -> HashSet<u64> {
+        self.processes
+            .values()
+            .flat_map(|pages| pages.by_stack.iter())
+            .filter(|(_, residency)| residency.resident_pages > 0)
+            .map(|(&id, _)| id)
+            .collect()
     }
 
     /// Samples refused because [`Resident::new`]'s cap was reached.

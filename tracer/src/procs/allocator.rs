@@ -227,13 +227,8 @@ pub fn for_command(registry: &mut Registry, exe: &Path) -> anyhow::Result<Alloca
         .place_probes()
 }
 
-/// Loads an object of a command alloctrace starts: it sees the files alloctrace sees, its root is alloctrace's.
 fn load(path: &Path) -> anyhow::Result<Arc<Module>> {
-    Ok(Arc::new(Module::load(
-        path,
-        &path.to_string_lossy(),
-        Path::new("/"),
-    )?))
+    Ok(Arc::new(Module::load(path, &path.to_string_lossy())?))
 }
 
 /// The `PT_INTERP` path of an ELF executable: `None` for a static one. Reads its header and program headers only.

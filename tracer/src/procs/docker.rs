@@ -4,10 +4,11 @@
 //! `docker start` — exactly when the container's first process execs and alloctrace asks. Names found are
 //! cached; a failure is not, so a container whose name could not be learned at one exec is asked about again at
 //! the next, and a daemon that does not answer in time is left alone for [`BACK_OFF`] rather than stalling every
-//! exec. Each container's first failure is said once, and so is a name learned after failures.
+//! exec. Each container's first failure is said once, and so is a name learned after failures. The agent sees
+//! containers come and go for days: the answers kept are bounded ([`MAX_CONTAINERS`]), the oldest going first.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     io::{self, Read as _, Write as _},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
@@ -21,6 +22,9 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a daemon that did not answer within [`TIMEOUT`] is left alone, for each container.
 const BACK_OFF: Duration = Duration::from_secs(2);
 
+/// The most containers whose name (or failure) is kept: far more than a host runs at once.
+const MAX_CONTAINERS: usize = 4096;
+
 /// A container whose name could not be learned yet.
 struct Unnamed {
     failures: u32,
@@ -32,6 +36,9 @@ pub struct DockerNames {
     socket: PathBuf,
     names: HashMap<String, String>,
     unnamed: HashMap<String, Unnamed>,
+    /// The ids of `names` and `unnamed`, the oldest first: the first forgotten past [`MAX_CONTAINERS`].
+    order: VecDeque<String>,
+    max_containers: usize,
 }
 
 impl Default for DockerNames {
@@ -46,6 +53,22 @@ impl DockerNames {
             socket,
             names: HashMap::new(),
             unnamed: HashMap::new(),
+            order: VecDeque::new(),
+            max_containers: MAX_CONTAINERS,
+        }
+    }
+
+    /// Keeps `id` among the containers known; past the bound, forgets the one known longest.
+    fn remember(&mut self, id: &str) {
+        if self.names.contains_key(id) || self.unnamed.contains_key(id) {
+            return;
+        }
+        self.order.push_back(id.to_owned());
+        while self.order.len() > self.max_containers {
+            if let Some(oldest) = self.order.pop_front() {
+                self.names.remove(&oldest);
+                self.unnamed.remove(&oldest);
+            }
         }
     }
 
@@ -64,6 +87,7 @@ impl DockerNames {
         let short = &id[..id.len().min(12)];
         let (reason, retry_at) = match list_name(&self.socket, id) {
             Ok(Some(name)) => {
+                self.remember(id);
                 if let Some(unnamed) = self.unnamed.remove(id) {
                     eprintln!(
                         "alloctrace: Docker container {short} is {name} (learned after {} failed attempts)",
@@ -90,6 +114,7 @@ impl DockerNames {
                 None,
             ),
         };
+        self.remember(id);
         let unnamed = self.unnamed.entry(id.to_owned()).or_insert_with(|| {
             eprintln!(
                 "alloctrace: no name yet for Docker container {short} ({reason}): asked again at its next process"
@@ -201,6 +226,23 @@ mod tests {
         assert_eq!(names.name(ID), None);
         assert_eq!(names.unnamed[ID].failures, 2, "asked again");
         assert!(names.names.is_empty());
+    }
+
+    #[test]
+    fn the_containers_known_are_bounded_the_oldest_forgotten_first() {
+        let mut names = DockerNames::with_socket(PathBuf::from("/nonexistent/docker.sock"));
+        names.max_containers = 2;
+        let id = |n: u8| format!("{n:064x}");
+        names.names.insert(id(1), "one".to_owned());
+        names.order.push_back(id(1));
+        assert_eq!(names.name(&id(2)), None);
+        assert_eq!(names.name(&id(3)), None);
+        assert_eq!(names.order, [id(2), id(3)]);
+        assert!(names.names.is_empty(), "the oldest went");
+        assert_eq!(names.unnamed.len(), 2);
+        // Asked again, a container already known is not counted twice.
+        assert_eq!(names.name(&id(3)), None);
+        assert_eq!(names.order.len(), 2);
     }
 
     /// A socket in a fresh directory of its own, for a daemon played by the test.

@@ -199,6 +199,12 @@ pub struct Registry {
     processes: HashMap<u32, Process>,
     /// The objects processes map, and those that could not be read (not tried again for every frame).
     modules: ModuleCache,
+    /// Where each file's DWARF is read when a report shows its frames: one per file (device + inode), opened
+    /// through a process that maps it, and its separate debug file looked up in that process's root. Not per
+    /// module: the cache shares one module between files of equal contents, and one container's debug files
+    /// must never name another's frames. At most [`debuginfo::MAX_DEBUG_SOURCES`] (then forgotten, frames keep
+    /// theirs).
+    debug_sources: HashMap<FileId, Arc<debuginfo::DebugSource>>,
     docker: DockerNames,
 }
 
@@ -313,12 +319,25 @@ impl Registry {
     pub fn module(&mut self, pid: u32, mapping: &Mapping) -> Option<Arc<Module>> {
         let id = mapping.file?;
         let open_path = open_path(pid, mapping);
-        let root = PathBuf::from(format!("/proc/{pid}/root"));
         self.modules.get_or_load(id, &open_path, || {
-            Module::load(&open_path, &mapping.path, &root)
-                .ok()
-                .map(Arc::new)
+            Module::load(&open_path, &mapping.path).ok()
         })
+    }
+
+    /// Where the DWARF of a mapping's file is read (see `debug_sources`); `None` when it cannot be opened.
+    fn debug_source(&mut self, pid: u32, mapping: &Mapping) -> Option<Arc<debuginfo::DebugSource>> {
+        let id = mapping.file?;
+        if let Some(source) = self.debug_sources.get(&id) {
+            return Some(Arc::clone(source));
+        }
+        if self.debug_sources.len() >= debuginfo::MAX_DEBUG_SOURCES {
+            self.debug_sources.clear();
+        }
+        let file = module::open_object(&open_path(pid, mapping), &mapping.path).ok()?;
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        let source = debuginfo::DebugSource::new(file, &mapping.path, &root)?;
+        self.debug_sources.insert(id, Arc::clone(&source));
+        Some(source)
     }
 
     /// Objects the cache of modules evicted to stay within its bounds ([`module_cache`]).
@@ -408,7 +427,7 @@ impl Registry {
             function,
             offset: Some(address),
             function_offset,
-            source: module.debug_source.clone(),
+            source: self.debug_source(pid, mapping),
             ..unnamed
         }
     }

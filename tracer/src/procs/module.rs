@@ -14,12 +14,9 @@ use std::{
     ops::Range,
     os::unix::fs::OpenOptionsExt as _,
     path::Path,
-    sync::Arc,
 };
 
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, ReadCache, ReadRef, SymbolKind};
-
-use super::debuginfo::DebugSource;
 
 /// The largest file opened as an object. The biggest real libraries (libLLVM, libxul with symbols) are a few
 /// hundred MiB; a larger "object" is a sparse file made to be large.
@@ -140,8 +137,8 @@ struct Segment {
     address: u64,
 }
 
-/// The parts of an ELF object alloctrace uses.
-#[derive(Debug)]
+/// The parts of an ELF object alloctrace uses. Two are equal when they name every address alike.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Module {
     /// The path reports show: the one the process mapped it from.
     pub path: String,
@@ -154,25 +151,15 @@ pub struct Module {
     segments: Vec<Segment>,
     /// Symbols not kept because the object has more than [`MAX_SYMBOLS`] or [`MAX_SYMBOL_NAME_BYTES`].
     symbols_cut: u64,
-    /// Where its DWARF (or its separate debug file's) is read when a report shows one of its frames.
-    pub debug_source: Option<Arc<DebugSource>>,
     /// What the tables above take in memory, about: what the registry's cache of modules charges for it.
     heap_bytes: usize,
 }
 
 impl Module {
-    /// Reads `open_path` (which may be a `/proc/PID/map_files` link); `path` is the name reports use, and `root`
-    /// the root of the process that maps it (`/proc/PID/root`), where a separate debug file is looked for.
-    pub fn load(open_path: &Path, path: &str, root: &Path) -> Result<Self, ModuleError> {
-        let opened = open_object(open_path, path)?;
-        let debug_source = opened
-            .try_clone()
-            .ok()
-            .and_then(|file| DebugSource::new(file, path, root));
-        let file = BoundedFile::new(opened, MAX_OBJECT_READ_BYTES);
-        let mut module = Self::parse(&file, path)?;
-        module.debug_source = debug_source;
-        Ok(module)
+    /// Reads `open_path` (which may be a `/proc/PID/map_files` link); `path` is the name reports use.
+    pub fn load(open_path: &Path, path: &str) -> Result<Self, ModuleError> {
+        let file = BoundedFile::new(open_object(open_path, path)?, MAX_OBJECT_READ_BYTES);
+        Self::parse(&file, path)
     }
 
     pub fn parse<'data, R: ReadRef<'data>>(data: R, path: &str) -> Result<Self, ModuleError> {
@@ -264,7 +251,6 @@ impl Module {
             by_name,
             segments,
             symbols_cut: kept.cut,
-            debug_source: None,
             heap_bytes,
         })
     }
@@ -359,7 +345,7 @@ mod tests {
     /// The test binary itself is an ELF object with a symbol table: a real file to check against.
     fn this_binary() -> Module {
         let exe = std::env::current_exe().unwrap();
-        Module::load(&exe, "test", Path::new("/")).unwrap()
+        Module::load(&exe, "test").unwrap()
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //! read. Each object is bounded on its own (see [`super::module`]), but a target can map as many distinct files
 //! as it likes: the cache as a whole is bounded too, in entries and in bytes of symbol data, and evicts the
 //! object used longest ago, counting what it evicts. An evicted object is read again when a frame needs it.
+//!
+//! Every container has its own copy of the same libraries (its own overlay, its own device): the file is read
+//! for each, but an object whose content equals one already cached (every symbol, name, segment, and the path
+//! it is mapped from) is kept once, shared by the entries of every file it came from, and charged once. The
+//! contents are compared, not a build id: a hostile container could give its own file another's build id
+//! and different names, and would then name the frames of the other's processes.
 
 use std::{
     collections::HashMap,
@@ -18,8 +24,9 @@ pub const MAX_CACHED_MODULES: usize = 4096;
 /// take up to about 60 MiB ([`super::module::MAX_SYMBOLS`], [`super::module::MAX_SYMBOL_NAME_BYTES`]).
 pub const MAX_CACHED_MODULE_BYTES: usize = 96 << 20;
 
-/// What a failure (an object that could not be read) is charged.
-const FAILURE_BYTES: usize = 64;
+/// What an entry is charged besides its object (the whole charge of a failure, an object that could not be
+/// read).
+const ENTRY_BYTES: usize = 64;
 
 struct Entry {
     /// `None`: the object could not be read through `failed_through`, and is not tried again that way for
@@ -34,16 +41,10 @@ struct Entry {
     last_used: u64,
 }
 
-impl Entry {
-    fn bytes(&self) -> usize {
-        self.module
-            .as_ref()
-            .map_or(FAILURE_BYTES, |m| m.heap_bytes())
-    }
-}
-
 pub struct ModuleCache {
     entries: HashMap<FileId, Entry>,
+    /// How many entries hold each distinct object (by address): an object is charged with its first.
+    holders: HashMap<*const Module, usize>,
     bytes: usize,
     max_entries: usize,
     max_bytes: usize,
@@ -61,6 +62,7 @@ impl ModuleCache {
     pub fn with_bounds(max_entries: usize, max_bytes: usize) -> Self {
         Self {
             entries: HashMap::new(),
+            holders: HashMap::new(),
             bytes: 0,
             max_entries: max_entries.max(1),
             max_bytes,
@@ -69,13 +71,14 @@ impl ModuleCache {
         }
     }
 
-    /// The object of `file`, loaded by `load` through `through` when it is not cached. A failure is cached as
-    /// well, for that path: through another one it is tried again.
+    /// The object of `file`, loaded by `load` through `through` when it is not cached (and then shared with an
+    /// equal one cached for another file). A failure is cached as well, for that path: through another one it
+    /// is tried again.
     pub fn get_or_load(
         &mut self,
         file: FileId,
         through: &Path,
-        load: impl FnOnce() -> Option<Arc<Module>>,
+        load: impl FnOnce() -> Option<Module>,
     ) -> Option<Arc<Module>> {
         self.uses += 1;
         if let Some(entry) = self.entries.get_mut(&file) {
@@ -83,11 +86,9 @@ impl ModuleCache {
             if entry.module.is_some() || entry.failed_through.as_deref() == Some(through) {
                 return entry.module.clone();
             }
-            if let Some(failed) = self.entries.remove(&file) {
-                self.bytes -= failed.bytes();
-            }
+            self.remove(&file);
         }
-        let module = load();
+        let module = load().map(|loaded| self.shared(loaded));
         let failed_through = module.is_none().then(|| through.to_path_buf());
         self.insert(file, module.clone(), failed_through);
         module
@@ -107,12 +108,19 @@ impl ModuleCache {
         module: Option<Arc<Module>>,
         failed_through: Option<PathBuf>,
     ) {
+        self.bytes += ENTRY_BYTES;
+        if let Some(module) = &module {
+            let holders = self.holders.entry(Arc::as_ptr(module)).or_default();
+            if *holders == 0 {
+                self.bytes += module.heap_bytes();
+            }
+            *holders += 1;
+        }
         let entry = Entry {
             module,
             failed_through,
             last_used: self.uses,
         };
-        self.bytes += entry.bytes();
         self.entries.insert(file, entry);
         // The newest entry always stays: each object is bounded on its own, below the cache's bound.
         while self.entries.len() > 1
@@ -125,9 +133,38 @@ impl ModuleCache {
                 .min_by_key(|(_, entry)| entry.last_used)
                 .map(|(&id, _)| id);
             let Some(oldest) = oldest else { break };
-            if let Some(entry) = self.entries.remove(&oldest) {
-                self.bytes -= entry.bytes();
-                self.evicted += 1;
+            self.remove(&oldest);
+            self.evicted += 1;
+        }
+    }
+
+    /// The cached object equal to `loaded`, if there is one, else `loaded`.
+    fn shared(&self, loaded: Module) -> Arc<Module> {
+        let same = self
+            .entries
+            .values()
+            .filter_map(|entry| entry.module.as_ref())
+            .find(|cached| cached.heap_bytes() == loaded.heap_bytes() && ***cached == loaded);
+        match same {
+            Some(cached) => Arc::clone(cached),
+            None => Arc::new(loaded),
+        }
+    }
+
+    /// Drops the entry of `file`, and the charge of its object with its last holder.
+    fn remove(&mut self, file: &FileId) {
+        let Some(entry) = self.entries.remove(file) else {
+            return;
+        };
+        self.bytes -= ENTRY_BYTES;
+        if let Some(module) = entry.module {
+            let key = Arc::as_ptr(&module);
+            if let Some(holders) = self.holders.get_mut(&key) {
+                *holders -= 1;
+                if *holders == 0 {
+                    self.holders.remove(&key);
+                    self.bytes -= module.heap_bytes();
+                }
             }
         }
     }
@@ -161,18 +198,20 @@ mod tests {
         }
     }
 
-    /// The test binary: a real ELF object with a symbol table, of some megabytes of symbols.
-    fn module() -> Arc<Module> {
+    /// The test binary, as mapped from `path`: a real ELF object with a symbol table, of some megabytes of
+    /// symbols. Objects of two paths differ.
+    fn module(path: &str) -> Module {
         let exe = std::env::current_exe().unwrap();
-        Arc::new(Module::load(&exe, "test", Path::new("/")).unwrap())
+        Module::load(&exe, path).unwrap()
     }
 
     #[test]
     fn evicts_the_object_used_longest_ago_past_its_entries() {
         let mut cache = ModuleCache::with_bounds(3, usize::MAX);
-        let loaded = module();
         for inode in 1..=3 {
-            cache.get_or_load(file(inode), Path::new("/a"), || Some(Arc::clone(&loaded)));
+            cache.get_or_load(file(inode), Path::new("/a"), || {
+                Some(module(&inode.to_string()))
+            });
         }
         // 1 is used again: 2 is now the one used longest ago.
         assert!(
@@ -185,7 +224,7 @@ mod tests {
         let mut reloaded = false;
         cache.get_or_load(file(2), Path::new("/a"), || {
             reloaded = true;
-            Some(Arc::clone(&loaded))
+            Some(module("2"))
         });
         assert!(reloaded, "an evicted object is read again");
         // Reading 2 again evicted 3, the one used longest ago then.
@@ -204,13 +243,16 @@ mod tests {
 
     #[test]
     fn stays_within_its_bytes_and_counts_what_it_evicts() {
-        let loaded = module();
-        let one = loaded.heap_bytes();
+        let one = module("0").heap_bytes();
         assert!(one > 100_000, "the test binary has symbols: {one} bytes");
-        let mut cache = ModuleCache::with_bounds(MAX_CACHED_MODULES, 2 * one + FAILURE_BYTES);
+        // Room for two objects (one-digit paths: the same size) and three entries.
+        let bound = 2 * one + 3 * ENTRY_BYTES;
+        let mut cache = ModuleCache::with_bounds(MAX_CACHED_MODULES, bound);
         for inode in 0..10 {
-            cache.get_or_load(file(inode), Path::new("/a"), || Some(Arc::clone(&loaded)));
-            assert!(cache.bytes() <= 2 * one + FAILURE_BYTES);
+            cache.get_or_load(file(inode), Path::new("/a"), || {
+                Some(module(&inode.to_string()))
+            });
+            assert!(cache.bytes() <= bound);
         }
         assert_eq!((cache.len(), cache.evicted()), (2, 8));
         // A failure is charged little: one fits in what is left; a second does not, and the object used
@@ -226,13 +268,44 @@ mod tests {
         );
         // An object larger than the whole bound is still kept, alone, as the newest.
         let mut tiny = ModuleCache::with_bounds(MAX_CACHED_MODULES, 1);
-        tiny.get_or_load(file(1), Path::new("/a"), || Some(Arc::clone(&loaded)));
-        tiny.get_or_load(file(2), Path::new("/a"), || Some(Arc::clone(&loaded)));
+        tiny.get_or_load(file(1), Path::new("/a"), || Some(module("1")));
+        tiny.get_or_load(file(2), Path::new("/a"), || Some(module("2")));
         assert_eq!((tiny.len(), tiny.evicted()), (1, 1));
         assert!(
             tiny.get_or_load(file(2), Path::new("/a"), || panic!("kept"))
                 .is_some()
         );
+    }
+
+    #[test]
+    fn equal_objects_of_different_files_are_kept_once_and_charged_once() {
+        let mut cache = ModuleCache::default();
+        // Two containers' copies of one library: two files, one content.
+        let first = cache
+            .get_or_load(file(1), Path::new("/a"), || Some(module("/lib/x.so")))
+            .unwrap();
+        let second = cache
+            .get_or_load(file(2), Path::new("/b"), || Some(module("/lib/x.so")))
+            .unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(cache.bytes(), first.heap_bytes() + 2 * ENTRY_BYTES);
+        // Another content (here, mapped from another path) is an object of its own.
+        let other = cache
+            .get_or_load(file(3), Path::new("/c"), || Some(module("/lib/y.so")))
+            .unwrap();
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert_eq!(
+            cache.bytes(),
+            first.heap_bytes() + other.heap_bytes() + 3 * ENTRY_BYTES
+        );
+        // The shared object is charged until its last holder goes.
+        cache.remove(&file(1));
+        assert_eq!(
+            cache.bytes(),
+            first.heap_bytes() + other.heap_bytes() + 2 * ENTRY_BYTES
+        );
+        cache.remove(&file(2));
+        assert_eq!(cache.bytes(), other.heap_bytes() + ENTRY_BYTES);
     }
 
     #[test]
@@ -245,29 +318,29 @@ mod tests {
                 .get_or_load(file(1), gone, || panic!("cached"))
                 .is_none()
         );
-        let loaded = module();
         let split = Path::new("/proc/7/map_files/1000-2000");
-        assert!(
-            cache
-                .get_or_load(file(1), split, || Some(Arc::clone(&loaded)))
-                .is_some()
-        );
+        let loaded = cache
+            .get_or_load(file(1), split, || Some(module("test")))
+            .unwrap();
         assert!(
             cache
                 .get_or_load(file(1), gone, || panic!("cached"))
                 .is_some()
         );
         assert_eq!(cache.len(), 1);
-        assert_eq!(cache.bytes(), loaded.heap_bytes());
+        assert_eq!(cache.bytes(), loaded.heap_bytes() + ENTRY_BYTES);
     }
 
     #[test]
     fn an_object_loaded_before_it_is_mapped_is_cached_once() {
         let mut cache = ModuleCache::with_bounds(2, usize::MAX);
-        let loaded = module();
+        let loaded = Arc::new(module("test"));
         cache.insert_loaded(file(1), Arc::clone(&loaded));
         cache.insert_loaded(file(1), Arc::clone(&loaded));
-        assert_eq!((cache.len(), cache.bytes()), (1, loaded.heap_bytes()));
+        assert_eq!(
+            (cache.len(), cache.bytes()),
+            (1, loaded.heap_bytes() + ENTRY_BYTES)
+        );
         assert!(
             cache
                 .get_or_load(file(1), Path::new("/a"), || panic!("cached"))

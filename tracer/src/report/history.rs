@@ -67,6 +67,11 @@ impl History {
         p.points.push((at_ns, live_bytes));
     }
 
+    /// Drops what was recorded of `pid`: the agent, which runs for days, keeps no gone process's history.
+    pub fn forget(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+    }
+
     /// Every process's samples, as seconds since `start_ns`.
     pub fn by_process(&self, start_ns: u64) -> Vec<ProcessMemory> {
         self.processes

@@ -3,7 +3,7 @@
 //! held its memory. The evidence that dies with the process.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -88,12 +88,29 @@ pub struct TopStack {
 }
 
 /// Finds cgroup paths from the cgroup ids the kernel gives: the id is the inode of the cgroup's directory in
-/// the v2 hierarchy. The hierarchy is searched on a miss and the answers kept.
+/// the v2 hierarchy. The hierarchy is searched on a miss and the answers kept, at most [`MAX_CGROUPS`] of
+/// each, the oldest forgotten first (the agent sees OOM kills in containers that come and go for days).
 #[derive(Default)]
 pub struct Cgroups {
     paths: HashMap<u64, Option<String>>,
     /// The nearest limited memory cgroup of each path, read once: a killed container's cgroup is soon removed.
     memcgs: HashMap<String, Option<Memcg>>,
+    /// The keys of `paths` and of `memcgs`, oldest first.
+    path_order: VecDeque<u64>,
+    memcg_order: VecDeque<String>,
+}
+
+/// The most cgroups whose path, and paths whose memory cgroup, are kept: far more than the kills reported at
+/// once.
+const MAX_CGROUPS: usize = 1024;
+
+/// Keeps `order` (the keys of `map`, oldest first) within [`MAX_CGROUPS`].
+fn bound<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, order: &mut VecDeque<K>) {
+    while order.len() > MAX_CGROUPS {
+        if let Some(oldest) = order.pop_front() {
+            map.remove(&oldest);
+        }
+    }
 }
 
 /// The v2 hierarchy: `/sys/fs/cgroup/unified` on hybrid hosts, `/sys/fs/cgroup` on pure v2 ones.
@@ -121,23 +138,31 @@ fn find_inode(dir: &Path, inode: u64, depth: usize) -> Option<PathBuf> {
 impl Cgroups {
     /// The path (relative to the hierarchy's root, as `/proc/PID/cgroup` prints it) of cgroup `id`.
     pub fn path(&mut self, id: u64) -> Option<String> {
-        self.paths
-            .entry(id)
-            .or_insert_with(|| {
-                let root = v2_root()?;
-                let found = find_inode(&root, id, 8)?;
-                let relative = found.strip_prefix(&root).ok()?;
-                Some(format!("/{}", relative.display()))
-            })
-            .clone()
+        if let Some(known) = self.paths.get(&id) {
+            return known.clone();
+        }
+        let found = (|| {
+            let root = v2_root()?;
+            let found = find_inode(&root, id, 8)?;
+            let relative = found.strip_prefix(&root).ok()?;
+            Some(format!("/{}", relative.display()))
+        })();
+        self.paths.insert(id, found.clone());
+        self.path_order.push_back(id);
+        bound(&mut self.paths, &mut self.path_order);
+        found
     }
 
     /// The nearest cgroup with a memory limit, from `path` up.
     pub fn memcg(&mut self, path: &str) -> Option<Memcg> {
-        self.memcgs
-            .entry(path.to_owned())
-            .or_insert_with(|| limited_memcg(path))
-            .clone()
+        if let Some(known) = self.memcgs.get(path) {
+            return known.clone();
+        }
+        let found = limited_memcg(path);
+        self.memcgs.insert(path.to_owned(), found.clone());
+        self.memcg_order.push_back(path.to_owned());
+        bound(&mut self.memcgs, &mut self.memcg_order);
+        found
     }
 
     /// Reads now, while they exist, the cgroup of `id` and its limit, for a record built later.

@@ -9,6 +9,9 @@
 //! (alloctrace's exit waits while the kernel removes its uprobes), and that is not the cost of tracing. Wall
 //! time is recorded beside it, for information. Every configuration runs its workload on a private copy of the
 //! allocator's library (`library`), and every alloctrace run checks its own report (`checks`).
+//!
+//! `--only soak` runs another job (`soak`): the agent watching containers that come and go for ten minutes,
+//! its resident memory over time, and with 100 containers at once. It runs only when named.
 
 mod checks;
 mod configs;
@@ -17,6 +20,7 @@ mod library;
 mod peers;
 mod process;
 mod report;
+mod soak;
 mod workloads;
 
 use std::{fs, path::Path, process::Command, time::Instant};
@@ -25,6 +29,18 @@ use anyhow::Context as _;
 use serde_json::json;
 
 pub use workloads::NAMES;
+
+/// What `--only` takes: the workloads, and the soak, which runs only when named.
+pub const JOBS: [&str; NAMES.len() + 1] = {
+    let mut jobs = [SOAK; NAMES.len() + 1];
+    let mut i = 0;
+    while i < NAMES.len() {
+        jobs[i] = NAMES[i];
+        i += 1;
+    }
+    jobs
+};
+const SOAK: &str = "soak";
 
 use configs::{Config, Setup};
 use report::{Measured, Run};
@@ -37,6 +53,8 @@ pub struct Options {
     pub only: Vec<String>,
     /// Runs of each configuration; each workload's default when `None`.
     pub runs: Option<u32>,
+    /// How long the soak runs.
+    pub soak_minutes: f64,
 }
 
 /// What the table says in place of the sampled column's numbers when alloctrace has no `--sample-every`.
@@ -49,6 +67,16 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         .filter(|name| options.only.is_empty() || options.only.iter().any(|only| only == name))
         .collect();
     let alloctrace = build::run()?;
+    if options.only.iter().any(|only| only == SOAK) {
+        let dir = root().join("target/bench");
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        // Another build's agent (`ALLOCTRACE=PATH`) can be soaked the same way, to compare.
+        let agent = std::env::var_os("ALLOCTRACE").map_or_else(|| alloctrace.clone(), Into::into);
+        soak::run(&agent, &dir, options.soak_minutes)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+    }
     let bpftrace = peers::bpftrace_version()?;
     let sample_every = supports_sample_every(&alloctrace)?;
     let dir = root().join("target/bench");
