@@ -72,6 +72,10 @@ const WATCH_TRACEPOINTS: [(&str, &str, &str); 2] = [
     ("madvise_enter", "syscalls", "sys_enter_madvise"),
 ];
 
+/// Live blocks held in the kernel's preallocated table (about 100 bytes of kernel memory each, taken at load);
+/// the rest of `--max-live-blocks` goes to a table whose entries are allocated as they come, dearer per block.
+const PREALLOCATED_LIVE_BLOCKS: u32 = 1 << 18;
+
 /// What the programs are loaded with.
 pub struct LoadOptions {
     /// Bytes of the ring buffer (a power of two).
@@ -87,7 +91,8 @@ pub struct LoadOptions {
 
 pub struct Probes {
     ebpf: Ebpf,
-    live: Map,
+    /// The live blocks: the preallocated table, then the one that takes what it has no room for.
+    live: [Map; 2],
     sites: Map,
     sizes: Map,
     /// Possible CPUs: the number of values of a per-CPU map entry.
@@ -139,6 +144,8 @@ impl Probes {
             None => FaultFields::default(),
         };
         let fault_every = options.watch_faults.unwrap_or(1);
+        let preallocated = options.max_live_blocks.clamp(1, PREALLOCATED_LIVE_BLOCKS);
+        let spilled = options.max_live_blocks.saturating_sub(preallocated);
         let mut ebpf = EbpfLoader::new()
             .override_global("FAULT_FIELDS", &fault_fields, true)
             .override_global("FAULT_SAMPLE_EVERY", &fault_every, true)
@@ -150,7 +157,8 @@ impl Probes {
             .override_global("SAMPLE_INTERVALS", &intervals, true)
             .override_global("SAMPLE_WEIGHTS", &options.sampling.weights, true)
             .map_max_entries("EVENTS", buffer_size)
-            .map_max_entries("LIVE", options.max_live_blocks)
+            .map_max_entries("LIVE", preallocated)
+            .map_max_entries("LIVE_SPILL", spilled.max(1))
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/tracer"
@@ -217,7 +225,8 @@ impl Probes {
             ebpf.take_map(name)
                 .with_context(|| format!("the eBPF object has no map {name}"))
         };
-        let (live, sites, sizes) = (take("LIVE")?, take("SITES")?, take("SIZES")?);
+        let live = [take("LIVE")?, take("LIVE_SPILL")?];
+        let (sites, sizes) = (take("SITES")?, take("SIZES")?);
         let cpus = aya::util::nr_cpus()
             .map_err(|(_, err)| err)
             .context("cannot count the possible CPUs")?;
@@ -398,14 +407,12 @@ impl Probes {
         )
         .context("cannot read the table of sizes")?;
         let mut blocks = Vec::new();
-        tables::for_each(
-            fd(&self.live)?,
-            None,
-            |key: LiveKey, block: &[LiveBlock]| {
+        for live in &self.live {
+            tables::for_each(fd(live)?, None, |key: LiveKey, block: &[LiveBlock]| {
                 blocks.extend(block.first().map(|block| (key, *block)));
-            },
-        )
-        .context("cannot read the table of live blocks")?;
+            })
+            .context("cannot read the table of live blocks")?;
+        }
         Ok(HeapTables {
             sites: self.site_counters()?,
             sizes,
@@ -416,15 +423,18 @@ impl Probes {
     /// Drops the blocks `pid` allocated before `before_ns`: its image was replaced, and its address space with
     /// it.
     pub fn forget_blocks(&self, pid: u32, before_ns: u64) -> anyhow::Result<()> {
-        let live = fd(&self.live)?;
-        let mut stale = Vec::new();
-        tables::for_each(live, None, |key: LiveKey, block: &[LiveBlock]| {
-            if key.tgid == pid && block.first().is_some_and(|b| b.ts_ns < before_ns) {
-                stale.push(key);
-            }
-        })
-        .context("cannot read the table of live blocks")?;
-        tables::delete(live, &stale).context("cannot prune the table of live blocks")
+        for live in &self.live {
+            let live = fd(live)?;
+            let mut stale = Vec::new();
+            tables::for_each(live, None, |key: LiveKey, block: &[LiveBlock]| {
+                if key.tgid == pid && block.first().is_some_and(|b| b.ts_ns < before_ns) {
+                    stale.push(key);
+                }
+            })
+            .context("cannot read the table of live blocks")?;
+            tables::delete(live, &stale).context("cannot prune the table of live blocks")?;
+        }
+        Ok(())
     }
 }
 
