@@ -160,6 +160,32 @@ fn a_million_live_blocks_are_counted_exactly_in_bounded_memory() {
 }
 
 #[test]
+fn blocks_freed_by_another_thread_are_exact_past_the_preallocated_table() {
+    require_root();
+    let many = workload("many");
+    // 400,000 blocks: more than the kernel's preallocated table holds (262,144), so that blocks of both live
+    // tables are freed by a thread that did not allocate them, while the allocating thread goes on.
+    let report = trace_json(
+        &["leaks", "--top", "0"],
+        &[
+            many.as_os_str(),
+            OsStr::new("handoff"),
+            OsStr::new("400000"),
+        ],
+    );
+    let block = report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["size_histogram"]["max"] == 24)
+        .expect("the 24-byte site");
+    assert_eq!(live(block), (400 * 24, 400), "{block:#}");
+    assert_eq!(block["total_count"], 400_000, "{block:#}");
+    assert_eq!(block["freed_count"], 399_600, "{block:#}");
+    assert_eq!(report["lost"]["events"], 0, "{report:#}");
+}
+
+#[test]
 fn a_full_table_of_live_blocks_is_counted_and_said() {
     require_root();
     let many = workload("many");

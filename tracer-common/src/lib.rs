@@ -563,10 +563,11 @@ pub struct InFlight {
     pub size: u64,
     /// Where `posix_memalign` stores its result; 0 for the other functions.
     pub result_ptr: u64,
-    /// When the call entered (`bpf_ktime_get_ns`): an entry older than [`IN_FLIGHT_STALE_NS`] never returned
+    /// When the call entered, in jiffies (`bpf_jiffies64() | 1`, never 0); 0 while the thread has no call in
+    /// flight (its entry is kept between calls). An entry older than [`IN_FLIGHT_STALE_JIFFIES`] never returned
     /// (its return probe was not hit: the kernel's limit of nested return probes, or a `longjmp` out of a
     /// signal handler), and must not make the thread's later calls look nested.
-    pub entered_ns: u64,
+    pub entered_jiffies: u64,
     /// The block a `realloc` released on entry (`released.size` 0 when none): restored if the call fails.
     pub released_addr: u64,
     pub released: LiveBlock,
@@ -576,8 +577,18 @@ pub struct InFlight {
     pub _pad: u32,
 }
 
-/// Age past which a call in flight is taken as one that will never return. No allocator call takes a second.
-pub const IN_FLIGHT_STALE_NS: u64 = 1_000_000_000;
+/// Age, in jiffies, past which a call in flight is taken as one that will never return: 1 s at `HZ=1000`, 10 s
+/// at `HZ=100`. No allocator call takes a second.
+pub const IN_FLIGHT_STALE_JIFFIES: u64 = 1000;
+
+impl InFlight {
+    /// Whether this thread is inside an allocator call at `now` (in jiffies).
+    #[inline(always)]
+    pub const fn in_call(&self, now: u64) -> bool {
+        self.entered_jiffies != 0
+            && now.wrapping_sub(self.entered_jiffies) < IN_FLIGHT_STALE_JIFFIES
+    }
+}
 
 const _: () = assert!(size_of::<EventHeader>() == 32);
 const _: () = assert!(size_of::<AllocEvent>() == 64);

@@ -20,8 +20,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_get_stack,
-        bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
-        bpf_probe_read_user, bpf_probe_read_user_buf, bpf_send_signal, bpf_task_pt_regs,
+        bpf_jiffies64, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_probe_read_user_buf, bpf_send_signal,
+        bpf_task_pt_regs,
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -29,18 +30,20 @@ use aya_ebpf::{
 };
 use tracer_common::{
     ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, FAULT_INSTRUCTION,
-    FAULT_WRITE, FORKED, FaultEvent, FaultFields, ForkEvent, FreeEvent, HOLD_AT_EXEC,
-    IN_FLIGHT_STALE_NS, InFlight, LOSS_COUNTERS, LiveBlock, LiveKey, Loss, MAX_PY_FRAMES,
-    MAX_PY_THREADS, MAX_STACK_DEPTH, OomEvent, OomFields, PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame,
-    PyProcess, PyStatus, SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES, SiteCounters, SiteKey,
-    SizeKey, StackEvent, SyscallInFlight, TALLY_COUNTERS, Tally, sample_weight, size_class,
+    FAULT_WRITE, FORKED, FaultEvent, FaultFields, ForkEvent, FreeEvent, HOLD_AT_EXEC, InFlight,
+    LOSS_COUNTERS, LiveBlock, LiveKey, Loss, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_DEPTH,
+    OomEvent, OomFields, PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame, PyProcess, PyStatus,
+    SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES, SiteCounters, SiteKey, SizeKey, StackEvent,
+    SyscallInFlight, TALLY_COUNTERS, Tally, sample_weight, size_class,
 };
 
 /// Every record for userspace, in the order the probes reserved them.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 
-/// Per-thread (pid_tgid) state between an allocator's entry and its return.
+/// Per-thread (pid_tgid) state between an allocator's entry and its return. A thread's entry is made by its
+/// first call and then rewritten in place by each call (idle between calls, see `InFlight::entered_jiffies`) until
+/// the thread exits: inserting and deleting it around every call was a tenth of what the probes cost.
 #[map]
 static IN_FLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(65536, 0);
 
@@ -48,15 +51,40 @@ static IN_FLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(65536, 0);
 #[map]
 static SENT_STACKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
 
+/// Per CPU, the id of the last stack this CPU took that is known to be sent: allocations come in runs from one
+/// stack (a parser's), which then skip the look-up in `SENT_STACKS`.
+#[map]
+static LAST_SENT_STACK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scratch for building a stack record: too large for the 512-byte BPF stack.
 #[map]
 static STACK_SCRATCH: PerCpuArray<StackEvent> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-CPU scratch into which each Python frame is read. On the BPF stack the buffer was zeroed before every
+/// Per-CPU scratch into which Python frames are read. On the BPF stack the buffer was zeroed before every
 /// frame, by a `memset` the compiler emits as a byte loop: a third of the frame walk's time.
 #[map]
-static FRAME_SCRATCH: PerCpuArray<[u64; PY_FRAME_READ_MAX / 8]> =
-    PerCpuArray::with_max_entries(1, 0);
+static FRAME_SCRATCH: PerCpuArray<FrameWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// The frame walk's state: the next frame, the frames read so far, and the user memory read (`len` bytes from
+/// `start`). Kept in a map rather than on the BPF stack: the verifier then knows nothing of them from one step
+/// of the walk to the next, and checks the step a few times rather than once for each depth and window it
+/// could reach (which doubled the time to load the programs).
+#[repr(C)]
+struct FrameWindow {
+    frame: u64,
+    depth: u64,
+    start: u64,
+    len: u64,
+    words: [u64; FRAME_WINDOW / 8],
+}
+
+/// Most bytes of user memory read at once for Python frames. CPython 3.11+ keeps a thread's frames one after
+/// another in its data stack, the callers below: one read that ends at a frame and starts up to this far
+/// below it (never before its page, which is mapped since the frame is there) holds its callers too. Each read
+/// costs about as much whatever its size (on the seed workload, a frame a read was a fifth of the return
+/// probe's time).
+const FRAME_WINDOW: usize = 2048;
+const PAGE_SIZE: u64 = 4096;
 
 /// Per-CPU counters, one per `tracer_common::Loss`.
 #[map]
@@ -66,10 +94,23 @@ static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_COUNTERS, 0
 #[map]
 static TALLIES: PerCpuArray<u64> = PerCpuArray::with_max_entries(TALLY_COUNTERS, 0);
 
-/// The traced processes' live heap blocks. Its size is set at load time (`--max-live-blocks`); entries are
-/// allocated as they come, so an idle table costs nothing.
+/// The traced processes' live heap blocks, up to a size set at load time. Preallocated: an element freed is
+/// taken again at once, from a per-CPU free list. Allocated as they come (as `LIVE_SPILL` is), each insertion
+/// and removal went through the kernel's BPF allocator and its RCU-deferred frees: on the seed workload that
+/// was half of what `free`'s program cost, and an eighth of the return probe's.
 #[map]
-static LIVE: HashMap<LiveKey, LiveBlock> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+static LIVE: HashMap<LiveKey, LiveBlock> = HashMap::with_max_entries(1 << 18, 0);
+
+/// The live blocks past `LIVE`'s size, up to `--max-live-blocks` in all. Entries are allocated as they come, so
+/// that the bound can be large and cost nothing until a trace needs it.
+#[map]
+static LIVE_SPILL: HashMap<LiveKey, LiveBlock> =
+    HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+
+/// Index 0: 1 once a block went to `LIVE_SPILL`. Until then, a block missing from `LIVE` is not looked for
+/// there (a look-up in an empty table still touches a cold bucket).
+#[map]
+static SPILLED: Array<u32> = Array::with_max_entries(1, 0);
 
 /// What each site allocated and released, per CPU (no two CPUs write one value).
 #[map]
@@ -345,8 +386,8 @@ fn site_counters(site: &SiteKey) -> Option<&'static mut SiteCounters> {
         .map(|counters| unsafe { &mut *counters })
 }
 
-/// A block the allocator returned: into the live table, and counted at its site. An address still in the
-/// table was released by a function alloctrace does not probe: that block is gone all the same.
+/// A block the allocator returned: into the live tables, and counted at its site. An address still in a table
+/// was released by a function alloctrace does not probe: that block is gone all the same.
 #[inline(always)]
 fn record_block(tgid: u32, addr: u64, block: &LiveBlock) {
     let key = LiveKey {
@@ -356,24 +397,64 @@ fn record_block(tgid: u32, addr: u64, block: &LiveBlock) {
     };
     // The common case, a new address, costs one hash operation: the stale block is looked up only when the
     // insertion finds the address taken.
-    let inserted = match LIVE.insert(&key, block, BPF_NOEXIST) {
+    let stored = match LIVE.insert(&key, block, BPF_NOEXIST) {
+        Ok(()) => {
+            if spilled()
+                && let Some(stale) = take_from(&LIVE_SPILL, &key)
+            {
+                release_unseen(tgid, &stale);
+            }
+            Ok(())
+        }
         Err(EEXIST) => {
             // SAFETY: copied out at once.
             if let Some(stale) = unsafe { LIVE.get(&key) }.copied() {
-                count_release(tgid, &stale);
-                tally(Tally::UnseenFree);
+                release_unseen(tgid, &stale);
             }
             LIVE.insert(&key, block, BPF_ANY)
         }
-        other => other,
+        // `LIVE` is full, and so does not hold the address (an insertion looks for the key first).
+        Err(_) => spill(tgid, &key, block),
     };
-    if inserted.is_err() {
+    if stored.is_err() {
         count_loss(Loss::LiveTableFull);
     }
     count_allocation(tgid, block);
 }
 
-/// Takes a block out of the live table: `None` when the table never held it.
+/// Puts a block in `LIVE_SPILL`, releasing a stale one there at the same address.
+#[inline(always)]
+fn spill(tgid: u32, key: &LiveKey, block: &LiveBlock) -> Result<(), i32> {
+    // Marked before the block is there: a thread that frees it learnt its address after this program ended.
+    if let Some(spilled) = SPILLED.get_ptr_mut(0) {
+        // SAFETY: a plain word that only ever goes from 0 to 1.
+        unsafe { *spilled = 1 };
+    }
+    match LIVE_SPILL.insert(key, block, BPF_NOEXIST) {
+        Err(EEXIST) => {
+            // SAFETY: copied out at once.
+            if let Some(stale) = unsafe { LIVE_SPILL.get(key) }.copied() {
+                release_unseen(tgid, &stale);
+            }
+            LIVE_SPILL.insert(key, block, BPF_ANY)
+        }
+        other => other,
+    }
+}
+
+#[inline(always)]
+fn spilled() -> bool {
+    SPILLED.get(0).is_some_and(|&on| on != 0)
+}
+
+/// A block still in a table when its address came back from the allocator: freed by an unprobed function.
+#[inline(always)]
+fn release_unseen(tgid: u32, stale: &LiveBlock) {
+    count_release(tgid, stale);
+    tally(Tally::UnseenFree);
+}
+
+/// Takes a block out of the live tables: `None` when they never held it.
 #[inline(always)]
 fn take_block(tgid: u32, addr: u64) -> Option<LiveBlock> {
     let key = LiveKey {
@@ -381,9 +462,29 @@ fn take_block(tgid: u32, addr: u64) -> Option<LiveBlock> {
         _pad: 0,
         addr,
     };
-    // SAFETY: copied out at once.
-    let block = unsafe { LIVE.get(&key) }.copied()?;
-    let _ = LIVE.remove(&key);
+    take_from(&LIVE, &key).or_else(|| {
+        if spilled() {
+            take_from(&LIVE_SPILL, &key)
+        } else {
+            None
+        }
+    })
+}
+
+/// Puts back a block taken out (by a `realloc` that then failed).
+#[inline(always)]
+fn put_back(tgid: u32, key: &LiveKey, block: &LiveBlock) {
+    if LIVE.insert(key, block, BPF_ANY).is_err() && spill(tgid, key, block).is_err() {
+        count_loss(Loss::LiveTableFull);
+    }
+}
+
+#[inline(always)]
+fn take_from(table: &HashMap<LiveKey, LiveBlock>, key: &LiveKey) -> Option<LiveBlock> {
+    // SAFETY: copied out at once. A preallocated element is reused as soon as it is freed, but only the
+    // thread that owns this address removes it.
+    let block = unsafe { table.get(key) }.copied()?;
+    let _ = table.remove(key);
     Some(block)
 }
 
@@ -419,17 +520,19 @@ fn enter_releasing(
     released: Option<(u64, LiveBlock)>,
 ) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: a plain helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(in_flight) = IN_FLIGHT.get_ptr_mut(pid_tgid) {
+    let now = in_flight_clock();
+    let slot = IN_FLIGHT.get_ptr_mut(pid_tgid);
+    if let Some(in_flight) = slot {
         // SAFETY: a value of this thread's own key: no other CPU runs this thread now.
         let in_flight = unsafe { &mut *in_flight };
-        if now.wrapping_sub(in_flight.entered_ns) < IN_FLIGHT_STALE_NS {
+        if in_flight.in_call(now) {
             in_flight.nested += 1;
             return false;
         }
-        // A call that never returned: what it allocated was not recorded.
-        count_loss(Loss::InFlightFull);
+        if in_flight.entered_jiffies != 0 {
+            // A call that never returned: what it allocated was not recorded.
+            count_loss(Loss::InFlightFull);
+        }
     }
     let recorded = released.is_some() || sampled(size);
     let (released_addr, released) = released.unwrap_or_default();
@@ -438,17 +541,32 @@ fn enter_releasing(
         nested: 0,
         size,
         result_ptr,
-        entered_ns: now,
+        entered_jiffies: now,
         released_addr,
         released,
         recorded: u32::from(recorded),
         _pad: 0,
     };
-    if IN_FLIGHT.insert(pid_tgid, state, 0).is_err() {
-        count_loss(Loss::InFlightFull);
-        return false;
+    match slot {
+        // SAFETY: as above.
+        Some(in_flight) => unsafe { *in_flight = state },
+        None => {
+            if IN_FLIGHT.insert(pid_tgid, state, 0).is_err() {
+                count_loss(Loss::InFlightFull);
+                return false;
+            }
+        }
     }
     recorded
+}
+
+/// The clock of calls in flight, never 0 (which marks an idle entry): jiffies, a plain read where the precise
+/// clock is a clock source read (a fifth of the entry probe's time on a VM), and ample to tell a call of a
+/// second ago.
+#[inline(always)]
+fn in_flight_clock() -> u64 {
+    // SAFETY: a plain helper without arguments.
+    unsafe { bpf_jiffies64() | 1 }
 }
 
 #[uprobe]
@@ -548,12 +666,17 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     };
     // SAFETY: this thread's own entry.
     let state = unsafe { *in_flight };
+    if state.entered_jiffies == 0 {
+        // Idle: this return's entry was not seen.
+        return 0;
+    }
     if state.nested > 0 {
         // SAFETY: as above.
         unsafe { (*in_flight).nested -= 1 };
         return 0;
     }
-    let _ = IN_FLIGHT.remove(pid_tgid);
+    // SAFETY: as above. The entry stays, idle, for the thread's next call.
+    unsafe { (*in_flight).entered_jiffies = 0 };
     if state.recorded == 0 {
         // Passed over by sampling: it only marked the allocator's own mappings as such.
         return 0;
@@ -578,9 +701,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
                 _pad: 0,
                 addr: state.released_addr,
             };
-            if LIVE.insert(&key, &state.released, 0).is_err() {
-                count_loss(Loss::LiveTableFull);
-            }
+            put_back(tgid, &key, &state.released);
             return 0;
         }
         // It moved, grew in place, or (size 0) freed the block: the old one is gone for good.
@@ -697,6 +818,12 @@ fn capture_stack(ctx: *mut c_void, first_frame: u64, guessed_caller: Option<u64>
     let id = hash.id | 1;
     // The record goes out before the id is marked as sent: a thread on another CPU that sees the mark then
     // writes its allocation after the stack in the ring. Two threads may both send it; userspace keeps one.
+    let last_sent = LAST_SENT_STACK.get_ptr_mut(0);
+    // SAFETY (both): this CPU's slot; no other program on this CPU runs until this one returns.
+    if last_sent.is_some_and(|last| unsafe { *last } == id) {
+        return id;
+    }
+    let mut sent = true;
     // SAFETY: read-only look-up of a plain value.
     if unsafe { SENT_STACKS.get(id) }.is_none() {
         scratch.header = header(EventKind::Stack);
@@ -705,7 +832,7 @@ fn capture_stack(ctx: *mut c_void, first_frame: u64, guessed_caller: Option<u64>
         scratch.guessed_caller = skip as u32;
         // A Python stack wakes userspace at once: its code objects must be read before they are freed (a
         // module's, once its import is done). A new stack is rare beside the allocations it names.
-        let sent = if scratch.py_depth > 0 {
+        sent = if scratch.py_depth > 0 {
             output_now(&*scratch)
         } else {
             output(&*scratch)
@@ -713,6 +840,10 @@ fn capture_stack(ctx: *mut c_void, first_frame: u64, guessed_caller: Option<u64>
         if sent {
             let _ = SENT_STACKS.insert(id, 0, 0);
         }
+    }
+    if let Some(last) = last_sent.filter(|_| sent) {
+        // SAFETY: as above.
+        unsafe { *last = id };
     }
     id
 }
@@ -825,16 +956,19 @@ fn walk_python(py: &PyProcess, out: &mut StackEvent) {
     if py.cframe_current_frame != PY_NO_OFFSET && frame != 0 {
         frame = read_user::<u64>(frame + py.cframe_current_frame as u64).unwrap_or(0);
     }
-    let Some(words) = FRAME_SCRATCH.get_ptr_mut(0) else {
+    let Some(window) = FRAME_SCRATCH.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: this CPU's scratch slot; no other program on this CPU runs until this one returns.
+    let window = unsafe { &mut *window };
+    window.frame = frame;
+    window.depth = 0;
+    // Empty: what it held was read for another stack.
+    window.len = 0;
     let mut walk = FrameWalk {
-        frame,
-        depth: 0,
         py: *py,
         out,
-        // SAFETY: this CPU's scratch slot; no other program on this CPU runs until this one returns.
-        words: unsafe { &mut *words },
+        window,
     };
     // SAFETY: as above, with `walk`.
     unsafe {
@@ -845,10 +979,10 @@ fn walk_python(py: &PyProcess, out: &mut StackEvent) {
             0,
         )
     };
-    if walk.frame != 0 {
+    if walk.window.frame != 0 {
         walk.out.py_status = PyStatus::Truncated as u32;
     }
-    walk.out.py_depth = walk.depth;
+    walk.out.py_depth = walk.window.depth.min(MAX_PY_FRAMES as u64) as u32;
 }
 
 /// The state of the search for the current thread's Python thread state.
@@ -881,37 +1015,54 @@ extern "C" fn find_thread_state(_index: u64, ctx: *mut c_void) -> i64 {
 /// The state of the walk up a thread's Python frames.
 #[repr(C)]
 struct FrameWalk<'a> {
-    frame: u64,
-    depth: u32,
     py: PyProcess,
     out: &'a mut StackEvent,
-    /// Where each frame is read: a map's memory, which needs no zeroing (see `FRAME_SCRATCH`).
-    words: &'a mut [u64; PY_FRAME_READ_MAX / 8],
+    /// The walk's state, and where frames are read: a map's memory, which needs no zeroing (see
+    /// `FRAME_SCRATCH`).
+    window: &'a mut FrameWindow,
 }
 
 /// One step of the frame walk: reads the frame at `frame` into the next slot; 1 stops the loop.
 extern "C" fn read_frame(_index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `FrameWalk` `walk_python` passed to bpf_loop.
     let walk = unsafe { &mut *ctx.cast::<FrameWalk>() };
-    let depth = walk.depth as usize;
-    if walk.frame == 0 || depth >= MAX_PY_FRAMES {
+    let window = &mut *walk.window;
+    let depth = window.depth as usize;
+    let frame = window.frame;
+    if frame == 0 || depth >= MAX_PY_FRAMES {
         return 1;
     }
     let py = &walk.py;
-    let size = (py.frame_read_size as usize).min(PY_FRAME_READ_MAX);
-    // One read per frame: four small ones cost four times as much.
-    // SAFETY: reading at most `PY_FRAME_READ_MAX` bytes of user memory into a buffer of that size.
-    let read = unsafe {
-        bpf_probe_read_user_buf(
-            walk.frame as *const u8,
-            &mut words_as_bytes(walk.words)[..size],
-        )
-    };
-    if read.is_err() {
-        return 1;
+    let end = frame.wrapping_add((py.frame_read_size as u64).min(PY_FRAME_READ_MAX as u64));
+    // A frame that the last read holds costs no read of its own: one read per frame, even of only the four
+    // fields needed, cost four times as much.
+    if frame < window.start || end > window.start.wrapping_add(window.len) {
+        // Frames of 3.10 and before are objects of their own, in no particular order: read alone.
+        let start = if py.frame_instr_is_pointer != 0 && frame % 8 == 0 {
+            (frame & !(PAGE_SIZE - 1)).max(end.saturating_sub(FRAME_WINDOW as u64))
+        } else {
+            frame
+        };
+        let len = (end.wrapping_sub(start) as usize).min(FRAME_WINDOW);
+        // SAFETY: reading at most `FRAME_WINDOW` bytes of user memory into a buffer of that size.
+        let read = unsafe {
+            bpf_probe_read_user_buf(
+                start as *const u8,
+                &mut words_as_bytes(&mut window.words)[..len],
+            )
+        };
+        if read.is_err() {
+            window.len = 0;
+            return 1;
+        }
+        window.start = start;
+        window.len = len as u64;
     }
-    let words = &*walk.words;
-    let word = |offset: u32| -> u64 { words.get(offset as usize / 8).copied().unwrap_or(0) };
+    // The window starts at the frame or at a page's start, so that frames at 8-byte boundaries (all of
+    // them) are whole words into it.
+    let base = (frame.wrapping_sub(window.start) / 8) as usize;
+    let words = &window.words;
+    let word = |offset: u32| -> u64 { words.get(base + offset as usize / 8).copied().unwrap_or(0) };
     let owner = if py.frame_owner == PY_NO_OFFSET {
         0
     } else {
@@ -936,15 +1087,15 @@ extern "C" fn read_frame(_index: u64, ctx: *mut c_void) -> i64 {
             instr,
         };
     }
-    walk.depth += 1;
-    walk.frame = next;
+    window.depth += 1;
+    window.frame = next;
     0
 }
 
 #[inline(always)]
-fn words_as_bytes(words: &mut [u64; PY_FRAME_READ_MAX / 8]) -> &mut [u8; PY_FRAME_READ_MAX] {
+fn words_as_bytes(words: &mut [u64; FRAME_WINDOW / 8]) -> &mut [u8; FRAME_WINDOW] {
     // SAFETY: same size, u8 has no alignment or validity requirements.
-    unsafe { &mut *(words as *mut [u64; PY_FRAME_READ_MAX / 8]).cast::<[u8; PY_FRAME_READ_MAX]>() }
+    unsafe { &mut *(words as *mut [u64; FRAME_WINDOW / 8]).cast::<[u8; FRAME_WINDOW]>() }
 }
 
 #[inline(always)]
@@ -963,9 +1114,7 @@ fn is_target() -> bool {
 fn in_allocator() -> bool {
     // SAFETY: this thread's own entry, copied out; and a plain helper.
     match unsafe { IN_FLIGHT.get(bpf_get_current_pid_tgid()) } {
-        Some(state) => {
-            unsafe { bpf_ktime_get_ns() }.wrapping_sub(state.entered_ns) < IN_FLIGHT_STALE_NS
-        }
+        Some(state) => state.in_call(in_flight_clock()),
         None => false,
     }
 }

@@ -81,8 +81,8 @@ pub struct TargetArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_sample_interval)]
     pub sample_every: Option<u64>,
 
-    /// Most live heap blocks the kernel keeps (each about 100 bytes of kernel memory, taken as needed). Blocks
-    /// past it are counted as lost, never hidden.
+    /// Most live heap blocks the kernel keeps (each about 100 bytes of kernel memory: the first 262,144 taken
+    /// when the trace starts, the rest as needed). Blocks past it are counted as lost, never hidden.
     #[arg(long, value_name = "N", default_value_t = 4 << 20)]
     pub max_live_blocks: u32,
 

@@ -72,6 +72,10 @@ const WATCH_TRACEPOINTS: [(&str, &str, &str); 2] = [
     ("madvise_enter", "syscalls", "sys_enter_madvise"),
 ];
 
+/// Live blocks held in the kernel's preallocated table (about 100 bytes of kernel memory each, taken at load);
+/// the rest of `--max-live-blocks` goes to a table whose entries are allocated as they come, dearer per block.
+const PREALLOCATED_LIVE_BLOCKS: u32 = 1 << 18;
+
 /// What the programs are loaded with.
 pub struct LoadOptions {
     /// Bytes of the ring buffer (a power of two).
@@ -89,7 +93,8 @@ pub struct LoadOptions {
 
 pub struct Probes {
     ebpf: Ebpf,
-    live: Map,
+    /// The live blocks: the preallocated table, then the one that takes what it has no room for.
+    live: [Map; 2],
     sites: Map,
     sizes: Map,
     /// Possible CPUs: the number of values of a per-CPU map entry.
@@ -142,6 +147,8 @@ impl Probes {
         };
         let fault_every = options.watch_faults.unwrap_or(1);
         let watch_tier = u32::from(options.watch_faults.is_some());
+        let preallocated = options.max_live_blocks.clamp(1, PREALLOCATED_LIVE_BLOCKS);
+        let spilled = options.max_live_blocks.saturating_sub(preallocated);
         let mut ebpf = EbpfLoader::new()
             .override_global("FAULT_FIELDS", &fault_fields, true)
             .override_global("FAULT_SAMPLE_EVERY", &fault_every, true)
@@ -154,7 +161,8 @@ impl Probes {
             .override_global("SAMPLE_INTERVALS", &intervals, true)
             .override_global("SAMPLE_WEIGHTS", &options.sampling.weights, true)
             .map_max_entries("EVENTS", buffer_size)
-            .map_max_entries("LIVE", options.max_live_blocks)
+            .map_max_entries("LIVE", preallocated)
+            .map_max_entries("LIVE_SPILL", spilled.max(1))
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/tracer"
@@ -221,7 +229,8 @@ impl Probes {
             ebpf.take_map(name)
                 .with_context(|| format!("the eBPF object has no map {name}"))
         };
-        let (live, sites, sizes) = (take("LIVE")?, take("SITES")?, take("SIZES")?);
+        let live = [take("LIVE")?, take("LIVE_SPILL")?];
+        let (sites, sizes) = (take("SITES")?, take("SIZES")?);
         let cpus = aya::util::nr_cpus()
             .map_err(|(_, err)| err)
             .context("cannot count the possible CPUs")?;
@@ -295,16 +304,14 @@ impl Probes {
     /// The live blocks the uprobes recorded in `pid`, oldest first.
     pub fn live_blocks(&self, pid: u32) -> anyhow::Result<Vec<LiveBlock>> {
         let mut blocks = Vec::new();
-        tables::for_each(
-            fd(&self.live)?,
-            None,
-            |key: LiveKey, block: &[LiveBlock]| {
+        for live in &self.live {
+            tables::for_each(fd(live)?, None, |key: LiveKey, block: &[LiveBlock]| {
                 if key.tgid == pid {
                     blocks.extend(block.first().copied());
                 }
-            },
-        )
-        .context("cannot read the table of live blocks")?;
+            })
+            .context("cannot read the table of live blocks")?;
+        }
         blocks.sort_by_key(|block| block.ts_ns);
         Ok(blocks)
     }
@@ -313,15 +320,7 @@ impl Probes {
     /// threads' calls in flight (a call whose return will never be seen once its probes are off). For a process
     /// whose uprobes were closed ([`Self::detach`]), or that is gone.
     pub fn forget_heap(&self, pid: u32) -> anyhow::Result<()> {
-        let mut blocks = Vec::new();
-        tables::for_each(fd(&self.live)?, None, |key: LiveKey, _: &[LiveBlock]| {
-            if key.tgid == pid {
-                blocks.push(key);
-            }
-        })
-        .context("cannot read the table of live blocks")?;
-        tables::delete(fd(&self.live)?, &blocks)
-            .context("cannot prune the table of live blocks")?;
+        self.forget_blocks(pid, u64::MAX)?;
         let mut sites = Vec::new();
         tables::for_each(
             fd(&self.sites)?,
@@ -496,14 +495,12 @@ impl Probes {
         )
         .context("cannot read the table of sizes")?;
         let mut blocks = Vec::new();
-        tables::for_each(
-            fd(&self.live)?,
-            None,
-            |key: LiveKey, block: &[LiveBlock]| {
+        for live in &self.live {
+            tables::for_each(fd(live)?, None, |key: LiveKey, block: &[LiveBlock]| {
                 blocks.extend(block.first().map(|block| (key, *block)));
-            },
-        )
-        .context("cannot read the table of live blocks")?;
+            })
+            .context("cannot read the table of live blocks")?;
+        }
         Ok(HeapTables {
             sites: self.site_counters()?,
             sizes,
@@ -514,15 +511,18 @@ impl Probes {
     /// Drops the blocks `pid` allocated before `before_ns`: its image was replaced, and its address space with
     /// it.
     pub fn forget_blocks(&self, pid: u32, before_ns: u64) -> anyhow::Result<()> {
-        let live = fd(&self.live)?;
-        let mut stale = Vec::new();
-        tables::for_each(live, None, |key: LiveKey, block: &[LiveBlock]| {
-            if key.tgid == pid && block.first().is_some_and(|b| b.ts_ns < before_ns) {
-                stale.push(key);
-            }
-        })
-        .context("cannot read the table of live blocks")?;
-        tables::delete(live, &stale).context("cannot prune the table of live blocks")
+        for live in &self.live {
+            let live = fd(live)?;
+            let mut stale = Vec::new();
+            tables::for_each(live, None, |key: LiveKey, block: &[LiveBlock]| {
+                if key.tgid == pid && block.first().is_some_and(|b| b.ts_ns < before_ns) {
+                    stale.push(key);
+                }
+            })
+            .context("cannot read the table of live blocks")?;
+            tables::delete(live, &stale).context("cannot prune the table of live blocks")?;
+        }
+        Ok(())
     }
 }
 
