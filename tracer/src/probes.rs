@@ -17,7 +17,7 @@ use aya::{
 };
 use tracer_common::{
     AllocFn, FaultFields, HOLD_AT_EXEC, InFlight, LOSS_COUNTERS, LiveBlock, LiveKey, OomFields,
-    PyProcess, SiteCounters, SiteKey, SizeKey, TALLY_COUNTERS,
+    PyProcess, SiteCounters, SiteKey, SizeKey, TALLY_COUNTERS, program_names,
 };
 
 use crate::{
@@ -31,46 +31,81 @@ use crate::{
 /// The entry program of an allocator function. Every function but `free` also gets `alloc_exit` on return.
 fn entry_program(func: AllocFn) -> Option<&'static str> {
     Some(match func {
-        AllocFn::Malloc => "malloc_enter",
-        AllocFn::Calloc => "calloc_enter",
-        AllocFn::Realloc => "realloc_enter",
-        AllocFn::Free => "free_enter",
-        AllocFn::Reallocarray => "reallocarray_enter",
-        AllocFn::PosixMemalign => "posix_memalign_enter",
-        AllocFn::AlignedAlloc => "aligned_alloc_enter",
-        AllocFn::Memalign => "memalign_enter",
-        AllocFn::Valloc => "valloc_enter",
-        AllocFn::Pvalloc => "pvalloc_enter",
+        AllocFn::Malloc => program_names::MALLOC_ENTER,
+        AllocFn::Calloc => program_names::CALLOC_ENTER,
+        AllocFn::Realloc => program_names::REALLOC_ENTER,
+        AllocFn::Free => program_names::FREE_ENTER,
+        AllocFn::Reallocarray => program_names::REALLOCARRAY_ENTER,
+        AllocFn::PosixMemalign => program_names::POSIX_MEMALIGN_ENTER,
+        AllocFn::AlignedAlloc => program_names::ALIGNED_ALLOC_ENTER,
+        AllocFn::Memalign => program_names::MEMALIGN_ENTER,
+        AllocFn::Valloc => program_names::VALLOC_ENTER,
+        AllocFn::Pvalloc => program_names::PVALLOC_ENTER,
         AllocFn::Mmap | AllocFn::Munmap | AllocFn::Mremap | AllocFn::Brk | AllocFn::Madvise => {
             return None;
         }
     })
 }
 
-const EXIT_PROGRAM: &str = "alloc_exit";
+const EXIT_PROGRAM: &str = program_names::ALLOC_EXIT;
 
 /// Tracepoints: (program, category, event). All exist since Linux 4.x wherever tracepoints are built in.
 const TRACEPOINTS: [(&str, &str, &str); 13] = [
-    ("mmap_enter", "syscalls", "sys_enter_mmap"),
-    ("map_exit", "syscalls", "sys_exit_mmap"),
-    ("mremap_enter", "syscalls", "sys_enter_mremap"),
-    ("map_exit", "syscalls", "sys_exit_mremap"),
-    ("munmap_enter", "syscalls", "sys_enter_munmap"),
-    ("brk_exit", "syscalls", "sys_exit_brk"),
-    ("sched_process_fork", "sched", "sched_process_fork"),
-    ("fork_child_start", "syscalls", "sys_exit_clone"),
-    ("fork_child_start", "syscalls", "sys_exit_clone3"),
-    ("fork_child_start", "syscalls", "sys_exit_fork"),
-    ("fork_child_start", "syscalls", "sys_exit_vfork"),
-    ("sched_process_exec", "sched", "sched_process_exec"),
-    ("sched_process_exit", "sched", "sched_process_exit"),
+    (program_names::MMAP_ENTER, "syscalls", "sys_enter_mmap"),
+    (program_names::MAP_EXIT, "syscalls", "sys_exit_mmap"),
+    (program_names::MREMAP_ENTER, "syscalls", "sys_enter_mremap"),
+    (program_names::MAP_EXIT, "syscalls", "sys_exit_mremap"),
+    (program_names::MUNMAP_ENTER, "syscalls", "sys_enter_munmap"),
+    (program_names::BRK_EXIT, "syscalls", "sys_exit_brk"),
+    (
+        program_names::SCHED_PROCESS_FORK,
+        "sched",
+        "sched_process_fork",
+    ),
+    (
+        program_names::FORK_CHILD_START,
+        "syscalls",
+        "sys_exit_clone",
+    ),
+    (
+        program_names::FORK_CHILD_START,
+        "syscalls",
+        "sys_exit_clone3",
+    ),
+    (program_names::FORK_CHILD_START, "syscalls", "sys_exit_fork"),
+    (
+        program_names::FORK_CHILD_START,
+        "syscalls",
+        "sys_exit_vfork",
+    ),
+    (
+        program_names::SCHED_PROCESS_EXEC,
+        "sched",
+        "sched_process_exec",
+    ),
+    (
+        program_names::SCHED_PROCESS_EXIT,
+        "sched",
+        "sched_process_exit",
+    ),
 ];
 
 /// The watch tier's tracepoints: (program, category, event). `exceptions:page_fault_user` is x86's (Linux 3.13+).
 const WATCH_TRACEPOINTS: [(&str, &str, &str); 2] = [
-    ("page_fault_user", "exceptions", "page_fault_user"),
-    ("madvise_enter", "syscalls", "sys_enter_madvise"),
+    (
+        program_names::PAGE_FAULT_USER,
+        "exceptions",
+        "page_fault_user",
+    ),
+    (
+        program_names::MADVISE_ENTER,
+        "syscalls",
+        "sys_enter_madvise",
+    ),
 ];
+
+/// The eBPF object `build.rs` built from `tracer-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
 /// What the programs are loaded with.
 pub struct LoadOptions {
@@ -155,10 +190,7 @@ impl Probes {
             .override_global("SAMPLE_WEIGHTS", &options.sampling.weights, true)
             .map_max_entries("EVENTS", buffer_size)
             .map_max_entries("LIVE", options.max_live_blocks)
-            .load(aya::include_bytes_aligned!(concat!(
-                env!("OUT_DIR"),
-                "/tracer"
-            )))
+            .load(EBPF_OBJECT)
             .context("cannot load alloctrace's eBPF object")?;
         // Before any program is loaded or attached: the helper keeps only the two maps it is given.
         let uprobes = {
@@ -201,7 +233,8 @@ impl Probes {
                 .with_context(|| format!("cannot attach to the tracepoint {category}:{event}"))?;
             tracepoint_links.push(program.take_link(link)?);
         }
-        let oom: &mut TracePoint = program(&mut ebpf, "oom_mark_victim")?.try_into()?;
+        let oom: &mut TracePoint =
+            program(&mut ebpf, program_names::OOM_MARK_VICTIM)?.try_into()?;
         let oom_link = if oom_fields.is_some() && oom.load().is_ok() {
             match oom.attach("oom", "mark_victim") {
                 Ok(link) => Some(oom.take_link(link)?),
@@ -416,12 +449,9 @@ impl Probes {
             .with_context(|| format!("cannot forget pid {pid} as a Python process"))
     }
 
-    /// Traces every process that execs with this name (the kernel's 15-character `comm`).
+    /// Traces every process that execs with this name (its first 15 bytes, as the kernel keeps a `comm`).
     pub fn add_comm(&mut self, comm: &str) -> anyhow::Result<()> {
-        let mut key = [0u8; 16];
-        let bytes = comm.as_bytes();
-        let len = bytes.len().min(15);
-        key[..len].copy_from_slice(&bytes[..len]);
+        let key = tracer_common::comm_key(comm.as_bytes());
         let mut comms: BpfHashMap<_, [u8; 16], u8> =
             BpfHashMap::try_from(self.ebpf.map_mut("COMMS").context("no COMMS map")?)?;
         comms
@@ -558,4 +588,46 @@ fn detach_all<L: Send>(links: Vec<L>) {
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
     ebpf.program_mut(name)
         .with_context(|| format!("the eBPF object has no program {name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
+
+    use super::*;
+
+    /// The program names userspace loads by: the names of `tracer-ebpf`'s functions, which cannot share the
+    /// constants, so a rename on either side must fail here rather than at load time on a real kernel.
+    #[test]
+    fn every_program_name_used_is_a_program_of_the_object() {
+        let object = object::File::parse(EBPF_OBJECT).unwrap();
+        // A program is a global function in a section of its own (`uprobe`, `tracepoint`…), not in `.text`.
+        let programs: Vec<&str> = object
+            .symbols()
+            .filter(|symbol| symbol.kind() == SymbolKind::Text && symbol.is_global())
+            .filter(|symbol| {
+                symbol
+                    .section_index()
+                    .and_then(|index| object.section_by_index(index).ok())
+                    .is_some_and(|section| section.name() != Ok(".text"))
+            })
+            .filter_map(|symbol| symbol.name().ok())
+            .collect();
+        let used = AllocFn::ALLOCATOR
+            .into_iter()
+            .filter_map(entry_program)
+            .chain([EXIT_PROGRAM, program_names::OOM_MARK_VICTIM])
+            .chain(
+                TRACEPOINTS
+                    .iter()
+                    .chain(&WATCH_TRACEPOINTS)
+                    .map(|(name, ..)| *name),
+            );
+        for name in used {
+            assert!(
+                programs.contains(&name),
+                "no eBPF program {name} in the object, whose programs are {programs:?}"
+            );
+        }
+    }
 }
