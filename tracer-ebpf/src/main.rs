@@ -521,8 +521,9 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
 /// the same address by then: the block leaves the live table now, and is put back if the call fails.
 #[inline(always)]
 fn reallocate(func: AllocFn, old_addr: u64, size: u64) {
-    // A call nested in another allocator call is the allocator's own business.
-    if in_allocator() || old_addr == 0 {
+    // Which functions release their input is said once, in `tracer_common` (a constant once inlined). A call
+    // nested in another allocator call is the allocator's own business.
+    if !func.reallocates() || in_allocator() || old_addr == 0 {
         let _ = enter(func, size, 0);
         return;
     }
