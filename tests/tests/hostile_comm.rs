@@ -1,5 +1,5 @@
 //! Names a process chooses are data: a comm and a command line that are not UTF-8 are reported, converted
-//! lossily, beside an exact block.
+//! lossily, beside an exact block; a `--comm` name the kernel cuts inside a UTF-8 character still matches.
 
 use std::{
     ffi::OsStr,
@@ -9,7 +9,8 @@ use std::{
 };
 
 use alloctrace_tests::{
-    alloctrace, assert_tracer_rss_bounded, json_report, live, require_root, site, workload,
+    alloctrace, assert_sites_exact, assert_tracer_rss_bounded, json_report, live, require_root,
+    site, workload,
 };
 
 #[test]
@@ -65,4 +66,78 @@ fn a_comm_and_argv_that_are_not_utf8_are_reported_lossily() {
     assert_eq!(block["pid"], pid, "{block:#}");
     assert_eq!(report["complete"], true, "{report:#}");
     assert_tracer_rss_bounded(&report, "a comm and argv that are not UTF-8");
+}
+
+/// The kernel keeps a process name's first 15 bytes: a `--comm` given in full, whose 15th byte is the first of
+/// "é", matches the process whose kernel name ends in half a character (no longer UTF-8).
+#[test]
+fn a_comm_cut_inside_a_character_is_found_by_its_full_name() {
+    require_root();
+    // 14 bytes of its own (other tests run at the same time), then "é" across bytes 15 and 16.
+    let name = format!("mb-{:011}\u{e9}-multibyte", std::process::id());
+    assert_eq!(&name.as_bytes()[14..16], "\u{e9}".as_bytes());
+    let sites = workload("sites").with_file_name(&name);
+    std::fs::copy(workload("sites"), &sites).unwrap();
+    let mut tracer = Command::new(alloctrace())
+        .args([
+            "leaks",
+            "--format",
+            "json",
+            "--top",
+            "100",
+            "--duration",
+            "10s",
+            "--comm",
+            &name,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut tracer_err = BufReader::new(tracer.stderr.take().unwrap());
+    let mut line = String::new();
+    tracer_err.read_line(&mut line).unwrap();
+    assert!(
+        line.contains(&format!("tracing processes named {name}")),
+        "{line}"
+    );
+    // Started after the tracer, found by name only; it allocates once the tracer has attached to it.
+    let mut target = Command::new(&sites)
+        .arg("--wait")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = target.id();
+    // The kernel holds it at its exec until userspace has attached: a name userspace does not recognise
+    // leaves it stopped until the trace ends, and this line never comes.
+    line.clear();
+    tracer_err.read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with(&format!("alloctrace: tracing pid {pid} through ")),
+        "{line}"
+    );
+    let mut target_out = BufReader::new(target.stdout.take().unwrap());
+    let mut ready = String::new();
+    target_out.read_line(&mut ready).unwrap();
+    assert_eq!(ready, "ready\n");
+    let mut comm = name.as_bytes()[..15].to_vec();
+    comm.push(b'\n');
+    assert_eq!(
+        std::fs::read(format!("/proc/{pid}/comm")).unwrap(),
+        comm,
+        "the kernel cut the name inside \"\u{e9}\""
+    );
+    writeln!(target.stdin.as_mut().unwrap()).unwrap();
+    target.wait().unwrap();
+    let out = tracer.wait_with_output().unwrap();
+    std::fs::remove_file(&sites).unwrap();
+    let report = json_report(&out);
+    assert_eq!(
+        report["processes"][0]["comm"],
+        format!("{}\u{fffd}", &name[..14]),
+        "{:#}",
+        report["processes"]
+    );
+    assert_sites_exact(&report, pid.into());
 }

@@ -6,6 +6,62 @@
 /// Most user frames one stack record holds: the kernel's default `kernel.perf_event_max_stack`.
 pub const MAX_STACK_DEPTH: usize = 127;
 
+/// Bytes of a process name (`comm`) the kernel keeps: `TASK_COMM_LEN` (16) less its terminating NUL.
+pub const COMM_LEN: usize = 15;
+
+/// A process name as the kernel keeps it: its first [`COMM_LEN`] bytes, cut wherever that falls, inside a UTF-8
+/// character or not. `/proc/PID/comm` and `bpf_get_current_comm` give this, so every `--comm` comparison, in
+/// the kernel or in userspace, goes through it.
+pub const fn comm_bytes(name: &[u8]) -> &[u8] {
+    if name.len() <= COMM_LEN {
+        name
+    } else {
+        name.split_at(COMM_LEN).0
+    }
+}
+
+/// The key of a process name in the kernel's `COMMS` map: [`comm_bytes`], NUL-padded to 16 bytes as
+/// `bpf_get_current_comm` writes it.
+pub const fn comm_key(name: &[u8]) -> [u8; COMM_LEN + 1] {
+    let name = comm_bytes(name);
+    let mut key = [0; COMM_LEN + 1];
+    let mut i = 0;
+    while i < name.len() {
+        key[i] = name[i];
+        i += 1;
+    }
+    key
+}
+
+/// The names of alloctrace's eBPF programs, by which userspace finds them in the object: each is the name of a
+/// function of `tracer-ebpf`, which cannot take a constant for it; a unit test of `tracer::probes` checks that
+/// each name used is a program of the built object.
+pub mod program_names {
+    pub const MALLOC_ENTER: &str = "malloc_enter";
+    pub const CALLOC_ENTER: &str = "calloc_enter";
+    pub const REALLOC_ENTER: &str = "realloc_enter";
+    pub const FREE_ENTER: &str = "free_enter";
+    pub const REALLOCARRAY_ENTER: &str = "reallocarray_enter";
+    pub const POSIX_MEMALIGN_ENTER: &str = "posix_memalign_enter";
+    pub const ALIGNED_ALLOC_ENTER: &str = "aligned_alloc_enter";
+    pub const MEMALIGN_ENTER: &str = "memalign_enter";
+    pub const VALLOC_ENTER: &str = "valloc_enter";
+    pub const PVALLOC_ENTER: &str = "pvalloc_enter";
+    pub const ALLOC_EXIT: &str = "alloc_exit";
+    pub const MMAP_ENTER: &str = "mmap_enter";
+    pub const MAP_EXIT: &str = "map_exit";
+    pub const MREMAP_ENTER: &str = "mremap_enter";
+    pub const MUNMAP_ENTER: &str = "munmap_enter";
+    pub const BRK_EXIT: &str = "brk_exit";
+    pub const SCHED_PROCESS_FORK: &str = "sched_process_fork";
+    pub const FORK_CHILD_START: &str = "fork_child_start";
+    pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
+    pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
+    pub const PAGE_FAULT_USER: &str = "page_fault_user";
+    pub const MADVISE_ENTER: &str = "madvise_enter";
+    pub const OOM_MARK_VICTIM: &str = "oom_mark_victim";
+}
+
 /// Most Python frames one stack record holds, innermost first.
 pub const MAX_PY_FRAMES: usize = 48;
 
@@ -641,3 +697,25 @@ unsafe impl aya::Pod for SiteCounters {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for SizeKey {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_comm_is_cut_at_15_bytes_even_inside_a_character() {
+        // "é" is two bytes, 0xC3 0xA9: the 15th byte of this name is its first.
+        let name = "aaaaaaaaaaaaaaé_x".as_bytes();
+        assert_eq!(comm_bytes(name), &name[..15]);
+        assert_eq!(comm_bytes(name).last(), Some(&0xC3));
+        let mut key = [0; 16];
+        key[..15].copy_from_slice(&name[..15]);
+        assert_eq!(comm_key(name), key);
+    }
+
+    #[test]
+    fn a_short_comm_is_kept_whole_and_nul_padded() {
+        assert_eq!(comm_bytes(b"python3"), b"python3");
+        assert_eq!(&comm_key(b"python3"), b"python3\0\0\0\0\0\0\0\0\0");
+    }
+}

@@ -16,7 +16,9 @@ use core::ffi::c_void;
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_F_NO_PREALLOC,
-    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{
+        BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, pt_regs,
+    },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_get_stack,
@@ -224,9 +226,25 @@ const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = -17;
 /// Returns from `-4095` to `-1` are error numbers.
 const MAX_ERRNO: u64 = 4095;
-/// Offsets of `ip` and `sp` in x86-64's `struct pt_regs`.
+/// Offsets of `ip` and `sp` in the kernel's `struct pt_regs`, which differs by architecture (x86-64's `ip`
+/// and `sp`; aarch64's `pc` and `sp` after `regs[31]`). `build.rs` builds this object for the target's.
+#[cfg(bpf_target_arch = "x86_64")]
 const PT_REGS_IP: usize = 128;
+#[cfg(bpf_target_arch = "x86_64")]
 const PT_REGS_SP: usize = 152;
+#[cfg(bpf_target_arch = "aarch64")]
+const PT_REGS_IP: usize = 256;
+#[cfg(bpf_target_arch = "aarch64")]
+const PT_REGS_SP: usize = 248;
+
+/// The instruction pointer of a probe's saved user registers.
+#[inline(always)]
+fn user_ip(regs: &pt_regs) -> u64 {
+    #[cfg(bpf_target_arch = "x86_64")]
+    return regs.rip;
+    #[cfg(bpf_target_arch = "aarch64")]
+    return regs.pc;
+}
 
 /// Userspace is woken only once this much is waiting (it also drains the ring on a short timer): a wake-up
 /// per record costs more than everything else a probe does.
@@ -639,8 +657,9 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
 /// the same address by then: the block leaves the live table now, and is put back if the call fails.
 #[inline(always)]
 fn reallocate(func: AllocFn, old_addr: u64, size: u64) {
-    // A call nested in another allocator call is the allocator's own business.
-    if in_allocator() || old_addr == 0 {
+    // Which functions release their input is said once, in `tracer_common` (a constant once inlined). A call
+    // nested in another allocator call is the allocator's own business.
+    if !func.reallocates() || in_allocator() || old_addr == 0 {
         let _ = enter(func, size, 0);
         return;
     }
@@ -715,7 +734,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         size: state.size,
         // SAFETY: a return probe's context is the user registers, whose ip the kernel has set to the return
         // address into the caller.
-        stack_id: capture_stack(ctx.as_ptr(), unsafe { (*ctx.regs).rip }, None),
+        stack_id: capture_stack(ctx.as_ptr(), user_ip(unsafe { &*ctx.regs }), None),
         // SAFETY: a plain helper without arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         func: state.func,

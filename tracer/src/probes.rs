@@ -12,12 +12,12 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues, RingBuf},
     programs::{TracePoint, UProbe, trace_point::TracePointLink},
 };
 use tracer_common::{
     AllocFn, FaultFields, HOLD_AT_EXEC, InFlight, LOSS_COUNTERS, LiveBlock, LiveKey, OomFields,
-    PyProcess, SiteCounters, SiteKey, SizeKey, TALLY_COUNTERS,
+    PyProcess, SiteCounters, SiteKey, SizeKey, TALLY_COUNTERS, program_names,
 };
 
 use crate::{
@@ -31,50 +31,85 @@ use crate::{
 /// The entry program of an allocator function. Every function but `free` also gets `alloc_exit` on return.
 fn entry_program(func: AllocFn) -> Option<&'static str> {
     Some(match func {
-        AllocFn::Malloc => "malloc_enter",
-        AllocFn::Calloc => "calloc_enter",
-        AllocFn::Realloc => "realloc_enter",
-        AllocFn::Free => "free_enter",
-        AllocFn::Reallocarray => "reallocarray_enter",
-        AllocFn::PosixMemalign => "posix_memalign_enter",
-        AllocFn::AlignedAlloc => "aligned_alloc_enter",
-        AllocFn::Memalign => "memalign_enter",
-        AllocFn::Valloc => "valloc_enter",
-        AllocFn::Pvalloc => "pvalloc_enter",
+        AllocFn::Malloc => program_names::MALLOC_ENTER,
+        AllocFn::Calloc => program_names::CALLOC_ENTER,
+        AllocFn::Realloc => program_names::REALLOC_ENTER,
+        AllocFn::Free => program_names::FREE_ENTER,
+        AllocFn::Reallocarray => program_names::REALLOCARRAY_ENTER,
+        AllocFn::PosixMemalign => program_names::POSIX_MEMALIGN_ENTER,
+        AllocFn::AlignedAlloc => program_names::ALIGNED_ALLOC_ENTER,
+        AllocFn::Memalign => program_names::MEMALIGN_ENTER,
+        AllocFn::Valloc => program_names::VALLOC_ENTER,
+        AllocFn::Pvalloc => program_names::PVALLOC_ENTER,
         AllocFn::Mmap | AllocFn::Munmap | AllocFn::Mremap | AllocFn::Brk | AllocFn::Madvise => {
             return None;
         }
     })
 }
 
-const EXIT_PROGRAM: &str = "alloc_exit";
+const EXIT_PROGRAM: &str = program_names::ALLOC_EXIT;
 
 /// Tracepoints: (program, category, event). All exist since Linux 4.x wherever tracepoints are built in.
 const TRACEPOINTS: [(&str, &str, &str); 13] = [
-    ("mmap_enter", "syscalls", "sys_enter_mmap"),
-    ("map_exit", "syscalls", "sys_exit_mmap"),
-    ("mremap_enter", "syscalls", "sys_enter_mremap"),
-    ("map_exit", "syscalls", "sys_exit_mremap"),
-    ("munmap_enter", "syscalls", "sys_enter_munmap"),
-    ("brk_exit", "syscalls", "sys_exit_brk"),
-    ("sched_process_fork", "sched", "sched_process_fork"),
-    ("fork_child_start", "syscalls", "sys_exit_clone"),
-    ("fork_child_start", "syscalls", "sys_exit_clone3"),
-    ("fork_child_start", "syscalls", "sys_exit_fork"),
-    ("fork_child_start", "syscalls", "sys_exit_vfork"),
-    ("sched_process_exec", "sched", "sched_process_exec"),
-    ("sched_process_exit", "sched", "sched_process_exit"),
+    (program_names::MMAP_ENTER, "syscalls", "sys_enter_mmap"),
+    (program_names::MAP_EXIT, "syscalls", "sys_exit_mmap"),
+    (program_names::MREMAP_ENTER, "syscalls", "sys_enter_mremap"),
+    (program_names::MAP_EXIT, "syscalls", "sys_exit_mremap"),
+    (program_names::MUNMAP_ENTER, "syscalls", "sys_enter_munmap"),
+    (program_names::BRK_EXIT, "syscalls", "sys_exit_brk"),
+    (
+        program_names::SCHED_PROCESS_FORK,
+        "sched",
+        "sched_process_fork",
+    ),
+    (
+        program_names::FORK_CHILD_START,
+        "syscalls",
+        "sys_exit_clone",
+    ),
+    (
+        program_names::FORK_CHILD_START,
+        "syscalls",
+        "sys_exit_clone3",
+    ),
+    (program_names::FORK_CHILD_START, "syscalls", "sys_exit_fork"),
+    (
+        program_names::FORK_CHILD_START,
+        "syscalls",
+        "sys_exit_vfork",
+    ),
+    (
+        program_names::SCHED_PROCESS_EXEC,
+        "sched",
+        "sched_process_exec",
+    ),
+    (
+        program_names::SCHED_PROCESS_EXIT,
+        "sched",
+        "sched_process_exit",
+    ),
 ];
 
 /// The watch tier's tracepoints: (program, category, event). `exceptions:page_fault_user` is x86's (Linux 3.13+).
 const WATCH_TRACEPOINTS: [(&str, &str, &str); 2] = [
-    ("page_fault_user", "exceptions", "page_fault_user"),
-    ("madvise_enter", "syscalls", "sys_enter_madvise"),
+    (
+        program_names::PAGE_FAULT_USER,
+        "exceptions",
+        "page_fault_user",
+    ),
+    (
+        program_names::MADVISE_ENTER,
+        "syscalls",
+        "sys_enter_madvise",
+    ),
 ];
 
 /// Live blocks held in the kernel's preallocated table (about 100 bytes of kernel memory each, taken at load);
 /// the rest of `--max-live-blocks` goes to a table whose entries are allocated as they come, dearer per block.
 const PREALLOCATED_LIVE_BLOCKS: u32 = 1 << 18;
+
+/// The eBPF object `build.rs` built from `tracer-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
 /// What the programs are loaded with.
 pub struct LoadOptions {
@@ -163,10 +198,7 @@ impl Probes {
             .map_max_entries("EVENTS", buffer_size)
             .map_max_entries("LIVE", preallocated)
             .map_max_entries("LIVE_SPILL", spilled.max(1))
-            .load(aya::include_bytes_aligned!(concat!(
-                env!("OUT_DIR"),
-                "/tracer"
-            )))
+            .load(EBPF_OBJECT)
             .context("cannot load alloctrace's eBPF object")?;
         // Before any program is loaded or attached: the helper keeps only the two maps it is given.
         let uprobes = {
@@ -209,7 +241,8 @@ impl Probes {
                 .with_context(|| format!("cannot attach to the tracepoint {category}:{event}"))?;
             tracepoint_links.push(program.take_link(link)?);
         }
-        let oom: &mut TracePoint = program(&mut ebpf, "oom_mark_victim")?.try_into()?;
+        let oom: &mut TracePoint =
+            program(&mut ebpf, program_names::OOM_MARK_VICTIM)?.try_into()?;
         let oom_link = if oom_fields.is_some() && oom.load().is_ok() {
             match oom.attach("oom", "mark_victim") {
                 Ok(link) => Some(oom.take_link(link)?),
@@ -416,9 +449,10 @@ impl Probes {
     }
 
     /// Removes the kernel's marks of stacks sent to userspace, which forgets them: a probe that takes one of
-    /// them again sends it again.
+    /// them again sends it again. Each CPU's memory of the last stack it sent is cleared too, or a CPU that
+    /// last sent one of them would take it for sent still.
     pub fn forget_sent_stacks(
-        &self,
+        &mut self,
         stack_ids: &std::collections::HashSet<u64>,
     ) -> anyhow::Result<()> {
         if stack_ids.is_empty() {
@@ -429,15 +463,25 @@ impl Probes {
             _ => anyhow::bail!("the eBPF object has no map SENT_STACKS"),
         };
         let ids: Vec<u64> = stack_ids.iter().copied().collect();
-        tables::delete(map, &ids).context("cannot remove stacks from the table of stacks sent")
+        tables::delete(map, &ids).context("cannot remove stacks from the table of stacks sent")?;
+        let mut last_sent: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map_mut("LAST_SENT_STACK")
+                .context("no LAST_SENT_STACK map")?,
+        )?;
+        let forgotten = last_sent
+            .get(&0, 0)?
+            .iter()
+            .map(|&id| if stack_ids.contains(&id) { 0 } else { id })
+            .collect::<Vec<u64>>();
+        last_sent
+            .set(0, PerCpuValues::try_from(forgotten)?, 0)
+            .context("cannot clear the stacks each CPU last sent")
     }
 
-    /// Traces every process that execs with this name (the kernel's 15-character `comm`).
+    /// Traces every process that execs with this name (its first 15 bytes, as the kernel keeps a `comm`).
     pub fn add_comm(&mut self, comm: &str) -> anyhow::Result<()> {
-        let mut key = [0u8; 16];
-        let bytes = comm.as_bytes();
-        let len = bytes.len().min(15);
-        key[..len].copy_from_slice(&bytes[..len]);
+        let key = tracer_common::comm_key(comm.as_bytes());
         let mut comms: BpfHashMap<_, [u8; 16], u8> =
             BpfHashMap::try_from(self.ebpf.map_mut("COMMS").context("no COMMS map")?)?;
         comms
@@ -575,4 +619,46 @@ fn detach_all<L: Send>(links: Vec<L>) {
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
     ebpf.program_mut(name)
         .with_context(|| format!("the eBPF object has no program {name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
+
+    use super::*;
+
+    /// The program names userspace loads by: the names of `tracer-ebpf`'s functions, which cannot share the
+    /// constants, so a rename on either side must fail here rather than at load time on a real kernel.
+    #[test]
+    fn every_program_name_used_is_a_program_of_the_object() {
+        let object = object::File::parse(EBPF_OBJECT).unwrap();
+        // A program is a global function in a section of its own (`uprobe`, `tracepoint`…), not in `.text`.
+        let programs: Vec<&str> = object
+            .symbols()
+            .filter(|symbol| symbol.kind() == SymbolKind::Text && symbol.is_global())
+            .filter(|symbol| {
+                symbol
+                    .section_index()
+                    .and_then(|index| object.section_by_index(index).ok())
+                    .is_some_and(|section| section.name() != Ok(".text"))
+            })
+            .filter_map(|symbol| symbol.name().ok())
+            .collect();
+        let used = AllocFn::ALLOCATOR
+            .into_iter()
+            .filter_map(entry_program)
+            .chain([EXIT_PROGRAM, program_names::OOM_MARK_VICTIM])
+            .chain(
+                TRACEPOINTS
+                    .iter()
+                    .chain(&WATCH_TRACEPOINTS)
+                    .map(|(name, ..)| *name),
+            );
+        for name in used {
+            assert!(
+                programs.contains(&name),
+                "no eBPF program {name} in the object, whose programs are {programs:?}"
+            );
+        }
+    }
 }

@@ -8,7 +8,7 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    os::unix::fs::MetadataExt as _,
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -667,8 +667,8 @@ struct Targets {
     allocators: Vec<AllocatorReport>,
     /// The command alloctrace started, until its exec is seen.
     spawned_exec: Option<u32>,
-    /// `--comm` names, as the kernel keeps them (15 bytes).
-    comms: Vec<String>,
+    /// `--comm` names, as the kernel keeps them (their first 15 bytes, which need not be UTF-8).
+    comms: Vec<Vec<u8>>,
     /// `--container` and `--cgroup`.
     selector: Selector,
     /// Whether CPython processes get their Python frames read (`--no-python-frames`).
@@ -700,8 +700,11 @@ const PENDING_INTERVAL: Duration = Duration::from_millis(5);
 impl Targets {
     /// Whether a process that is not a target yet is chosen by name (`--comm`), container or cgroup.
     fn chosen(&mut self, registry: &mut Registry, pid: u32) -> bool {
-        let named = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .is_ok_and(|comm| self.comms.iter().any(|c| *c == comm.trim_end()));
+        // Bytes: a name the kernel cut inside a UTF-8 character is no string.
+        let named = std::fs::read(format!("/proc/{pid}/comm")).is_ok_and(|comm| {
+            let comm = comm.strip_suffix(b"\n").unwrap_or(&comm);
+            self.comms.iter().any(|c| c == comm)
+        });
         if named {
             return true;
         }
@@ -1161,7 +1164,7 @@ async fn session(
         comms: args
             .comms
             .iter()
-            .map(|c| c.chars().take(15).collect())
+            .map(|c| tracer_common::comm_bytes(c.as_bytes()).to_vec())
             .collect(),
         selector: Selector {
             containers: args.containers.clone(),
@@ -1249,7 +1252,7 @@ async fn session(
         targets.probes.do_not_hold_at_exec(pid)?;
         let comm: String = program
             .file_name()
-            .map(|n| n.to_string_lossy().chars().take(15).collect())
+            .map(|n| String::from_utf8_lossy(tracer_common::comm_bytes(n.as_bytes())).into_owned())
             .unwrap_or_default();
         state.registry.set_info(ProcessInfo {
             pid,
