@@ -754,27 +754,29 @@ impl Targets {
         match runtime::detect(&mut state.registry, pid) {
             Some(interpreter) => {
                 self.python_pending.remove(&pid);
-                match interpreter.bpf_config() {
+                let config = interpreter.bpf_config();
+                let info = interpreter.info.clone();
+                // The reader before the kernel walks the frames: the first stack walked is named with it, on
+                // the ring reader's thread, however soon it comes.
+                lock(&state.pythons).insert(pid, Reader::new(pid, interpreter));
+                match config {
                     Some(config) => match self.probes.add_python(pid, &config) {
                         Err(err) => warn(format_args!("no Python frames for pid {pid}: {err:#}")),
                         // The agent says so (the trace says which processes it traces): its Python
                         // frames are read from now on.
-                        Ok(()) if self.watching => warn(format_args!(
-                            "watching Python {} in pid {pid}",
-                            interpreter.info.version
-                        )),
+                        Ok(()) if self.watching => {
+                            warn(format_args!(
+                                "watching Python {} in pid {pid}",
+                                info.version
+                            ));
+                        }
                         Ok(()) => {}
                     },
                     None => warn(format_args!(
                         "no Python frames for pid {pid}: {}",
-                        interpreter
-                            .info
-                            .unsupported
-                            .as_deref()
-                            .unwrap_or("unsupported")
+                        info.unsupported.as_deref().unwrap_or("unsupported")
                     )),
                 }
-                lock(&state.pythons).insert(pid, Reader::new(pid, interpreter));
             }
             None if loading => {
                 self.python_pending
@@ -938,17 +940,19 @@ impl Targets {
             .get(&parent)
             .map(|reader| reader.interpreter().clone());
         if let Some(interpreter) = interpreter {
-            if let Some(config) = interpreter.bpf_config()
+            let config = interpreter.bpf_config();
+            let version = interpreter.info.version.clone();
+            // The reader before the kernel walks the frames, as for an exec'd interpreter.
+            lock(&state.pythons).insert(child, Reader::new(child, interpreter));
+            if let Some(config) = config
                 && self.probes.add_python(child, &config).is_ok()
                 && self.watching
             {
                 // As for an exec'd interpreter: the agent says whose frames it reads from now on.
                 warn(format_args!(
-                    "watching Python {} in pid {child}, forked by pid {parent}",
-                    interpreter.info.version
+                    "watching Python {version} in pid {child}, forked by pid {parent}"
                 ));
             }
-            lock(&state.pythons).insert(child, Reader::new(child, interpreter));
         }
         if self.watching {
             self.watch(state, child);
