@@ -285,7 +285,8 @@ fn the_agent_writes_an_oom_post_mortem_with_the_python_line_and_prometheus_scrap
         .unwrap_or_else(|| panic!("no <module> <string>:8 in the heap profile:\n{top}"));
     assert!(
         (0.85 * HELD..=1.25 * HELD).contains(&line_bytes),
-        "{line_bytes} bytes on the holder's line for {HELD}:\n{top}"
+        "{line_bytes} bytes on the holder's line for {HELD}:\n{top}\nthe agent said:\n{}",
+        log.seen.join("\n")
     );
     // Beside the post-mortem, the flame graph of what the victim held, naming its line.
     let svg =
