@@ -16,6 +16,8 @@ use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap},
     fs::File,
+    fs::OpenOptions,
+    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -68,12 +70,20 @@ pub struct DebugSource {
     id: u64,
     file: File,
     path: String,
-    root: PathBuf,
+    /// The root of the process that mapped it, held open: once the process is gone (a command alloctrace
+    /// started exits before its report), `/proc/PID/root` is gone with it, this directory is not.
+    root: File,
 }
 
 impl DebugSource {
-    /// `None` once [`MAX_DEBUG_SOURCES`] are open.
+    /// `root` is the mapping process's root directory (`/proc/PID/root`). `None` once [`MAX_DEBUG_SOURCES`]
+    /// are open, or when the root cannot be opened (the process is gone).
     pub fn new(file: File, path: &str, root: &Path) -> Option<Arc<Self>> {
+        let root = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(root)
+            .ok()?;
         if DEBUG_SOURCES_OPEN.fetch_add(1, Ordering::Relaxed) >= MAX_DEBUG_SOURCES {
             DEBUG_SOURCES_OPEN.fetch_sub(1, Ordering::Relaxed);
             return None;
@@ -82,8 +92,13 @@ impl DebugSource {
             id: DEBUG_SOURCE_IDS.fetch_add(1, Ordering::Relaxed),
             file,
             path: path.to_owned(),
-            root: root.to_path_buf(),
+            root,
         }))
+    }
+
+    /// A path that names the process's root directory while this source is alive.
+    fn root_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.root.as_raw_fd()))
     }
 }
 
@@ -143,7 +158,7 @@ pub fn resolve<'a>(stacks: impl IntoIterator<Item = &'a mut Vec<Frame>>) {
     }
     let mut found: HashMap<(u64, u64), Vec<SourceFrame>> = HashMap::new();
     for (source, addresses) in wanted {
-        let Some(info) = DebugInfo::load(&source.file, &source.path, &source.root) else {
+        let Some(info) = DebugInfo::load(&source.file, &source.path, &source.root_path()) else {
             continue;
         };
         for address in addresses {
