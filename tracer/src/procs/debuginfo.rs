@@ -20,7 +20,7 @@ use std::{
     os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
@@ -207,18 +207,8 @@ fn lookup_address(address: u64) -> u64 {
 
 /// An object's DWARF, ready for look-ups.
 struct DebugInfo {
-    /// `addr2line` parses units lazily as look-ups need them: behind a lock, so modules stay shareable.
-    context: Mutex<addr2line::Context<Reader>>,
-    /// The bytes of the sections kept.
-    bytes: usize,
-}
-
-impl std::fmt::Debug for DebugInfo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DebugInfo")
-            .field("bytes", &self.bytes)
-            .finish_non_exhaustive()
-    }
+    /// `addr2line` parses units lazily, as look-ups need them.
+    context: addr2line::Context<Reader>,
 }
 
 impl DebugInfo {
@@ -264,7 +254,6 @@ impl DebugInfo {
             RunTimeEndian::Big
         };
         let mut budget = MAX_DEBUG_BYTES;
-        let mut bytes = 0usize;
         let mut failed = false;
         let mut load = |id: SectionId| -> Result<Reader, gimli::Error> {
             let data = match object.section_by_name(id.name()) {
@@ -280,7 +269,6 @@ impl DebugInfo {
                 }
                 _ => Cow::Borrowed(&[][..]),
             };
-            bytes += data.len();
             Ok(EndianArcSlice::new(Arc::from(data.as_ref()), endian))
         };
         let dwarf = gimli::Dwarf::load(&mut load).ok()?;
@@ -288,17 +276,13 @@ impl DebugInfo {
             return None;
         }
         let context = addr2line::Context::from_dwarf(dwarf).ok()?;
-        Some(Self {
-            context: Mutex::new(context),
-            bytes,
-        })
+        Some(Self { context })
     }
 
     /// The frames at `address` (an ELF address of the object), innermost first: the calls inlined there, then
     /// the function that contains them. Empty where the DWARF does not cover the address.
     fn frames(&self, address: u64) -> Vec<SourceFrame> {
-        let context = self.context.lock().unwrap_or_else(|e| e.into_inner());
-        let Ok(mut frames) = context.find_frames(address).skip_all_loads() else {
+        let Ok(mut frames) = self.context.find_frames(address).skip_all_loads() else {
             return Vec::new();
         };
         let mut found = Vec::new();
