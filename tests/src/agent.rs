@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{alloctrace, docker, pyenv_prefix};
+use crate::{docker, pyenv_prefix, ready::alloctrace_with_ready_fd};
 
 /// Generous bounds for things that take a fraction of a second on an idle machine: the tests share two cores.
 pub const STARTUP: Duration = Duration::from_secs(180);
@@ -172,21 +172,22 @@ impl Drop for Task {
     }
 }
 
-/// The agent, started with `args`, once it says it is ready: the child, its log, and where it serves.
+/// The agent, started with `args`, once it says on `--ready-fd` that it is ready: the child, its log, and where
+/// it serves.
 pub fn start_agent(args: &[&str]) -> (Child, Lines, String) {
-    let mut agent = Command::new(alloctrace())
+    let (mut command, mut ready) = alloctrace_with_ready_fd();
+    let mut agent = command
         .arg("agent")
         .args(args)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut log = Lines::new(agent.stderr.take().unwrap(), "the agent");
-    let ready = log.wait_for(STARTUP, |l| l.starts_with("alloctrace: agent ready:"));
-    let listen = ready
-        .split("serving http://")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .expect("the agent says where it serves")
+    let log = Lines::new(agent.stderr.take().unwrap(), "the agent");
+    let said = ready.wait_ready();
+    assert_eq!(said["mode"], "watching", "{said}");
+    let listen = said["listen"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the agent says where it serves: {said}"))
         .to_owned();
     (agent, log, listen)
 }

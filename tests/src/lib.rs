@@ -3,9 +3,8 @@
 //! when it is missing, rather than pass without running.
 
 use std::{
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Output},
     sync::OnceLock,
 };
 
@@ -13,6 +12,7 @@ use serde_json::Value;
 
 pub mod agent;
 pub mod docker;
+pub mod ready;
 
 /// The `alloctrace` binary: `ALLOCTRACE` (set by `cargo xtask test`), else the workspace's release build.
 pub fn alloctrace() -> PathBuf {
@@ -270,26 +270,20 @@ pub fn go_pprof(args: &[&str], profile: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Starts `alloctrace ARGS -p PID -o REPORT` on a running process and returns it once it says, on its first
-/// line of stderr, that it traces that process: what the process does from then on is seen.
+/// Starts `alloctrace ARGS -p PID -o REPORT` on a running process and returns it once it says, on
+/// `--ready-fd`, that it traces that process: what the process does from then on is seen.
 pub fn start_tracing_pid(args: &[&str], pid: u32, report: &Path) -> Child {
-    let mut tracer = Command::new(alloctrace())
+    let (mut command, mut ready) = ready::alloctrace_with_ready_fd();
+    let tracer = command
         .args(args)
         .arg("-p")
         .arg(pid.to_string())
         .arg("-o")
         .arg(report)
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut notice = String::new();
-    BufReader::new(tracer.stderr.as_mut().unwrap())
-        .read_line(&mut notice)
-        .unwrap();
-    assert!(
-        notice.starts_with(&format!("alloctrace: tracing pid {pid}")),
-        "{notice}"
-    );
+    let said = ready.wait_ready();
+    assert_eq!(said["pids"], serde_json::json!([pid]), "{said}");
     tracer
 }
 

@@ -347,7 +347,7 @@ fn a_container_running_before_the_agent_is_watched_from_its_start() {
     );
     let dir = temp_dir("agent-early");
     let dir_arg = dir.to_string_lossy().into_owned();
-    let (mut agent, log, listen) = start_agent(&[
+    let (agent, mut log, listen) = start_agent(&[
         "--listen",
         "127.0.0.1:0",
         "--dir",
@@ -355,7 +355,11 @@ fn a_container_running_before_the_agent_is_watched_from_its_start() {
         "--container",
         &holder.name,
     ]);
-    // Found in /proc at the start, its interpreter with it: said before the agent is ready.
+    // Killed and reaped if the test fails.
+    let mut agent = Reaped(agent);
+    // Found in /proc at the start, its interpreter with it: said before the agent is ready (its log says so
+    // last, in the same stream).
+    log.wait_for(EVENT, |l| l.starts_with("alloctrace: agent ready:"));
     let pid = holder.pid;
     assert!(
         log.seen
@@ -383,8 +387,8 @@ fn a_container_running_before_the_agent_is_watched_from_its_start() {
     );
     holder.go();
     // SAFETY: signalling the child we spawned and have not reaped.
-    unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
-    assert!(agent.wait().unwrap().success(), "{}", log.seen.join("\n"));
+    unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(agent.0.wait().unwrap().success(), "{}", log.seen.join("\n"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -2,14 +2,14 @@
 //! exactly, and each site attributed to its own container.
 
 use std::{
-    collections::HashSet,
     io::{BufRead as _, BufReader, Write as _},
     path::Path,
     process::{Command, Stdio},
 };
 
 use alloctrace_tests::{
-    SITES_EXPECTED, alloctrace, docker, live, pyenv_prefix, require_root, workload, workspace,
+    SITES_EXPECTED, docker, live, pyenv_prefix, ready::alloctrace_with_ready_fd, require_root,
+    workload, workspace,
 };
 use serde_json::Value;
 
@@ -30,7 +30,8 @@ fn two_containers_started_after_the_tracer_are_traced_exactly_by_name() {
         .collect();
     let report_path =
         std::env::temp_dir().join(format!("alloctrace-containers-{}.json", std::process::id()));
-    let mut tracer = Command::new(alloctrace())
+    let (mut command, mut ready) = alloctrace_with_ready_fd();
+    let mut tracer = command
         .args([
             "leaks",
             "--format",
@@ -43,19 +44,10 @@ fn two_containers_started_after_the_tracer_are_traced_exactly_by_name() {
         ])
         .arg(&report_path)
         .args(names.iter().flat_map(|n| ["--container", n.as_str()]))
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut notices = BufReader::new(tracer.stderr.take().unwrap());
+    ready.wait_ready();
     let mut line = String::new();
-    for _ in &names {
-        line.clear();
-        notices.read_line(&mut line).unwrap();
-        assert!(
-            line.contains("tracing the processes of container"),
-            "{line}"
-        );
-    }
     // Both started after the tracer, allocating only once told to.
     let workloads = workspace().join("target/workloads");
     let mut containers = Vec::new();
@@ -86,16 +78,8 @@ fn two_containers_started_after_the_tracer_are_traced_exactly_by_name() {
         containers.push((container, docker::container_pid(name)));
     }
     // Each container's process is announced once its probes are in place.
-    let mut waiting: HashSet<u32> = containers.iter().map(|(_, pid)| *pid).collect();
-    while !waiting.is_empty() {
-        line.clear();
-        assert_ne!(
-            notices.read_line(&mut line).unwrap(),
-            0,
-            "alloctrace ended early"
-        );
-        waiting.retain(|pid| !line.starts_with(&format!("alloctrace: tracing pid {pid} ")));
-    }
+    let pids: Vec<u32> = containers.iter().map(|(_, pid)| *pid).collect();
+    ready.wait_attached(&pids);
     for (container, _) in &mut containers {
         writeln!(container.stdin.as_mut().unwrap()).unwrap();
         container.wait().unwrap();

@@ -10,8 +10,8 @@ use std::{
 };
 
 use alloctrace_tests::{
-    SITES_EXPECTED, alloctrace, docker, go_pprof, interrupt, pyenv_prefix, require_root,
-    start_tracing_pid, workload, workspace,
+    SITES_EXPECTED, alloctrace, docker, go_pprof, interrupt, pyenv_prefix,
+    ready::alloctrace_with_ready_fd, require_root, start_tracing_pid, workload, workspace,
 };
 use serde_json::Value;
 
@@ -526,7 +526,8 @@ fn formats_oom_writes_a_flame_graph_per_kill_into_a_directory() {
     let image = docker::python_image(&prefix, "3.12");
     let name = format!("alloctrace-oom-svg-{}", std::process::id());
     let dir = temp("oom-graphs");
-    let mut tracer = Command::new(alloctrace())
+    let (mut command, mut ready) = alloctrace_with_ready_fd();
+    let mut tracer = command
         .args([
             "oom",
             "--comm",
@@ -554,7 +555,7 @@ fn formats_oom_writes_a_flame_graph_per_kill_into_a_directory() {
             return line;
         }
     };
-    wait_for(&|line| line.contains("tracing processes named python3.12"));
+    ready.wait_ready();
     // It waits for a line, then allocates 1 MiB a step into its 64 MiB limit.
     let workload = "import sys\nsys.stdin.readline()\nheld = []\nwhile True:\n    held.append(bytes(1 << 20))  # grows\n";
     let mut container = Command::new("docker")
@@ -576,7 +577,7 @@ fn formats_oom_writes_a_flame_graph_per_kill_into_a_directory() {
         .spawn()
         .unwrap();
     let pid = docker::started_container_pid(&name);
-    wait_for(&|line| line.contains(&format!("tracing pid {pid} ")));
+    ready.wait_attached(&[pid]);
     writeln!(container.stdin.as_mut().unwrap()).unwrap();
     assert_eq!(
         container.wait().unwrap().code(),

@@ -10,8 +10,8 @@ use std::{
 };
 
 use alloctrace_tests::{
-    alloctrace, assert_tracer_rss_bounded, json_report, live, pyenv_prefix, require_root, workload,
-    workspace,
+    alloctrace, assert_tracer_rss_bounded, json_report, live, pyenv_prefix,
+    ready::alloctrace_with_ready_fd, require_root, workload, workspace,
 };
 
 /// The comm `hostile_names` gives itself, as the kernel reports it.
@@ -74,7 +74,8 @@ fn trace_hostile(args: &[&str]) -> Traced {
     let mut line = String::new();
     target_out.read_line(&mut line).unwrap();
     assert_eq!(line, "ready\n");
-    let mut tracer = Command::new(alloctrace())
+    let (mut command, mut ready) = alloctrace_with_ready_fd();
+    let mut tracer = command
         .args(["leaks", "--pid"])
         .arg(target.id().to_string())
         .args(args)
@@ -82,10 +83,11 @@ fn trace_hostile(args: &[&str]) -> Traced {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    ready.wait_ready();
+    // Its first line, said before it was ready: the one that quotes the target's path.
     let mut tracer_err = BufReader::new(tracer.stderr.take().unwrap());
     let mut notice = String::new();
     tracer_err.read_line(&mut notice).unwrap();
-    assert!(notice.starts_with("alloctrace: tracing pid"), "{notice}");
     writeln!(target.stdin.as_mut().unwrap()).unwrap();
     let mut line = String::new();
     target_out.read_line(&mut line).unwrap();

@@ -9,8 +9,8 @@ use std::{
 };
 
 use alloctrace_tests::{
-    alloctrace, assert_sites_exact, assert_tracer_rss_bounded, json_report, live, require_root,
-    site, workload,
+    assert_sites_exact, assert_tracer_rss_bounded, json_report, live,
+    ready::alloctrace_with_ready_fd, require_root, site, workload,
 };
 
 #[test]
@@ -33,7 +33,8 @@ fn a_comm_and_argv_that_are_not_utf8_are_reported_lossily() {
         b"\xff\xfe\n",
         "the workload renamed itself"
     );
-    let mut tracer = Command::new(alloctrace())
+    let (mut command, mut ready) = alloctrace_with_ready_fd();
+    let tracer = command
         .args(["leaks", "--format", "json", "--pid"])
         .arg(pid.to_string())
         .stdout(Stdio::piped())
@@ -41,13 +42,8 @@ fn a_comm_and_argv_that_are_not_utf8_are_reported_lossily() {
         .spawn()
         .unwrap();
     // Allocate only once the tracer says its probes are in place.
-    let mut tracer_err = BufReader::new(tracer.stderr.take().unwrap());
-    let mut notice = String::new();
-    tracer_err.read_line(&mut notice).unwrap();
-    assert!(
-        notice.starts_with(&format!("alloctrace: tracing pid {pid} ")),
-        "{notice}"
-    );
+    let said = ready.wait_ready();
+    assert_eq!(said["pids"], serde_json::json!([pid]), "{said}");
     writeln!(target.stdin.as_mut().unwrap()).unwrap();
     // It exits once it holds its block, and the trace ends with its only target.
     target.wait().unwrap();
@@ -78,7 +74,8 @@ fn a_comm_cut_inside_a_character_is_found_by_its_full_name() {
     assert_eq!(&name.as_bytes()[14..16], "\u{e9}".as_bytes());
     let sites = workload("sites").with_file_name(&name);
     std::fs::copy(workload("sites"), &sites).unwrap();
-    let mut tracer = Command::new(alloctrace())
+    let (mut command, mut ready) = alloctrace_with_ready_fd();
+    let tracer = command
         .args([
             "leaks",
             "--format",
@@ -94,13 +91,7 @@ fn a_comm_cut_inside_a_character_is_found_by_its_full_name() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut tracer_err = BufReader::new(tracer.stderr.take().unwrap());
-    let mut line = String::new();
-    tracer_err.read_line(&mut line).unwrap();
-    assert!(
-        line.contains(&format!("tracing processes named {name}")),
-        "{line}"
-    );
+    ready.wait_ready();
     // Started after the tracer, found by name only; it allocates once the tracer has attached to it.
     let mut target = Command::new(&sites)
         .arg("--wait")
@@ -110,17 +101,12 @@ fn a_comm_cut_inside_a_character_is_found_by_its_full_name() {
         .unwrap();
     let pid = target.id();
     // The kernel holds it at its exec until userspace has attached: a name userspace does not recognise
-    // leaves it stopped until the trace ends, and this line never comes.
-    line.clear();
-    tracer_err.read_line(&mut line).unwrap();
-    assert!(
-        line.starts_with(&format!("alloctrace: tracing pid {pid} through ")),
-        "{line}"
-    );
+    // leaves it stopped until the trace ends, and it is never attached.
+    ready.wait_attached(&[pid]);
     let mut target_out = BufReader::new(target.stdout.take().unwrap());
-    let mut ready = String::new();
-    target_out.read_line(&mut ready).unwrap();
-    assert_eq!(ready, "ready\n");
+    let mut line = String::new();
+    target_out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
     let mut comm = name.as_bytes()[..15].to_vec();
     comm.push(b'\n');
     assert_eq!(

@@ -11,8 +11,8 @@ use std::{
 };
 
 use alloctrace_tests::{
-    alloctrace, assert_tracer_rss_bounded, json_report, pyenv_prefix, require_root, workload,
-    workspace,
+    alloctrace, assert_tracer_rss_bounded, json_report, pyenv_prefix,
+    ready::alloctrace_with_ready_fd, require_root, workload, workspace,
 };
 use serde_json::Value;
 
@@ -164,7 +164,8 @@ fn long_file_name(version: &str) {
         "alloctrace-long-filename-{}-{version}.json",
         std::process::id()
     ));
-    let mut tracer = Command::new(alloctrace())
+    let (mut command, mut ready) = alloctrace_with_ready_fd();
+    let tracer = command
         .args(["leaks", "--format", "json", "--top", "0", "-o"])
         .arg(&report)
         .arg("-p")
@@ -172,11 +173,7 @@ fn long_file_name(version: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut notice = String::new();
-    BufReader::new(tracer.stderr.as_mut().unwrap())
-        .read_line(&mut notice)
-        .unwrap();
-    assert!(notice.starts_with("alloctrace: tracing pid"), "{notice}");
+    ready.wait_ready();
     writeln!(target.stdin.as_mut().unwrap(), "go").unwrap();
     line.clear();
     out.read_line(&mut line).unwrap();

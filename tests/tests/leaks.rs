@@ -8,8 +8,8 @@ use std::{
 };
 
 use alloctrace_tests::{
-    alloctrace, assert_sites_exact, json_report, live, optimized_workload, require_root, site,
-    workload, workspace,
+    alloctrace, assert_sites_exact, json_report, live, optimized_workload,
+    ready::alloctrace_with_ready_fd, require_root, site, workload, workspace,
 };
 
 #[test]
@@ -47,7 +47,8 @@ fn traced_by_pid(extra: &[&str], linger: bool) -> (serde_json::Value, std::proce
     let mut line = String::new();
     target_out.read_line(&mut line).unwrap();
     assert_eq!(line, "ready\n");
-    let mut tracer = Command::new(alloctrace())
+    let (mut command, mut ready) = alloctrace_with_ready_fd();
+    let tracer = command
         .args(["leaks", "--format", "json", "--top", "100", "--pid"])
         .arg(target.id().to_string())
         .args(extra)
@@ -56,10 +57,7 @@ fn traced_by_pid(extra: &[&str], linger: bool) -> (serde_json::Value, std::proce
         .spawn()
         .unwrap();
     // Allocate only once the tracer says its probes are in place.
-    let mut tracer_err = BufReader::new(tracer.stderr.take().unwrap());
-    let mut notice = String::new();
-    tracer_err.read_line(&mut notice).unwrap();
-    assert!(notice.starts_with("alloctrace: tracing pid"), "{notice}");
+    ready.wait_ready();
     writeln!(target.stdin.as_mut().unwrap()).unwrap();
     if linger {
         line.clear();
@@ -67,9 +65,11 @@ fn traced_by_pid(extra: &[&str], linger: bool) -> (serde_json::Value, std::proce
         assert_eq!(line, "allocated\n");
     }
     let out = tracer.wait_with_output().unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut tracer_err, &mut rest).unwrap();
-    assert!(out.status.success(), "alloctrace failed: {rest}");
+    assert!(
+        out.status.success(),
+        "alloctrace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (json_report(&out), target)
 }
 
@@ -297,6 +297,17 @@ fn missing_command_is_one_clear_error() {
     );
 }
 
+/// `--ready-fd` naming a descriptor alloctrace did not inherit is refused before anything is attached: it could
+/// otherwise be one alloctrace opened itself.
+#[test]
+fn a_ready_fd_that_is_not_open_is_one_clear_error() {
+    require_root();
+    expect_error(
+        Command::new(alloctrace()).args(["--ready-fd", "99", "leaks", "--", "true"]),
+        "--ready-fd 99: not an open file descriptor",
+    );
+}
+
 #[test]
 fn not_root_is_one_clear_error() {
     require_root();
@@ -390,17 +401,15 @@ fn a_process_already_busy_allocating_is_traced_by_pid() {
     let mut line = String::new();
     target_out.read_line(&mut line).unwrap();
     assert_eq!(line, "ready\n");
-    let mut tracer = Command::new(alloctrace())
+    let (mut command, mut ready) = alloctrace_with_ready_fd();
+    let tracer = command
         .args(["leaks", "--format", "json", "--top", "100", "--pid"])
         .arg(target.id().to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut tracer_err = BufReader::new(tracer.stderr.take().unwrap());
-    let mut notice = String::new();
-    tracer_err.read_line(&mut notice).unwrap();
-    assert!(notice.starts_with("alloctrace: tracing pid"), "{notice}");
+    ready.wait_ready();
     writeln!(target.stdin.as_mut().unwrap()).unwrap();
     line.clear();
     target_out.read_line(&mut line).unwrap();

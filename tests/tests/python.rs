@@ -9,7 +9,8 @@ use std::{
 };
 
 use alloctrace_tests::{
-    alloctrace, docker, interrupt, pyenv_prefix, require_root, start_tracing_pid, workspace,
+    alloctrace, docker, interrupt, pyenv_prefix, ready::alloctrace_with_ready_fd, require_root,
+    start_tracing_pid, workspace,
 };
 use serde_json::Value;
 
@@ -333,28 +334,13 @@ fn an_oom_kill_in_a_container_is_one_record_with_the_victims_stacks() {
     let image = docker::python_image(&prefix, "3.12");
     let name = format!("alloctrace-oom-{}", std::process::id());
     let records = std::env::temp_dir().join(format!("{name}.jsonl"));
-    let mut tracer = Command::new(alloctrace())
+    let (mut command, mut ready) = alloctrace_with_ready_fd();
+    let mut tracer = command
         .args(["oom", "--comm", "python3.12", "--format", "json", "-o"])
         .arg(&records)
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (notices, tracer_says) = std::sync::mpsc::channel();
-    let stderr = BufReader::new(tracer.stderr.take().unwrap());
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = notices.send(line);
-        }
-    });
-    let wait_for = |what: &dyn Fn(&str) -> bool| loop {
-        let line = tracer_says
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .expect("the tracer went silent");
-        if what(&line) {
-            return;
-        }
-    };
-    wait_for(&|line| line.contains("tracing processes named python3.12"));
+    ready.wait_ready();
     // It waits for a line, sent once the tracer says it is tracing it, then allocates 1 MiB a step into a 64 MiB
     // limit, fast: a slow climb spends minutes thrashing the page cache before the kill.
     let workload = "import sys\nsys.stdin.readline()\nheld = []\nwhile True:\n    held.append(bytes(1 << 20))  # grows\n";
@@ -378,7 +364,7 @@ fn an_oom_kill_in_a_container_is_one_record_with_the_victims_stacks() {
         .spawn()
         .unwrap();
     let pid = docker::started_container_pid(&name);
-    wait_for(&|line| line.contains(&format!("tracing pid {pid} ")));
+    ready.wait_attached(&[pid]);
     writeln!(container.stdin.as_mut().unwrap()).unwrap();
     let run = container.wait().unwrap();
     assert_eq!(run.code(), Some(137), "the container should be OOM-killed");

@@ -7,8 +7,8 @@ use std::{
 };
 
 use alloctrace_tests::{
-    alloctrace, assert_sites_exact, assert_tracer_rss_bounded, json_report, live, require_root,
-    site, trace_json, workload,
+    alloctrace, assert_sites_exact, assert_tracer_rss_bounded, json_report, live,
+    ready::alloctrace_with_ready_fd, require_root, site, trace_json, workload,
 };
 
 #[test]
@@ -55,7 +55,8 @@ fn processes_are_found_by_name_even_when_they_start_later() {
     let name = format!("named-{}", std::process::id());
     let sites = workload("sites").with_file_name(&name);
     std::fs::copy(workload("sites"), &sites).unwrap();
-    let mut tracer = Command::new(alloctrace())
+    let (mut command, mut ready) = alloctrace_with_ready_fd();
+    let mut tracer = command
         .args([
             "leaks",
             "--format",
@@ -71,13 +72,7 @@ fn processes_are_found_by_name_even_when_they_start_later() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut tracer_err = BufReader::new(tracer.stderr.take().unwrap());
-    let mut line = String::new();
-    tracer_err.read_line(&mut line).unwrap();
-    assert!(
-        line.contains(&format!("tracing processes named {name}")),
-        "{line}"
-    );
+    ready.wait_ready();
     // Started after the tracer, by name only; it allocates once the tracer has attached to it.
     let mut target = Command::new(&sites)
         .arg("--wait")
@@ -85,12 +80,18 @@ fn processes_are_found_by_name_even_when_they_start_later() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    line.clear();
-    tracer_err.read_line(&mut line).unwrap();
-    // The libc path as the process maps it (/usr/lib/… or /lib/…: the same file on merged-/usr Debian).
+    ready.wait_attached(&[target.id()]);
+    // Said to the user: the libc path as the process maps it (/usr/lib/… or /lib/…: the same file on
+    // merged-/usr Debian).
     let announced = format!("alloctrace: tracing pid {} through ", target.id());
+    let mut tracer_err = BufReader::new(tracer.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with(&announced) {
+        line.clear();
+        assert_ne!(tracer_err.read_line(&mut line).unwrap(), 0, "not said");
+    }
     assert!(
-        line.starts_with(&announced) && line.trim_end().ends_with("/x86_64-linux-gnu/libc.so.6"),
+        line.trim_end().ends_with("/x86_64-linux-gnu/libc.so.6"),
         "{line}"
     );
     writeln!(target.stdin.as_mut().unwrap()).unwrap();

@@ -19,6 +19,13 @@ use crate::{
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// Write JSON lines to this open file descriptor, for scripts and tests that must not act before
+    /// alloctrace sees what they do: `{"ready":true,"mode":"tracing","pids":[…]}` once tracing has begun (the
+    /// probes on, the running targets attached; `"watching"` for the agent), `{"attached":PID}` whenever a
+    /// process's allocator probes go on. It is closed when the trace ends.
+    #[arg(long, global = true, value_name = "FD")]
+    pub ready_fd: Option<i32>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -158,6 +158,13 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return usage_error(err),
     };
+    // Before the runtime opens descriptors of its own, so that it cannot be one of them.
+    if let Some(fd) = cli.ready_fd
+        && let Err(err) = os::claim_ready_fd(fd)
+    {
+        eprintln!("alloctrace: error: {err:#}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

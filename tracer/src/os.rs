@@ -1,7 +1,16 @@
-//! Thin, safe wrappers over OS facilities: signals. SIGINT (Ctrl-C), SIGTERM (`timeout`, systemd,
-//! `kubectl delete`) and SIGHUP (a closed terminal) all mean "stop and report", never "die without a report".
+//! Thin, safe wrappers over OS facilities: signals, and the `--ready-fd` descriptor. SIGINT (Ctrl-C), SIGTERM
+//! (`timeout`, systemd, `kubectl delete`) and SIGHUP (a closed terminal) all mean "stop and report", never "die
+//! without a report".
 
-use std::{io, sync::Mutex};
+use std::{
+    fs::File,
+    io::{self, Write as _},
+    os::fd::{FromRawFd as _, RawFd},
+    sync::Mutex,
+};
+
+use anyhow::bail;
+use serde::Serialize;
 
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -56,9 +65,150 @@ pub async fn stop_requested() -> io::Result<()> {
     }
 }
 
+/// The descriptor `--ready-fd` named, until [`say_ready`] writes to it.
+static READY: Mutex<Option<File>> = Mutex::new(None);
+
+/// Takes the descriptor `--ready-fd` names. Call it first thing, before anything opens a descriptor of its own
+/// (the runtime does): a number that is not open then fails at once, and one alloctrace opened itself can never
+/// be taken for it. 0, 1 and 2 are duplicated, not taken, so that they stay the standard streams. The command
+/// alloctrace starts does not inherit it.
+pub fn claim_ready_fd(fd: RawFd) -> anyhow::Result<()> {
+    if fd < 0 {
+        bail!("--ready-fd {fd}: not a file descriptor");
+    }
+    let owned = if fd <= 2 {
+        // SAFETY: fcntl takes any number; a closed one is an error (EBADF).
+        unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) }
+    } else {
+        // SAFETY: as above.
+        match unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } {
+            0 => fd,
+            _ => -1,
+        }
+    };
+    if owned < 0 {
+        bail!(
+            "--ready-fd {fd}: not an open file descriptor ({})",
+            io::Error::last_os_error()
+        );
+    }
+    // SAFETY: the descriptor is open, and nothing else in this process owns it: it was inherited (checked
+    // before the runtime opened anything), or it is the duplicate just made.
+    let file = unsafe { File::from_raw_fd(owned) };
+    *READY.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+    Ok(())
+}
+
+/// The ready line `--ready-fd` receives first.
+#[derive(Serialize)]
+pub struct Ready<'a> {
+    ready: bool,
+    /// `tracing`, or `watching` for the agent.
+    mode: &'static str,
+    /// The processes traced (or watched) from the start: those named with `-p`, the command started, and the
+    /// running processes chosen by name, container or cgroup.
+    pids: &'a [u32],
+    /// Where the agent serves its HTTP endpoints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+}
+
+impl<'a> Ready<'a> {
+    /// A trace's ready line.
+    pub fn tracing(pids: &'a [u32]) -> Self {
+        Self {
+            ready: true,
+            mode: "tracing",
+            pids,
+            listen: None,
+        }
+    }
+
+    /// The agent's ready line.
+    pub fn watching(pids: &'a [u32], listen: String) -> Self {
+        Self {
+            ready: true,
+            mode: "watching",
+            pids,
+            listen: Some(listen),
+        }
+    }
+}
+
+/// A line `--ready-fd` receives for each process whose allocator probes go on.
+#[derive(Serialize)]
+struct Attached {
+    attached: u32,
+}
+
+/// Writes `line` as one JSON line to the `--ready-fd` descriptor, if one was claimed. A reader that has gone
+/// gets no more lines, and is not an error for the trace: the error is returned for the caller to say.
+fn say(line: &impl Serialize) -> io::Result<()> {
+    let mut ready = READY.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(file) = ready.as_mut() else {
+        return Ok(());
+    };
+    let mut bytes = serde_json::to_vec(line)?;
+    bytes.push(b'\n');
+    let written = file.write_all(&bytes);
+    if written.is_err() {
+        *ready = None;
+    }
+    written
+}
+
+/// Says on the `--ready-fd` descriptor that tracing has begun: what the targets do from now on is seen.
+pub fn say_ready(ready: &Ready<'_>) -> io::Result<()> {
+    say(ready)
+}
+
+/// Says on the `--ready-fd` descriptor that `pid`'s allocator probes are on.
+pub fn say_attached(pid: u32) -> io::Result<()> {
+    say(&Attached { attached: pid })
+}
+
+/// Closes the `--ready-fd` descriptor: its reader sees the end of the trace.
+pub fn close_ready_fd() {
+    READY.lock().unwrap_or_else(|e| e.into_inner()).take();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read as _;
+
+    #[test]
+    fn the_ready_and_attached_lines_go_to_the_claimed_descriptor_until_closed() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two-element array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        claim_ready_fd(fds[1]).unwrap();
+        say_ready(&Ready::tracing(&[7, 8])).unwrap();
+        say_attached(9).unwrap();
+        close_ready_fd();
+        // Closed: nothing more is said, and the reader sees the end.
+        say_attached(10).unwrap();
+        let mut read = String::new();
+        // SAFETY: the read end, owned by nothing else.
+        unsafe { File::from_raw_fd(fds[0]) }
+            .read_to_string(&mut read)
+            .unwrap();
+        assert_eq!(
+            read,
+            "{\"ready\":true,\"mode\":\"tracing\",\"pids\":[7,8]}\n{\"attached\":9}\n"
+        );
+    }
+
+    #[test]
+    fn a_descriptor_that_is_not_open_is_refused() {
+        let err = claim_ready_fd(1 << 20).unwrap_err().to_string();
+        assert!(
+            err.contains("--ready-fd 1048576: not an open file descriptor"),
+            "{err}"
+        );
+        let err = claim_ready_fd(-1).unwrap_err().to_string();
+        assert_eq!(err, "--ready-fd -1: not a file descriptor");
+    }
 
     /// Sends `signal` to this process.
     fn raise(signal: libc::c_int) {

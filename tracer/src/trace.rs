@@ -814,6 +814,9 @@ impl Targets {
         }
         self.probes.attach(pid, &allocator)?;
         warn(format_args!("tracing pid {pid} through {}", allocator.path));
+        if let Err(err) = crate::os::say_attached(pid) {
+            warn(format_args!("cannot write to --ready-fd: {err}"));
+        }
         self.allocators.push(AllocatorReport { pid, allocator });
         Ok(())
     }
@@ -1315,6 +1318,11 @@ async fn session(
     }
     let ctrl_c = crate::os::stop_requested();
     tokio::pin!(ctrl_c);
+    // The agent says it is ready at its first tick, with where it serves.
+    if !watching && let Err(err) = crate::os::say_ready(&crate::os::Ready::tracing(&targets.order))
+    {
+        warn(format_args!("cannot write to --ready-fd: {err}"));
+    }
 
     while waits_for_more || targets.running() > 0 {
         tokio::select! {
@@ -1406,6 +1414,8 @@ async fn session(
         report_ooms(&mut state, &targets, &sampling, window, &mut oom_sink)?;
         state.forget_gone(&mut targets);
     }
+    // The trace has ended: a reader of --ready-fd sees its end now, not when the probes are down.
+    crate::os::close_ready_fd();
     // Nothing is attached to from here on: new processes are no longer held. A process held just before that is
     // announced within microseconds (the record goes out before the stop): the flush after the pause handles it.
     targets.probes.hold_new_processes(false)?;

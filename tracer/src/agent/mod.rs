@@ -26,6 +26,7 @@ use anyhow::Context as _;
 
 use crate::{
     cli::TargetArgs,
+    os,
     output::{escape::Escaped, flamegraph, profile::Profile},
     procs::container::Container,
     report::oom::OomRecord,
@@ -102,6 +103,10 @@ pub async fn run(targets: &TargetArgs, options: &AgentOptions) -> anyhow::Result
         *lock(&heap_profile) = heap::profile(tick, options.fault_every);
         if !ready {
             ready = true;
+            let pids: Vec<u32> = tick.processes.iter().map(|p| p.pid).collect();
+            if let Err(err) = os::say_ready(&os::Ready::watching(&pids, listening.to_string())) {
+                eprintln!("alloctrace: cannot write to --ready-fd: {err}");
+            }
             // Said once the probes are on and the running processes marked: what starts from now is watched.
             eprintln!(
                 "alloctrace: agent ready: watching {} processes, serving http://{listening}, post-mortems in {}",
