@@ -113,6 +113,7 @@ pub struct PyFrame {
 /// What a ring-buffer record is. Values are part of the record format: never reuse one.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(num_enum::TryFromPrimitive))]
 pub enum EventKind {
     /// An allocator call returned: [`AllocEvent`].
     Alloc = 1,
@@ -131,24 +132,10 @@ pub enum EventKind {
     Fault = 7,
 }
 
-impl EventKind {
-    pub const fn from_u32(value: u32) -> Option<Self> {
-        match value {
-            1 => Some(Self::Alloc),
-            2 => Some(Self::Free),
-            3 => Some(Self::Stack),
-            4 => Some(Self::Exec),
-            5 => Some(Self::Fork),
-            6 => Some(Self::Oom),
-            7 => Some(Self::Fault),
-            _ => None,
-        }
-    }
-}
-
 /// The allocator entry point a record comes from. Values are part of the record format: never reuse one.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(num_enum::TryFromPrimitive))]
 pub enum AllocFn {
     Malloc = 1,
     Calloc = 2,
@@ -187,27 +174,6 @@ impl AllocFn {
         Self::Valloc,
         Self::Pvalloc,
     ];
-
-    pub const fn from_u32(value: u32) -> Option<Self> {
-        match value {
-            1 => Some(Self::Malloc),
-            2 => Some(Self::Calloc),
-            3 => Some(Self::Realloc),
-            4 => Some(Self::Free),
-            5 => Some(Self::Reallocarray),
-            6 => Some(Self::PosixMemalign),
-            7 => Some(Self::AlignedAlloc),
-            8 => Some(Self::Memalign),
-            9 => Some(Self::Valloc),
-            10 => Some(Self::Pvalloc),
-            11 => Some(Self::Mmap),
-            12 => Some(Self::Munmap),
-            13 => Some(Self::Mremap),
-            14 => Some(Self::Brk),
-            15 => Some(Self::Madvise),
-            _ => None,
-        }
-    }
 
     /// The C name of the function, as reports show it.
     pub const fn name(self) -> &'static str {
@@ -543,6 +509,7 @@ pub struct StackEvent {
 /// What became of a stack's Python frames. Values are part of the record format: never reuse one.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(num_enum::TryFromPrimitive))]
 pub enum PyStatus {
     /// Not a traced Python process.
     NotPython = 0,
@@ -552,18 +519,6 @@ pub enum PyStatus {
     NoThreadState = 2,
     /// More frames than a record holds: the outermost are missing.
     Truncated = 3,
-}
-
-impl PyStatus {
-    pub const fn from_u32(value: u32) -> Option<Self> {
-        match value {
-            0 => Some(Self::NotPython),
-            1 => Some(Self::Read),
-            2 => Some(Self::NoThreadState),
-            3 => Some(Self::Truncated),
-            _ => None,
-        }
-    }
 }
 
 /// `oom:mark_victim`: the kernel is killing `victim_pid` for memory. The header is the task in whose context

@@ -90,7 +90,7 @@ fn read<T: Copy>(bytes: &[u8], kind: Option<EventKind>) -> Result<T, DecodeError
 }
 
 fn func(value: u32) -> Result<AllocFn, DecodeError> {
-    AllocFn::from_u32(value).ok_or(DecodeError::UnknownFunction(value))
+    AllocFn::try_from(value).map_err(|_| DecodeError::UnknownFunction(value))
 }
 
 impl TryFrom<&[u8]> for Event {
@@ -98,7 +98,8 @@ impl TryFrom<&[u8]> for Event {
 
     fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
         let header: EventHeader = read(bytes, None)?;
-        let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
+        let kind =
+            EventKind::try_from(header.kind).map_err(|_| DecodeError::UnknownKind(header.kind))?;
         Ok(match kind {
             EventKind::Alloc => {
                 let e: AllocEvent = read(bytes, Some(kind))?;
@@ -130,8 +131,8 @@ impl TryFrom<&[u8]> for Event {
                     frames: e.frames[..depth].to_vec(),
                     guessed_caller: e.guessed_caller != 0,
                     python: PythonStack {
-                        status: PyStatus::from_u32(e.py_status)
-                            .ok_or(DecodeError::UnknownPyStatus(e.py_status))?,
+                        status: PyStatus::try_from(e.py_status)
+                            .map_err(|_| DecodeError::UnknownPyStatus(e.py_status))?,
                         frames: e.py_frames[..py_depth].to_vec(),
                     },
                 }
@@ -370,6 +371,11 @@ mod tests {
                 kind: Some(EventKind::Alloc),
                 len: 40
             })
+        );
+        // Function 0 is no allocator entry point: the derived table refuses it as the hand-written one did.
+        assert_eq!(
+            Event::try_from(bytes_of(&record)),
+            Err(DecodeError::UnknownFunction(0))
         );
         let unknown = EventHeader {
             kind: 99,

@@ -376,7 +376,7 @@ impl State {
         let tables = probes.heap_tables()?;
         let mut ledger = std::mem::take(&mut self.ledger);
         ledger.set_heap(&tables, sampling, |key: &SiteKey| {
-            let func = AllocFn::from_u32(key.func).unwrap_or(AllocFn::Malloc);
+            let func = AllocFn::try_from(key.func).unwrap_or(AllocFn::Malloc);
             self.site(key.tgid, func, key.stack_id)
         });
         self.ledger = ledger;
