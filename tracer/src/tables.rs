@@ -32,6 +32,7 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// On libc: neither aya 0.14 nor rustix offers the batched map look-ups.
 fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; the kernel reads and writes only it and
     // the buffers it points to, which the callers size for `count` entries.
