@@ -104,6 +104,7 @@ pub const PY_FRAME_READ_MAX: usize = 128;
 /// One Python frame as the eBPF side reads it: the code object, and where in it the frame is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct PyFrame {
     pub code: u64,
     /// `f_lasti` (3.8–3.10) or the instruction pointer (3.11+).
@@ -373,6 +374,7 @@ pub const fn size_class(size: u64) -> u64 {
 /// First field of every record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct EventHeader {
     /// An [`EventKind`] value.
     pub kind: u32,
@@ -390,6 +392,7 @@ pub struct EventHeader {
 /// An allocator call returned `addr` for `size` bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct AllocEvent {
     pub header: EventHeader,
     /// An [`AllocFn`] value.
@@ -413,6 +416,7 @@ pub const ALLOC_BY_ALLOCATOR: u32 = 1;
 /// `madvise` releasing pages.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FreeEvent {
     pub header: EventHeader,
     /// An [`AllocFn`] value.
@@ -427,6 +431,7 @@ pub struct FreeEvent {
 /// with the stack that touched it. One in [`FaultEvent::weight`] faults is sent, at random.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FaultEvent {
     pub header: EventHeader,
     /// The faulting address.
@@ -455,6 +460,7 @@ pub const FAULT_INSTRUCTION: u64 = 1 << 4;
 /// A process replaced its image with `execve`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ExecEvent {
     pub header: EventHeader,
     /// 1 when the process was stopped (`SIGSTOP`) before its new image ran its first instruction: userspace
@@ -476,6 +482,7 @@ pub const FORKED: u8 = 2;
 /// instruction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ForkEvent {
     pub header: EventHeader,
     pub child_pid: u32,
@@ -488,6 +495,7 @@ pub struct ForkEvent {
 /// The frames behind a stack id, sent once per id (again if the kernel's table of sent ids evicted it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct StackEvent {
     pub header: EventHeader,
     pub stack_id: u64,
@@ -525,6 +533,7 @@ pub enum PyStatus {
 /// it happens (for a cgroup's limit, the one whose allocation hit it), with that task's cgroup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct OomEvent {
     pub header: EventHeader,
     pub victim_pid: u32,

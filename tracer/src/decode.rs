@@ -77,16 +77,12 @@ pub enum DecodeError {
 }
 
 /// Reads a `T` from the front of `bytes`, which the ring buffer does not align.
-fn read<T: Copy>(bytes: &[u8], kind: Option<EventKind>) -> Result<T, DecodeError> {
-    if bytes.len() < size_of::<T>() {
-        return Err(DecodeError::Short {
-            kind,
-            len: bytes.len(),
-        });
-    }
-    // SAFETY: the length is checked, and `T` is one of tracer-common's plain-integer `repr(C)` records, for which
-    // every bit pattern is valid.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+fn read<T: bytemuck::Pod>(bytes: &[u8], kind: Option<EventKind>) -> Result<T, DecodeError> {
+    let record = bytes.get(..size_of::<T>()).ok_or(DecodeError::Short {
+        kind,
+        len: bytes.len(),
+    })?;
+    Ok(bytemuck::pod_read_unaligned(record))
 }
 
 fn func(value: u32) -> Result<AllocFn, DecodeError> {
@@ -169,12 +165,9 @@ impl TryFrom<&[u8]> for Event {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use bytemuck::bytes_of;
 
-    fn bytes_of<T>(value: &T) -> &[u8] {
-        // SAFETY: reading the bytes of a plain `repr(C)` record without padding.
-        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
-    }
+    use super::*;
 
     fn header(kind: EventKind) -> EventHeader {
         EventHeader {
