@@ -294,6 +294,7 @@ pub fn sample_weight(
 /// A heap block in the kernel's table of live blocks: the process, and the address the allocator returned.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct LiveKey {
     pub tgid: u32,
     pub _pad: u32,
@@ -303,6 +304,7 @@ pub struct LiveKey {
 /// What the kernel keeps of a live heap block: blocks that die young cost a table update, never a record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct LiveBlock {
     pub size: u64,
     /// The allocation's stack ([`StackEvent::stack_id`]); 0 when none could be taken.
@@ -329,6 +331,7 @@ impl LiveBlock {
 /// A site as the kernel counts it: a process, an allocator function, and a stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct SiteKey {
     pub tgid: u32,
     /// An [`AllocFn`] value.
@@ -340,6 +343,7 @@ pub struct SiteKey {
 /// (weighted estimates when sampling).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct SiteCounters {
     pub allocated_count: u64,
     pub allocated_bytes: u64,
@@ -354,6 +358,7 @@ pub struct SiteCounters {
 /// resolution of a 2-significant-digit HdrHistogram.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct SizeKey {
     pub site: SiteKey,
     pub size_class: u64,
