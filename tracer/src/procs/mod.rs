@@ -1,7 +1,7 @@
 //! The process registry: for each traced process its identity (comm, command line), the last address-space
 //! snapshot read from `/proc`, and the ELF objects it maps, loaded once per file (device + inode + build id)
-//! and shared by every process that maps them. Stack frames are named here, while the process is alive, so that a report made
-//! after it exits still names them.
+//! and shared by every process that maps them. Stack frames are named here, while the process is alive, so
+//! that a report made after it exits still names them.
 
 pub mod airflow;
 pub mod allocator;

@@ -1,13 +1,14 @@
-//! The registry's cache of ELF objects, one entry per file (device + inode + build id, an [`ObjectKey`]), and
-//! the objects that could not be read. Each object is bounded on its own (see [`super::module`]), but a target can map as many distinct files
-//! as it likes: the cache as a whole is bounded too, in entries and in bytes of symbol data, and evicts the
-//! object used longest ago, counting what it evicts. An evicted object is read again when a frame needs it.
+//! The registry's cache of ELF objects, one entry per file (device + inode + build id, an [`ObjectKey`]), and the
+//! objects that could not be read. Each object is bounded on its own (see [`super::module`]), but a target can map
+//! as many distinct files as it likes: the cache as a whole is bounded too, in entries and in bytes of symbol data,
+//! and evicts the object used longest ago, counting what it evicts. An evicted object is read again when a frame
+//! needs it.
 //!
-//! Every container has its own copy of the same libraries (its own overlay, its own device): the file is read
-//! for each, but an object whose content equals one already cached (every symbol, name, segment, and the path
-//! it is mapped from) is kept once, shared by the entries of every file it came from, and charged once. The
-//! contents are compared, not a build id: a hostile container could give its own file another's build id
-//! and different names, and would then name the frames of the other's processes.
+//! Every container has its own copy of the same libraries (its own overlay, its own device): the file is read for
+//! each, but an object whose content equals one already cached (every symbol, name, segment, and the path it is
+//! mapped from) is kept once, shared by the entries of every file it came from, and charged once. The contents are
+//! compared, not a build id: a hostile container could give its own file another's build id and different names,
+//! and would then name the frames of the other's processes.
 
 use std::{
     collections::HashMap,
