@@ -482,7 +482,8 @@ fn demangle(name: &str) -> String {
 /// memory (`prctl(PR_SET_MM)`), so their size is the target's choice.
 const PROC_TEXT_MAX: u64 = 1 << 20;
 
-/// Reads at most [`PROC_TEXT_MAX`] bytes of a `/proc` file.
+/// Reads at most [`PROC_TEXT_MAX`] bytes of a `/proc` file. By hand rather than through procfs, whose readers
+/// take such files whole: their size is the target's choice.
 pub fn read_bounded(path: impl AsRef<Path>) -> std::io::Result<Vec<u8>> {
     use std::io::Read as _;
     let mut bytes = Vec::new();
