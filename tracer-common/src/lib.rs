@@ -104,6 +104,7 @@ pub const PY_FRAME_READ_MAX: usize = 128;
 /// One Python frame as the eBPF side reads it: the code object, and where in it the frame is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct PyFrame {
     pub code: u64,
     /// `f_lasti` (3.8–3.10) or the instruction pointer (3.11+).
@@ -113,6 +114,7 @@ pub struct PyFrame {
 /// What a ring-buffer record is. Values are part of the record format: never reuse one.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(num_enum::TryFromPrimitive))]
 pub enum EventKind {
     /// An allocator call returned: [`AllocEvent`].
     Alloc = 1,
@@ -131,24 +133,10 @@ pub enum EventKind {
     Fault = 7,
 }
 
-impl EventKind {
-    pub const fn from_u32(value: u32) -> Option<Self> {
-        match value {
-            1 => Some(Self::Alloc),
-            2 => Some(Self::Free),
-            3 => Some(Self::Stack),
-            4 => Some(Self::Exec),
-            5 => Some(Self::Fork),
-            6 => Some(Self::Oom),
-            7 => Some(Self::Fault),
-            _ => None,
-        }
-    }
-}
-
 /// The allocator entry point a record comes from. Values are part of the record format: never reuse one.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(num_enum::TryFromPrimitive))]
 pub enum AllocFn {
     Malloc = 1,
     Calloc = 2,
@@ -187,27 +175,6 @@ impl AllocFn {
         Self::Valloc,
         Self::Pvalloc,
     ];
-
-    pub const fn from_u32(value: u32) -> Option<Self> {
-        match value {
-            1 => Some(Self::Malloc),
-            2 => Some(Self::Calloc),
-            3 => Some(Self::Realloc),
-            4 => Some(Self::Free),
-            5 => Some(Self::Reallocarray),
-            6 => Some(Self::PosixMemalign),
-            7 => Some(Self::AlignedAlloc),
-            8 => Some(Self::Memalign),
-            9 => Some(Self::Valloc),
-            10 => Some(Self::Pvalloc),
-            11 => Some(Self::Mmap),
-            12 => Some(Self::Munmap),
-            13 => Some(Self::Mremap),
-            14 => Some(Self::Brk),
-            15 => Some(Self::Madvise),
-            _ => None,
-        }
-    }
 
     /// The C name of the function, as reports show it.
     pub const fn name(self) -> &'static str {
@@ -327,6 +294,7 @@ pub fn sample_weight(
 /// A heap block in the kernel's table of live blocks: the process, and the address the allocator returned.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct LiveKey {
     pub tgid: u32,
     pub _pad: u32,
@@ -336,6 +304,7 @@ pub struct LiveKey {
 /// What the kernel keeps of a live heap block: blocks that die young cost a table update, never a record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct LiveBlock {
     pub size: u64,
     /// The allocation's stack ([`StackEvent::stack_id`]); 0 when none could be taken.
@@ -362,6 +331,7 @@ impl LiveBlock {
 /// A site as the kernel counts it: a process, an allocator function, and a stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct SiteKey {
     pub tgid: u32,
     /// An [`AllocFn`] value.
@@ -373,6 +343,7 @@ pub struct SiteKey {
 /// (weighted estimates when sampling).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct SiteCounters {
     pub allocated_count: u64,
     pub allocated_bytes: u64,
@@ -387,6 +358,7 @@ pub struct SiteCounters {
 /// resolution of a 2-significant-digit HdrHistogram.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct SizeKey {
     pub site: SiteKey,
     pub size_class: u64,
@@ -407,6 +379,7 @@ pub const fn size_class(size: u64) -> u64 {
 /// First field of every record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct EventHeader {
     /// An [`EventKind`] value.
     pub kind: u32,
@@ -424,6 +397,7 @@ pub struct EventHeader {
 /// An allocator call returned `addr` for `size` bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct AllocEvent {
     pub header: EventHeader,
     /// An [`AllocFn`] value.
@@ -447,6 +421,7 @@ pub const ALLOC_BY_ALLOCATOR: u32 = 1;
 /// `madvise` releasing pages.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FreeEvent {
     pub header: EventHeader,
     /// An [`AllocFn`] value.
@@ -461,6 +436,7 @@ pub struct FreeEvent {
 /// with the stack that touched it. One in [`FaultEvent::weight`] faults is sent, at random.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FaultEvent {
     pub header: EventHeader,
     /// The faulting address.
@@ -489,6 +465,7 @@ pub const FAULT_INSTRUCTION: u64 = 1 << 4;
 /// A process replaced its image with `execve`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ExecEvent {
     pub header: EventHeader,
     /// 1 when the process was stopped (`SIGSTOP`) before its new image ran its first instruction: userspace
@@ -510,6 +487,7 @@ pub const FORKED: u8 = 2;
 /// instruction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ForkEvent {
     pub header: EventHeader,
     pub child_pid: u32,
@@ -522,6 +500,7 @@ pub struct ForkEvent {
 /// The frames behind a stack id, sent once per id (again if the kernel's table of sent ids evicted it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct StackEvent {
     pub header: EventHeader,
     pub stack_id: u64,
@@ -543,6 +522,7 @@ pub struct StackEvent {
 /// What became of a stack's Python frames. Values are part of the record format: never reuse one.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(num_enum::TryFromPrimitive))]
 pub enum PyStatus {
     /// Not a traced Python process.
     NotPython = 0,
@@ -554,22 +534,11 @@ pub enum PyStatus {
     Truncated = 3,
 }
 
-impl PyStatus {
-    pub const fn from_u32(value: u32) -> Option<Self> {
-        match value {
-            0 => Some(Self::NotPython),
-            1 => Some(Self::Read),
-            2 => Some(Self::NoThreadState),
-            3 => Some(Self::Truncated),
-            _ => None,
-        }
-    }
-}
-
 /// `oom:mark_victim`: the kernel is killing `victim_pid` for memory. The header is the task in whose context
 /// it happens (for a cgroup's limit, the one whose allocation hit it), with that task's cgroup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct OomEvent {
     pub header: EventHeader,
     pub victim_pid: u32,

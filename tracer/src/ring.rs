@@ -4,7 +4,6 @@
 //! then drops.
 
 use std::{
-    os::fd::AsRawFd as _,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -18,7 +17,7 @@ use tokio::sync::mpsc;
 
 /// How long the reader sleeps when the probes do not wake it: they only do so for records that must be acted
 /// on at once, or when a lot is waiting.
-const POLL_INTERVAL_MS: i32 = 20;
+const POLL_INTERVAL_MS: i64 = 20;
 
 /// Bytes of records handed over at once, and batches the queue holds: at most 64 MiB wait in userspace.
 const BATCH_BYTES: usize = 1 << 20;
@@ -90,14 +89,14 @@ fn read(
     requests: &std_mpsc::Receiver<()>,
     stop: &AtomicBool,
 ) {
-    let mut poll = libc::pollfd {
-        fd: ring.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let interval = Timespec {
+        tv_sec: 0,
+        tv_nsec: POLL_INTERVAL_MS * 1_000_000,
     };
     while !stop.load(Ordering::Relaxed) {
-        // SAFETY: one valid pollfd. An error (EINTR) only means the ring is read sooner.
-        unsafe { libc::poll(&mut poll, 1, POLL_INTERVAL_MS) };
+        // An error (EINTR) only means the ring is read sooner.
+        let _ = poll(&mut [PollFd::new(&ring, PollFlags::IN)], Some(&interval));
         // Requests seen before the ring is read: what they ask for is written by then.
         let flushes = requests.try_iter().count();
         let mut batch = Vec::new();

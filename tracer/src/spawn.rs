@@ -2,6 +2,9 @@
 //! probes are attached for its pid; then it execs. It is ptraced only for `PTRACE_EVENT_EXIT`: held at its exit,
 //! before its address space is torn down, while the tracer drains the ring buffer and names the last stacks.
 //! Signals reach it unchanged, and it is never stopped otherwise.
+//!
+//! On libc, not rustix: rustix has no fork and no ptrace, and the child between fork and exec must make only
+//! raw system calls on descriptors prepared before the fork.
 
 use std::{
     ffi::{CString, OsString},

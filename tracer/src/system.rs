@@ -1,7 +1,7 @@
 //! What the tracer needs from the host, checked before anything is loaded, each failure one line that says
 //! what to do.
 
-use std::{ffi::CString, path::Path};
+use std::path::Path;
 
 use anyhow::{Context as _, bail};
 
@@ -9,8 +9,7 @@ use anyhow::{Context as _, bail};
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 pub fn require_root() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         bail!(
             "alloctrace needs root (it loads eBPF programs and reads other processes' memory maps): run it with sudo"
         );
@@ -39,21 +38,19 @@ pub fn ensure_tracefs() -> anyhow::Result<()> {
     if tracefs().is_some() {
         return Ok(());
     }
-    let target = CString::new(TRACEFS).expect("no NUL in a constant");
-    let fstype = CString::new("tracefs").expect("no NUL in a constant");
-    let source = CString::new("nodev").expect("no NUL in a constant");
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
+    let mounted = rustix::mount::mount(
+        "nodev",
+        TRACEFS,
+        "tracefs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    );
+    let failure = match mounted {
+        Err(err) => Some(std::io::Error::from(err).to_string()),
+        Ok(()) if tracefs().is_none() => Some(format!("no events under {TRACEFS}")),
+        Ok(()) => None,
     };
-    if rc != 0 || tracefs().is_none() {
-        let err = std::io::Error::last_os_error();
+    if let Some(err) = failure {
         bail!(
             "tracefs is not mounted and mounting it failed ({err}): run `mount -t tracefs nodev {TRACEFS}`"
         );
@@ -119,22 +116,19 @@ pub fn task_fsbase_offset() -> anyhow::Result<u32> {
 
 /// Raises this process's soft limit on open files to its hard limit.
 pub fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid pointers to a struct of the type the calls expect.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    // `None` is unlimited.
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        // Best effort: the limit it had stays otherwise.
+        let _ = setrlimit(Resource::Nofile, limit);
     }
 }
 
 /// This process's peak resident memory.
 pub fn max_rss_bytes() -> u64 {
+    // On libc: rustix has no getrusage.
     // SAFETY: getrusage fills the struct it is given; zeroes are a valid starting value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: a valid out-pointer.
@@ -145,12 +139,7 @@ pub fn max_rss_bytes() -> u64 {
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so ages compare with event times.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

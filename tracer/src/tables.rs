@@ -4,11 +4,11 @@
 
 use std::{
     io,
-    mem::{MaybeUninit, size_of},
+    mem::size_of,
     os::fd::{AsRawFd as _, BorrowedFd},
 };
 
-use aya::Pod;
+use bytemuck::Pod;
 
 /// `enum bpf_cmd` values (include/uapi/linux/bpf.h), stable since Linux 5.6.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -32,6 +32,7 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// On libc: neither aya 0.14 nor rustix offers the batched map look-ups.
 fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; the kernel reads and writes only it and
     // the buffers it points to, which the callers size for `count` entries.
@@ -70,7 +71,7 @@ pub fn for_each<K: Pod, V: Pod>(
     let mut position: u32 = 0;
     let mut first = true;
     loop {
-        let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(batch_entries);
+        let mut keys: Vec<K> = vec![K::zeroed(); batch_entries];
         let mut values: Vec<u8> = vec![0; batch_entries * cpus * stride];
         let mut next: u32 = 0;
         let mut attr = BatchAttr {
@@ -97,15 +98,11 @@ pub fn for_each<K: Pod, V: Pod>(
             Err(err) => return Err(err),
         };
         let count = attr.count as usize;
-        for i in 0..count {
-            // SAFETY: the kernel wrote `count` keys; `K` is plain data.
-            let key = unsafe { keys.as_ptr().add(i).read().assume_init() };
+        for (i, &key) in keys.iter().take(count).enumerate() {
             values_of_entry.clear();
             values_of_entry.extend((0..cpus).map(|cpu| {
                 let at = (i * cpus + cpu) * stride;
-                // SAFETY: within `values`, which holds `batch_entries * cpus * stride` bytes; `V` is plain data,
-                // read unaligned.
-                unsafe { values.as_ptr().add(at).cast::<V>().read_unaligned() }
+                bytemuck::pod_read_unaligned::<V>(&values[at..at + size_of::<V>()])
             }));
             each(key, &values_of_entry);
         }

@@ -7,7 +7,7 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -143,6 +143,7 @@ impl Trace {
     /// output sees its end when alloctrace exits), waits for this process to have exited, then closes the rest:
     /// the last references, and the wait, are its own. This process exits at once.
     pub fn finish(self) {
+        // On libc: rustix has neither fork nor close_range.
         // SAFETY: fork in a process with threads: the child only calls getppid, close_range, nanosleep and
         // _exit, all async-signal-safe, and touches no memory but its stack.
         unsafe {
@@ -174,16 +175,8 @@ impl Trace {
     /// other process can be hit, even if the command is gone.
     pub fn stop_unfinished_command(&self) {
         if let Some(pidfd) = &self.unfinished_command {
-            // SAFETY: pidfd_send_signal takes a pidfd we own, a signal, no info and no flags.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    pidfd.as_raw_fd(),
-                    libc::SIGTERM,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
+            // Best effort: a command gone already needs no signal.
+            let _ = rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::TERM);
         }
     }
 }
@@ -376,7 +369,7 @@ impl State {
         let tables = probes.heap_tables()?;
         let mut ledger = std::mem::take(&mut self.ledger);
         ledger.set_heap(&tables, sampling, |key: &SiteKey| {
-            let func = AllocFn::from_u32(key.func).unwrap_or(AllocFn::Malloc);
+            let func = AllocFn::try_from(key.func).unwrap_or(AllocFn::Malloc);
             self.site(key.tgid, func, key.stack_id)
         });
         self.ledger = ledger;
@@ -622,24 +615,22 @@ async fn flush(reader: &mut RingReader, targets: &mut Targets, state: &mut State
 }
 
 fn pidfd(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags, and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor just returned to us, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    use rustix::process::{Pid, PidfdFlags, pidfd_open};
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or(std::io::ErrorKind::InvalidInput)?;
+    Ok(pidfd_open(pid, PidfdFlags::empty())?)
 }
 
 /// True once the process behind a pidfd has exited.
 fn has_exited(fd: &OwnedFd) -> bool {
-    let mut poll = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    // SAFETY: one valid pollfd, no wait.
-    unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+    poll(&mut [PollFd::new(fd, PollFlags::IN)], Some(&now)) == Ok(1)
 }
 
 /// Sends `pid` on `exits` when the process exits.
@@ -1598,8 +1589,11 @@ fn name_python(pythons: &mut HashMap<u32, Reader>, pid: u32, python: &PythonStac
 
 /// Continues a process the kernel stopped at its exec.
 fn resume(pid: u32) {
-    // SAFETY: kill takes a pid and a signal. The process is stopped, so its pid cannot have been reused.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+    use rustix::process::{Pid, Signal, kill_process};
+    // The process is stopped, so its pid cannot have been reused; one gone needs no signal.
+    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        let _ = kill_process(pid, Signal::CONT);
+    }
 }
 
 /// Says something to the user on stderr, as one line: what comes from a target (paths, names) is escaped, so

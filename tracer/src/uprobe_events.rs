@@ -57,7 +57,7 @@ struct PerfEventAttr {
 
 const _: () = assert!(size_of::<PerfEventAttr>() == 64);
 
-/// A perf event on tracepoint `id` for process `pid` only, enabled.
+/// A perf event on tracepoint `id` for process `pid` only, enabled. On libc: rustix has no perf_event_open.
 fn open_event(id: u64, pid: u32) -> std::io::Result<OwnedFd> {
     let attr = PerfEventAttr {
         kind: PERF_TYPE_TRACEPOINT,
@@ -141,6 +141,7 @@ impl UprobeEvents {
             targets: held.targets.as_raw_fd(),
             holding: held.holding.as_raw_fd(),
         };
+        // On libc: rustix has no fork, and the helper's own calls must stay raw after it.
         // SAFETY: the child only makes system calls (close_range, read, bpf, open, write, kill, nanosleep,
         // _exit) on data prepared before the fork; it touches no lock and no allocator.
         let helper = unsafe { libc::fork() };

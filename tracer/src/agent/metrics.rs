@@ -352,9 +352,7 @@ impl Memory {
 fn own_resident_bytes() -> Option<u64> {
     let statm = fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page_size).ok()?)
+    Some(pages * rustix::param::page_size() as u64)
 }
 
 #[cfg(test)]

@@ -192,9 +192,7 @@ pub struct Ledger {
 
 impl Default for Ledger {
     fn default() -> Self {
-        // SAFETY: sysconf has no preconditions.
-        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        Self::with_page_size(u64::try_from(page_size).unwrap_or(4096))
+        Self::with_page_size(rustix::param::page_size() as u64)
     }
 }
 

@@ -6,6 +6,10 @@
 //! the next, and a daemon that does not answer in time is left alone for [`BACK_OFF`] rather than stalling every
 //! exec. Each container's first failure is said once, and so is a name learned after failures. The agent sees
 //! containers come and go for days: the answers kept are bounded ([`MAX_CONTAINERS`]), the oldest going first.
+//!
+//! Still a blocking HTTP/1.0 exchange, not bollard or hyper: the name decides whether a held exec is traced
+//! (`--container NAME`), and the caller decides before it returns; moving the ask off the event loop needs that
+//! decision deferred first.
 
 use std::{
     collections::{HashMap, VecDeque},

@@ -1,7 +1,7 @@
 //! The process registry: for each traced process its identity (comm, command line), the last address-space
-//! snapshot read from `/proc`, and the ELF objects it maps, loaded once per file (device + inode) and shared by
-//! every process that maps them. Stack frames are named here, while the process is alive, so that a report made
-//! after it exits still names them.
+//! snapshot read from `/proc`, and the ELF objects it maps, loaded once per file (device + inode + build id)
+//! and shared by every process that maps them. Stack frames are named here, while the process is alive, so
+//! that a report made after it exits still names them.
 
 pub mod airflow;
 pub mod allocator;
@@ -24,8 +24,8 @@ use airflow::TaskIdentity;
 use container::Container;
 use docker::DockerNames;
 use maps::{FileId, Mapping, Maps};
-use module::Module;
-use module_cache::ModuleCache;
+use module::{BuildId, Module};
+use module_cache::{ModuleCache, ObjectKey};
 use serde::Serialize;
 
 /// One stack frame as reports show it.
@@ -191,6 +191,25 @@ fn stat_flags(stat: &[u8]) -> Option<u64> {
 struct Process {
     info: ProcessInfo,
     maps: Maps,
+    /// The build ids of the files of `maps` read so far: once per file and address space, not per frame.
+    build_ids: HashMap<FileId, Option<BuildId>>,
+}
+
+impl Process {
+    fn new(info: ProcessInfo, maps: Maps) -> Self {
+        Self {
+            info,
+            maps,
+            build_ids: HashMap::new(),
+        }
+    }
+
+    /// A new snapshot of the address space: a file it maps now may reuse the device and inode of one it
+    /// mapped before.
+    fn set_maps(&mut self, maps: Maps) {
+        self.maps = maps;
+        self.build_ids.clear();
+    }
 }
 
 /// Traced processes and the objects they map.
@@ -199,12 +218,12 @@ pub struct Registry {
     processes: HashMap<u32, Process>,
     /// The objects processes map, and those that could not be read (not tried again for every frame).
     modules: ModuleCache,
-    /// Where each file's DWARF is read when a report shows its frames: one per file (device + inode), opened
+    /// Where each file's DWARF is read when a report shows its frames: one per file (an [`ObjectKey`]), opened
     /// through a process that maps it, and its separate debug file looked up in that process's root. Not per
     /// module: the cache shares one module between files of equal contents, and one container's debug files
     /// must never name another's frames. At most [`debuginfo::MAX_DEBUG_SOURCES`] (then forgotten, frames keep
     /// theirs).
-    debug_sources: HashMap<FileId, Arc<debuginfo::DebugSource>>,
+    debug_sources: HashMap<ObjectKey, Arc<debuginfo::DebugSource>>,
     docker: DockerNames,
 }
 
@@ -241,7 +260,7 @@ impl Registry {
                     process.info = info;
                 }
                 if let Some(maps) = maps {
-                    process.maps = maps;
+                    process.set_maps(maps);
                 }
             }
             None => {
@@ -250,7 +269,7 @@ impl Registry {
                     ..Default::default()
                 });
                 let maps = maps.unwrap_or_default();
-                self.processes.insert(pid, Process { info, maps });
+                self.processes.insert(pid, Process::new(info, maps));
             }
         }
     }
@@ -263,13 +282,13 @@ impl Registry {
             return;
         };
         match self.processes.get_mut(&pid) {
-            Some(process) => process.maps = maps,
+            Some(process) => process.set_maps(maps),
             None => {
                 let info = ProcessInfo {
                     pid,
                     ..Default::default()
                 };
-                self.processes.insert(pid, Process { info, maps });
+                self.processes.insert(pid, Process::new(info, maps));
             }
         }
     }
@@ -293,8 +312,8 @@ impl Registry {
 
     /// Records the identity of a spawned command before it execs: its address space is read once it runs.
     pub fn set_info(&mut self, info: ProcessInfo) {
-        let maps = Maps::default();
-        self.processes.insert(info.pid, Process { info, maps });
+        self.processes
+            .insert(info.pid, Process::new(info, Maps::default()));
     }
 
     /// Forgets a process that is gone (the agent, which runs for days, must not keep every pid it saw).
@@ -315,18 +334,39 @@ impl Registry {
         self.modules.insert_loaded(file, module);
     }
 
+    /// What the object behind a mapping is cached by: its file, and the build id read through `pid` (once
+    /// per file and snapshot of its address space).
+    fn object_key(&mut self, pid: u32, mapping: &Mapping) -> Option<ObjectKey> {
+        let file = mapping.file?;
+        let known = self
+            .processes
+            .get(&pid)
+            .and_then(|p| p.build_ids.get(&file).cloned());
+        let build_id = match known {
+            Some(build_id) => build_id,
+            None => {
+                let build_id = module::read_build_id(&open_path(pid, mapping), &mapping.path);
+                if let Some(process) = self.processes.get_mut(&pid) {
+                    process.build_ids.insert(file, build_id.clone());
+                }
+                build_id
+            }
+        };
+        Some(ObjectKey { file, build_id })
+    }
+
     /// The object behind a mapping, loaded once per file (again if the cache's bounds evicted it).
     pub fn module(&mut self, pid: u32, mapping: &Mapping) -> Option<Arc<Module>> {
-        let id = mapping.file?;
+        let key = self.object_key(pid, mapping)?;
         let open_path = open_path(pid, mapping);
-        self.modules.get_or_load(id, &open_path, || {
+        self.modules.get_or_load(&key, &open_path, || {
             Module::load(&open_path, &mapping.path).ok()
         })
     }
 
     /// Where the DWARF of a mapping's file is read (see `debug_sources`); `None` when it cannot be opened.
     fn debug_source(&mut self, pid: u32, mapping: &Mapping) -> Option<Arc<debuginfo::DebugSource>> {
-        let id = mapping.file?;
+        let id = self.object_key(pid, mapping)?;
         if let Some(source) = self.debug_sources.get(&id) {
             return Some(Arc::clone(source));
         }
@@ -442,7 +482,8 @@ fn demangle(name: &str) -> String {
 /// memory (`prctl(PR_SET_MM)`), so their size is the target's choice.
 const PROC_TEXT_MAX: u64 = 1 << 20;
 
-/// Reads at most [`PROC_TEXT_MAX`] bytes of a `/proc` file.
+/// Reads at most [`PROC_TEXT_MAX`] bytes of a `/proc` file. By hand rather than through procfs, whose readers
+/// take such files whole: their size is the target's choice.
 pub fn read_bounded(path: impl AsRef<Path>) -> std::io::Result<Vec<u8>> {
     use std::io::Read as _;
     let mut bytes = Vec::new();

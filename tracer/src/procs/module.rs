@@ -6,6 +6,12 @@
 //! device, a sparse file of any size, or an ELF whose headers claim sections of gigabytes. So only regular files
 //! are opened, checked on the opened descriptor, only the ranges the parser asks for are read (never the whole
 //! file), within a budget per file, and the symbols kept are bounded too; what is cut is counted.
+//!
+//! The ELF structures are read by the `object` crate (bounds-checked, made for untrusted input) through
+//! [`BoundedFile`]. blazesym is not used: it works on a memory map of the whole file, and a file its owner
+//! truncates while it is mapped kills the reader with `SIGBUS`. The index below (one name per address, chosen
+//! as reports want it, and names → addresses for probes) is kept by hand: `object`'s `SymbolMap` keeps an
+//! arbitrary name per address, no sizes, and no look-up by name.
 
 use std::{
     cell::Cell,
@@ -31,6 +37,16 @@ pub const MAX_SYMBOLS: usize = 1 << 18;
 
 /// The most bytes of symbol names kept per object (each name is stored twice: by address and by name).
 pub const MAX_SYMBOL_NAME_BYTES: usize = 16 << 20;
+
+/// The most bytes read to find an object's build id: its ELF header, program headers and note segments, a few
+/// hundred bytes in real objects.
+const MAX_BUILD_ID_READ_BYTES: u64 = 64 << 10;
+
+/// The most bytes of a build id kept: linkers write 20 (SHA-1), 16 (MD5, UUID) or 8; a longer note is cut.
+pub const MAX_BUILD_ID_BYTES: usize = 32;
+
+/// An object's GNU build id (`NT_GNU_BUILD_ID`), at most [`MAX_BUILD_ID_BYTES`] of it.
+pub type BuildId = Box<[u8]>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
@@ -121,6 +137,36 @@ impl<'a> ReadRef<'a> for &'a BoundedFile {
     }
 }
 
+/// The build id of an ELF object, from its note segments (`PT_NOTE`): what the loader maps, so stripped objects
+/// keep it. `None` for an object without one, and for what is not a 64-bit ELF object.
+pub fn build_id<'data, R: ReadRef<'data>>(data: R) -> Option<BuildId> {
+    use object::{
+        elf::{ELF_NOTE_GNU, FileHeader64, NT_GNU_BUILD_ID},
+        read::elf::{FileHeader as _, ProgramHeader as _},
+    };
+    let header = FileHeader64::<object::Endianness>::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    for segment in header.program_headers(endian, data).ok()? {
+        let Ok(Some(mut notes)) = segment.notes(endian, data) else {
+            continue;
+        };
+        while let Ok(Some(note)) = notes.next() {
+            if note.name() == ELF_NOTE_GNU && note.n_type(endian) == NT_GNU_BUILD_ID {
+                let desc = note.desc();
+                return Some(desc[..desc.len().min(MAX_BUILD_ID_BYTES)].into());
+            }
+        }
+    }
+    None
+}
+
+/// The build id of the object at `open_path` (see [`build_id`]), reading its headers and notes only, within
+/// [`MAX_BUILD_ID_READ_BYTES`].
+pub fn read_build_id(open_path: &Path, name: &str) -> Option<BuildId> {
+    let file = BoundedFile::new(open_object(open_path, name).ok()?, MAX_BUILD_ID_READ_BYTES);
+    build_id(&file)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Symbol {
     address: u64,
@@ -149,6 +195,8 @@ pub struct Module {
     /// Every function name defined here (aliases included) → (address, exported).
     by_name: HashMap<String, (u64, bool)>,
     segments: Vec<Segment>,
+    /// What the registry's cache knows it by, with its file (see [`super::module_cache::ObjectKey`]).
+    build_id: Option<BuildId>,
     /// Symbols not kept because the object has more than [`MAX_SYMBOLS`] or [`MAX_SYMBOL_NAME_BYTES`].
     symbols_cut: u64,
     /// What the tables above take in memory, about: what the registry's cache of modules charges for it.
@@ -167,6 +215,7 @@ impl Module {
             path: path.to_owned(),
             source,
         })?;
+        let build_id = build_id(data);
         let mut kept = KeptSymbols::default();
         let defined = file
             .dynamic_symbols()
@@ -249,15 +298,21 @@ impl Module {
             symbols,
             data,
             by_name,
+            heap_bytes: heap_bytes + build_id.as_ref().map_or(0, |id| id.len()),
             segments,
+            build_id,
             symbols_cut: kept.cut,
-            heap_bytes,
         })
     }
 
     /// About how many bytes of memory the module takes: its symbol tables, names and segments.
     pub fn heap_bytes(&self) -> usize {
         self.heap_bytes
+    }
+
+    /// The object's build id, when it has one.
+    pub fn build_id(&self) -> Option<&BuildId> {
+        self.build_id.as_ref()
     }
 
     /// How many of the object's symbols were not kept because of [`MAX_SYMBOLS`] and
@@ -448,6 +503,22 @@ mod tests {
         }];
         assert_eq!(module.address_of_file_offset(u64::MAX), Some(0x1fff));
         assert_eq!(module.file_offset_of_address(0x2000), None);
+    }
+
+    #[test]
+    fn the_build_id_is_read_from_the_headers_and_notes_alone() {
+        let exe = std::env::current_exe().unwrap();
+        let id = read_build_id(&exe, "test").expect("the test binary has a build id");
+        assert_eq!(this_binary().build_id(), Some(&id));
+        // A linker's id: SHA-1, MD5 or a UUID, well within what is kept.
+        assert!(matches!(id.len(), 8 | 16 | 20), "{id:?}");
+        let file = BoundedFile::new(File::open(&exe).unwrap(), MAX_BUILD_ID_READ_BYTES);
+        assert_eq!(build_id(&file), Some(id));
+        assert!(
+            file.remaining.get() > MAX_BUILD_ID_READ_BYTES - 4096,
+            "read a page at most"
+        );
+        assert_eq!(build_id(&b"#!/bin/sh\n"[..]), None);
     }
 
     #[test]

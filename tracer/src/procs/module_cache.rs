@@ -1,13 +1,14 @@
-//! The registry's cache of ELF objects, one entry per file (device + inode), and the objects that could not be
-//! read. Each object is bounded on its own (see [`super::module`]), but a target can map as many distinct files
-//! as it likes: the cache as a whole is bounded too, in entries and in bytes of symbol data, and evicts the
-//! object used longest ago, counting what it evicts. An evicted object is read again when a frame needs it.
+//! The registry's cache of ELF objects, one entry per file (device + inode + build id, an [`ObjectKey`]), and the
+//! objects that could not be read. Each object is bounded on its own (see [`super::module`]), but a target can map
+//! as many distinct files as it likes: the cache as a whole is bounded too, in entries and in bytes of symbol data,
+//! and evicts the object used longest ago, counting what it evicts. An evicted object is read again when a frame
+//! needs it.
 //!
-//! Every container has its own copy of the same libraries (its own overlay, its own device): the file is read
-//! for each, but an object whose content equals one already cached (every symbol, name, segment, and the path
-//! it is mapped from) is kept once, shared by the entries of every file it came from, and charged once. The
-//! contents are compared, not a build id: a hostile container could give its own file another's build id
-//! and different names, and would then name the frames of the other's processes.
+//! Every container has its own copy of the same libraries (its own overlay, its own device): the file is read for
+//! each, but an object whose content equals one already cached (every symbol, name, segment, and the path it is
+//! mapped from) is kept once, shared by the entries of every file it came from, and charged once. The contents are
+//! compared, not a build id: a hostile container could give its own file another's build id and different names,
+//! and would then name the frames of the other's processes.
 
 use std::{
     collections::HashMap,
@@ -15,7 +16,10 @@ use std::{
     sync::Arc,
 };
 
-use super::{maps::FileId, module::Module};
+use super::{
+    maps::FileId,
+    module::{BuildId, Module},
+};
 
 /// The most objects (and failures) kept: a host's processes map a few hundred distinct libraries.
 pub const MAX_CACHED_MODULES: usize = 4096;
@@ -27,6 +31,15 @@ pub const MAX_CACHED_MODULE_BYTES: usize = 96 << 20;
 /// What an entry is charged besides its object (the whole charge of a failure, an object that could not be
 /// read).
 const ENTRY_BYTES: usize = 64;
+
+/// What a cached object is known by. Device and inode alone can name another file later: a deleted file's
+/// inode is reused, and so are the anonymous devices of overlay mounts as containers come and go; the build
+/// id tells such a newcomer from the object cached for its predecessor.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ObjectKey {
+    pub file: FileId,
+    pub build_id: Option<BuildId>,
+}
 
 struct Entry {
     /// `None`: the object could not be read through `failed_through`, and is not tried again that way for
@@ -42,7 +55,7 @@ struct Entry {
 }
 
 pub struct ModuleCache {
-    entries: HashMap<FileId, Entry>,
+    entries: HashMap<ObjectKey, Entry>,
     /// How many entries hold each distinct object (by address): an object is charged with its first.
     holders: HashMap<*const Module, usize>,
     bytes: usize,
@@ -76,35 +89,39 @@ impl ModuleCache {
     /// is tried again.
     pub fn get_or_load(
         &mut self,
-        file: FileId,
+        key: &ObjectKey,
         through: &Path,
         load: impl FnOnce() -> Option<Module>,
     ) -> Option<Arc<Module>> {
         self.uses += 1;
-        if let Some(entry) = self.entries.get_mut(&file) {
+        if let Some(entry) = self.entries.get_mut(key) {
             entry.last_used = self.uses;
             if entry.module.is_some() || entry.failed_through.as_deref() == Some(through) {
                 return entry.module.clone();
             }
-            self.remove(&file);
+            self.remove(key);
         }
         let module = load().map(|loaded| self.shared(loaded));
         let failed_through = module.is_none().then(|| through.to_path_buf());
-        self.insert(file, module.clone(), failed_through);
+        self.insert(key.clone(), module.clone(), failed_through);
         module
     }
 
-    /// Caches an object loaded before any process mapped it; one already cached stays.
+    /// Caches an object loaded from `file` before any process mapped it; one already cached stays.
     pub fn insert_loaded(&mut self, file: FileId, module: Arc<Module>) {
         self.uses += 1;
-        if !self.entries.contains_key(&file) {
-            self.insert(file, Some(module), None);
+        let key = ObjectKey {
+            file,
+            build_id: module.build_id().cloned(),
+        };
+        if !self.entries.contains_key(&key) {
+            self.insert(key, Some(module), None);
         }
     }
 
     fn insert(
         &mut self,
-        file: FileId,
+        key: ObjectKey,
         module: Option<Arc<Module>>,
         failed_through: Option<PathBuf>,
     ) {
@@ -121,7 +138,7 @@ impl ModuleCache {
             failed_through,
             last_used: self.uses,
         };
-        self.entries.insert(file, entry);
+        self.entries.insert(key.clone(), entry);
         // The newest entry always stays: each object is bounded on its own, below the cache's bound.
         while self.entries.len() > 1
             && (self.entries.len() > self.max_entries || self.bytes > self.max_bytes)
@@ -129,9 +146,9 @@ impl ModuleCache {
             let oldest = self
                 .entries
                 .iter()
-                .filter(|(id, _)| **id != file)
+                .filter(|(id, _)| **id != key)
                 .min_by_key(|(_, entry)| entry.last_used)
-                .map(|(&id, _)| id);
+                .map(|(id, _)| id.clone());
             let Some(oldest) = oldest else { break };
             self.remove(&oldest);
             self.evicted += 1;
@@ -151,9 +168,9 @@ impl ModuleCache {
         }
     }
 
-    /// Drops the entry of `file`, and the charge of its object with its last holder.
-    fn remove(&mut self, file: &FileId) {
-        let Some(entry) = self.entries.remove(file) else {
+    /// Drops the entry of `key`, and the charge of its object with its last holder.
+    fn remove(&mut self, key: &ObjectKey) {
+        let Some(entry) = self.entries.remove(key) else {
             return;
         };
         self.bytes -= ENTRY_BYTES;
@@ -198,6 +215,17 @@ mod tests {
         }
     }
 
+    /// The key of a file whose object has the test binary's build id (as [`module`]'s have).
+    fn key(inode: u64) -> ObjectKey {
+        ObjectKey {
+            file: file(inode),
+            build_id: super::super::module::read_build_id(
+                &std::env::current_exe().unwrap(),
+                "test",
+            ),
+        }
+    }
+
     /// The test binary, as mapped from `path`: a real ELF object with a symbol table, of some megabytes of
     /// symbols. Objects of two paths differ.
     fn module(path: &str) -> Module {
@@ -209,20 +237,20 @@ mod tests {
     fn evicts_the_object_used_longest_ago_past_its_entries() {
         let mut cache = ModuleCache::with_bounds(3, usize::MAX);
         for inode in 1..=3 {
-            cache.get_or_load(file(inode), Path::new("/a"), || {
+            cache.get_or_load(&key(inode), Path::new("/a"), || {
                 Some(module(&inode.to_string()))
             });
         }
         // 1 is used again: 2 is now the one used longest ago.
         assert!(
             cache
-                .get_or_load(file(1), Path::new("/a"), || panic!("cached"))
+                .get_or_load(&key(1), Path::new("/a"), || panic!("cached"))
                 .is_some()
         );
-        cache.get_or_load(file(4), Path::new("/a"), || None);
+        cache.get_or_load(&key(4), Path::new("/a"), || None);
         assert_eq!((cache.len(), cache.evicted()), (3, 1));
         let mut reloaded = false;
-        cache.get_or_load(file(2), Path::new("/a"), || {
+        cache.get_or_load(&key(2), Path::new("/a"), || {
             reloaded = true;
             Some(module("2"))
         });
@@ -231,12 +259,12 @@ mod tests {
         assert_eq!(cache.evicted(), 2);
         assert!(
             cache
-                .get_or_load(file(1), Path::new("/a"), || panic!("kept"))
+                .get_or_load(&key(1), Path::new("/a"), || panic!("kept"))
                 .is_some()
         );
         assert!(
             cache
-                .get_or_load(file(4), Path::new("/a"), || panic!("kept"))
+                .get_or_load(&key(4), Path::new("/a"), || panic!("kept"))
                 .is_none()
         );
     }
@@ -249,7 +277,7 @@ mod tests {
         let bound = 2 * one + 3 * ENTRY_BYTES;
         let mut cache = ModuleCache::with_bounds(MAX_CACHED_MODULES, bound);
         for inode in 0..10 {
-            cache.get_or_load(file(inode), Path::new("/a"), || {
+            cache.get_or_load(&key(inode), Path::new("/a"), || {
                 Some(module(&inode.to_string()))
             });
             assert!(cache.bytes() <= bound);
@@ -257,22 +285,22 @@ mod tests {
         assert_eq!((cache.len(), cache.evicted()), (2, 8));
         // A failure is charged little: one fits in what is left; a second does not, and the object used
         // longest ago goes.
-        cache.get_or_load(file(100), Path::new("/a"), || None);
+        cache.get_or_load(&key(100), Path::new("/a"), || None);
         assert_eq!((cache.len(), cache.evicted()), (3, 8));
-        cache.get_or_load(file(101), Path::new("/a"), || None);
+        cache.get_or_load(&key(101), Path::new("/a"), || None);
         assert_eq!((cache.len(), cache.evicted()), (3, 9));
         assert!(
             cache
-                .get_or_load(file(9), Path::new("/a"), || panic!("kept"))
+                .get_or_load(&key(9), Path::new("/a"), || panic!("kept"))
                 .is_some()
         );
         // An object larger than the whole bound is still kept, alone, as the newest.
         let mut tiny = ModuleCache::with_bounds(MAX_CACHED_MODULES, 1);
-        tiny.get_or_load(file(1), Path::new("/a"), || Some(module("1")));
-        tiny.get_or_load(file(2), Path::new("/a"), || Some(module("2")));
+        tiny.get_or_load(&key(1), Path::new("/a"), || Some(module("1")));
+        tiny.get_or_load(&key(2), Path::new("/a"), || Some(module("2")));
         assert_eq!((tiny.len(), tiny.evicted()), (1, 1));
         assert!(
-            tiny.get_or_load(file(2), Path::new("/a"), || panic!("kept"))
+            tiny.get_or_load(&key(2), Path::new("/a"), || panic!("kept"))
                 .is_some()
         );
     }
@@ -282,16 +310,16 @@ mod tests {
         let mut cache = ModuleCache::default();
         // Two containers' copies of one library: two files, one content.
         let first = cache
-            .get_or_load(file(1), Path::new("/a"), || Some(module("/lib/x.so")))
+            .get_or_load(&key(1), Path::new("/a"), || Some(module("/lib/x.so")))
             .unwrap();
         let second = cache
-            .get_or_load(file(2), Path::new("/b"), || Some(module("/lib/x.so")))
+            .get_or_load(&key(2), Path::new("/b"), || Some(module("/lib/x.so")))
             .unwrap();
         assert!(Arc::ptr_eq(&first, &second));
         assert_eq!(cache.bytes(), first.heap_bytes() + 2 * ENTRY_BYTES);
         // Another content (here, mapped from another path) is an object of its own.
         let other = cache
-            .get_or_load(file(3), Path::new("/c"), || Some(module("/lib/y.so")))
+            .get_or_load(&key(3), Path::new("/c"), || Some(module("/lib/y.so")))
             .unwrap();
         assert!(!Arc::ptr_eq(&first, &other));
         assert_eq!(
@@ -299,12 +327,12 @@ mod tests {
             first.heap_bytes() + other.heap_bytes() + 3 * ENTRY_BYTES
         );
         // The shared object is charged until its last holder goes.
-        cache.remove(&file(1));
+        cache.remove(&key(1));
         assert_eq!(
             cache.bytes(),
             first.heap_bytes() + other.heap_bytes() + 2 * ENTRY_BYTES
         );
-        cache.remove(&file(2));
+        cache.remove(&key(2));
         assert_eq!(cache.bytes(), other.heap_bytes() + ENTRY_BYTES);
     }
 
@@ -312,23 +340,44 @@ mod tests {
     fn a_failure_is_retried_through_another_path_only() {
         let mut cache = ModuleCache::default();
         let gone = Path::new("/proc/7/map_files/1000-9000");
-        assert!(cache.get_or_load(file(1), gone, || None).is_none());
+        assert!(cache.get_or_load(&key(1), gone, || None).is_none());
         assert!(
             cache
-                .get_or_load(file(1), gone, || panic!("cached"))
+                .get_or_load(&key(1), gone, || panic!("cached"))
                 .is_none()
         );
         let split = Path::new("/proc/7/map_files/1000-2000");
         let loaded = cache
-            .get_or_load(file(1), split, || Some(module("test")))
+            .get_or_load(&key(1), split, || Some(module("test")))
             .unwrap();
         assert!(
             cache
-                .get_or_load(file(1), gone, || panic!("cached"))
+                .get_or_load(&key(1), gone, || panic!("cached"))
                 .is_some()
         );
         assert_eq!(cache.len(), 1);
         assert_eq!(cache.bytes(), loaded.heap_bytes() + ENTRY_BYTES);
+    }
+
+    #[test]
+    fn a_file_that_reuses_an_inode_with_another_build_id_is_read_afresh() {
+        let mut cache = ModuleCache::default();
+        cache.get_or_load(&key(1), Path::new("/a"), || Some(module("test")));
+        let newcomer = ObjectKey {
+            file: file(1),
+            build_id: Some(Box::new([1, 2, 3])),
+        };
+        let mut read = false;
+        cache.get_or_load(&newcomer, Path::new("/a"), || {
+            read = true;
+            None
+        });
+        assert!(read, "not named by its predecessor's symbols");
+        assert!(
+            cache
+                .get_or_load(&key(1), Path::new("/a"), || panic!("cached"))
+                .is_some()
+        );
     }
 
     #[test]
@@ -343,7 +392,7 @@ mod tests {
         );
         assert!(
             cache
-                .get_or_load(file(1), Path::new("/a"), || panic!("cached"))
+                .get_or_load(&key(1), Path::new("/a"), || panic!("cached"))
                 .is_some()
         );
     }

@@ -59,6 +59,7 @@ pub fn read_memory(pid: u32, addr: u64, len: usize) -> io::Result<Vec<u8>> {
         iov_base: addr as *mut libc::c_void,
         iov_len: len,
     };
+    // On libc: rustix has no process_vm_readv.
     // SAFETY: one local iovec over our own buffer of `len` bytes; the remote one is only read by the kernel.
     let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
     if n < 0 {
