@@ -8,6 +8,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use crate::{
     output::{ColorWhen, Format},
     report::GroupBy,
+    trace::TraceConfig,
 };
 
 #[derive(Debug, Parser)]
@@ -274,15 +275,15 @@ pub struct AgentArgs {
 
 impl AgentArgs {
     /// The processes the agent watches, as the session takes them.
-    pub fn targets(&self) -> TargetArgs {
-        TargetArgs {
+    pub fn targets(&self) -> TraceConfig {
+        TraceConfig {
             pids: Vec::new(),
             comms: self.comms.clone(),
             containers: self.containers.clone(),
             cgroups: self.cgroups.clone(),
             duration: None,
             buffer_size: self.buffer_size,
-            no_python_frames: false,
+            python_frames: true,
             // Escalated processes are traced with this sampling.
             sample_every: (!self.no_escalation && !self.escalate_exact)
                 .then_some(self.escalate_sample_every),
@@ -304,9 +305,21 @@ impl TargetArgs {
             && self.command.is_empty()
     }
 
-    /// Whether processes are chosen by their container or cgroup, which only userspace can tell.
-    pub fn chooses_by_cgroup(&self) -> bool {
-        !self.containers.is_empty() || !self.cgroups.is_empty()
+    /// What the session takes: these arguments, as its own config.
+    pub fn config(&self) -> TraceConfig {
+        TraceConfig {
+            pids: self.pids.clone(),
+            comms: self.comms.clone(),
+            containers: self.containers.clone(),
+            cgroups: self.cgroups.clone(),
+            duration: self.duration,
+            buffer_size: self.buffer_size,
+            python_frames: !self.no_python_frames,
+            sample_every: self.sample_every,
+            max_live_blocks: self.max_live_blocks,
+            max_stacks: self.max_stacks,
+            command: self.command.clone(),
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use anyhow::{Context as _, bail};
 use tracer::{
     agent::{self, AgentOptions},
     cli::{Cli, Command, LargeArgs, LeaksArgs, OutputArgs, TargetArgs},
+    model::Trace,
     os,
     output::{self, Report, escape::Escaped},
     report::{
@@ -15,7 +16,7 @@ use tracer::{
         leaks::{self, LeaksOptions},
         oom::OomRecord,
     },
-    trace::{self, Trace},
+    system, trace,
 };
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -35,8 +36,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 top: args.top(),
                 group_by: args.group_by,
             };
-            traced(&args.target, &args.output, |trace| {
-                Report::Leaks(leaks::build(trace, &options))
+            traced(&args.target, &args.output, |trace, tracer_max_rss_bytes| {
+                let mut report = leaks::build(trace, &options, tracer_max_rss_bytes);
+                report.name_source_lines();
+                Report::Leaks(report)
             })
             .await
         }
@@ -47,8 +50,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 top: args.top(),
                 group_by: args.group_by,
             };
-            traced(&args.target, &args.output, |trace| {
-                Report::Large(large::build(trace, &options))
+            traced(&args.target, &args.output, |trace, tracer_max_rss_bytes| {
+                let mut report = large::build(trace, &options, tracer_max_rss_bytes);
+                report.name_source_lines();
+                Report::Large(report)
             })
             .await
         }
@@ -91,9 +96,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 eprintln!("alloctrace: wrote {}", Escaped(&path.display().to_string()));
                 Ok(())
             };
-            let trace = trace::run(&args.target, Some(&mut sink)).await?;
-            trace.stop_unfinished_command();
-            trace.finish();
+            let traced = trace::run(&args.target.config(), Some(&mut sink)).await?;
+            traced.stop_unfinished_command();
+            traced.finish();
             Ok(())
         }
         Command::Agent(args) => {
@@ -116,19 +121,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Runs a trace, writes the report `build` makes of it, then stops the command alloctrace started if it
-/// still runs. The output is opened first: a path that cannot be written fails at once, not after the trace.
+/// Runs a trace, writes the report `build` makes of it (given alloctrace's peak resident memory, as the trace
+/// ended), then stops the command alloctrace started if it still runs. The output is opened first: a path that
+/// cannot be written fails at once, not after the trace.
 async fn traced(
     target: &TargetArgs,
     output: &OutputArgs,
-    build: impl FnOnce(&Trace) -> Report,
+    build: impl FnOnce(&Trace, u64) -> Report,
 ) -> anyhow::Result<()> {
     let mut out = output::open(output.output.as_deref(), output.format)?;
-    let trace = trace::run(target, None).await?;
-    let written = output::write(&build(&trace), output.format, output.color(), &mut out)
-        .and_then(|()| out.flush());
-    trace.stop_unfinished_command();
-    trace.finish();
+    let traced = trace::run(&target.config(), None).await?;
+    let report = build(&traced.trace, system::max_rss_bytes());
+    let written =
+        output::write(&report, output.format, output.color(), &mut out).and_then(|()| out.flush());
+    traced.stop_unfinished_command();
+    traced.finish();
     Ok(written?)
 }
 

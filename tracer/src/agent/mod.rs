@@ -25,11 +25,10 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    cli::TargetArgs,
     output::{escape::Escaped, flamegraph, profile::Profile},
     procs::container::Container,
     report::oom::OomRecord,
-    trace::{self, Escalate, Watch, WatchTick},
+    trace::{self, Escalate, TraceConfig, Watch, WatchTick},
 };
 use escalation::{Candidate, Change, Policy, Thresholds, Trigger};
 use metrics::{Memory, Metrics};
@@ -47,7 +46,7 @@ pub struct AgentOptions {
     /// How long a container's series stay exported after its last process is gone.
     pub series_ttl: Duration,
     /// When and how far containers escalate to the exact tier; `None`: never (no uprobe program is loaded).
-    /// Its sampling is the session's (`TargetArgs::sample_every`).
+    /// Its sampling is the session's ([`TraceConfig::sample_every`]).
     pub escalation: Option<EscalationOptions>,
 }
 
@@ -69,7 +68,7 @@ struct Escalations {
 }
 
 /// Runs the agent until a stop signal.
-pub async fn run(targets: &TargetArgs, options: &AgentOptions) -> anyhow::Result<()> {
+pub async fn run(targets: &TraceConfig, options: &AgentOptions) -> anyhow::Result<()> {
     fs::create_dir_all(&options.dir)
         .with_context(|| format!("cannot create {}", options.dir.display()))?;
     let metrics = Arc::new(Mutex::new(Metrics::new(options.series_ttl)));

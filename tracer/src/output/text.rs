@@ -9,9 +9,10 @@ use super::{
     source::{Root, Sources},
 };
 use crate::{
+    model::{Exit, Losses},
     procs::Frame,
     report::{
-        Exit, Group, Header, Losses,
+        Group, Header,
         large::LargeReport,
         leaks::{LeaksReport, SiteReport},
         oom::OomRecord,
@@ -490,9 +491,9 @@ pub fn write_large(report: &LargeReport, color: bool, out: &mut dyn Write) -> io
 mod tests {
     use super::*;
     use crate::{
+        model::{CacheEvictions, ProcessReport},
         procs::{ProcessInfo, airflow::TaskIdentity, container::Container},
         report::{
-            ProcessReport,
             large::LargeObject,
             leaks::SizeHistogram,
             oom::{Memcg, TopStack, Victim},
@@ -580,7 +581,7 @@ mod tests {
             tracer_max_rss_bytes: 0,
             sampled_every_bytes: None,
             unreadable_python_frames: 0,
-            cache_evictions: crate::report::CacheEvictions::default(),
+            cache_evictions: CacheEvictions::default(),
             memory_over_time: Vec::new(),
         }
     }
