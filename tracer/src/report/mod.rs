@@ -3,6 +3,8 @@
 pub mod large;
 pub mod leaks;
 pub mod oom;
+#[cfg(test)]
+pub(crate) mod tests;
 pub mod verdict;
 
 use serde::Serialize;
