@@ -20,6 +20,14 @@ use crate::{
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// Say more on stderr: -v details, -vv everything (RUST_LOG, when set, chooses instead).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Say less on stderr: -q only warnings, -qq only errors (an error that ends alloctrace is always said).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub quiet: u8,
 }
 
 #[derive(Debug, Subcommand)]

@@ -27,8 +27,8 @@ const LAYERS: &[&[&str]] = &[
     &["trace"],
     // The long-running host process.
     &["agent"],
-    // Command-line arguments, converted into the library's own config.
-    &["cli"],
+    // Command-line arguments, converted into the library's own config; the logger.
+    &["cli", "logging"],
 ];
 
 /// An import that breaks the layering: where it is, and what it reaches.

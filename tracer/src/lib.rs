@@ -15,7 +15,8 @@
 //! 6. [`output`]: one writer per format;
 //! 7. [`trace`]: one trace, from its [`trace::TraceConfig`] to its [`model::Trace`];
 //! 8. [`agent`]: the long-running host process;
-//! 9. [`cli`]: clap's arguments, converted into the library's own config (no clap argument type below).
+//! 9. [`cli`], [`logging`]: clap's arguments, converted into the library's own config (no clap argument type
+//!    below); the logger every module's messages go through.
 
 pub mod agent;
 pub mod aggregate;
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod decode;
 #[cfg(test)]
 mod layers;
+pub mod logging;
 pub mod model;
 pub mod os;
 pub mod output;

@@ -8,6 +8,7 @@ use anyhow::{Context as _, bail};
 use tracer::{
     agent::{self, AgentOptions},
     cli::{Cli, Command, LargeArgs, LeaksArgs, OutputArgs, TargetArgs},
+    logging,
     model::Trace,
     os,
     output::{self, Report, escape::Escaped},
@@ -78,9 +79,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 None => Some(output::open(args.output.output.as_deref(), format)?),
             };
             if args.target.is_empty() {
-                eprintln!(
-                    "alloctrace: watching for OOM kills on this host; Ctrl-C or SIGTERM stops"
-                );
+                log::info!("watching for OOM kills on this host; Ctrl-C or SIGTERM stops");
             }
             let mut sink = |record: &OomRecord| -> anyhow::Result<()> {
                 if let Some(out) = out.as_mut() {
@@ -93,7 +92,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 output::write_oom(record, format, false, &mut file)?;
                 file.flush()
                     .with_context(|| format!("cannot write {}", path.display()))?;
-                eprintln!("alloctrace: wrote {}", Escaped(&path.display().to_string()));
+                log::info!("wrote {}", path.display());
                 Ok(())
             };
             let traced = trace::run(&args.target.config(), Some(&mut sink)).await?;
@@ -165,6 +164,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return usage_error(err),
     };
+    logging::init(cli.verbose, cli.quiet);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

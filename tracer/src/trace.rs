@@ -26,7 +26,6 @@ use crate::{
     model::{
         AllocatorReport, CacheEvictions, Exit, Losses, ProcessReport, Trace, history::History,
     },
-    output::escape::Escaped,
     probes::{LoadOptions, Probes},
     procs::{
         Frame, ProcessInfo, Registry,
@@ -780,10 +779,7 @@ impl Targets {
                         // The agent says so (the trace says which processes it traces): its Python
                         // frames are read from now on.
                         Ok(()) if self.watching => {
-                            warn(format_args!(
-                                "watching Python {} in pid {pid}",
-                                info.version
-                            ));
+                            log::info!("watching Python {} in pid {pid}", info.version);
                         }
                         Ok(()) => {}
                     },
@@ -828,7 +824,7 @@ impl Targets {
             return Ok(());
         }
         self.probes.attach(pid, &allocator)?;
-        warn(format_args!("tracing pid {pid} through {}", allocator.path));
+        log::info!("tracing pid {pid} through {}", allocator.path);
         self.allocators.push(AllocatorReport { pid, allocator });
         Ok(())
     }
@@ -964,9 +960,7 @@ impl Targets {
                 && self.watching
             {
                 // As for an exec'd interpreter: the agent says whose frames it reads from now on.
-                warn(format_args!(
-                    "watching Python {version} in pid {child}, forked by pid {parent}"
-                ));
+                log::info!("watching Python {version} in pid {child}, forked by pid {parent}");
             }
         }
         if self.watching {
@@ -1243,19 +1237,13 @@ async fn session(
     }
     let verb = if watching { "watching" } else { "tracing" };
     for comm in &config.comms {
-        warn(format_args!(
-            "{verb} processes named {comm}, running or started from now on"
-        ));
+        log::info!("{verb} processes named {comm}, running or started from now on");
     }
     for container in &config.containers {
-        eprintln!(
-            "alloctrace: {verb} the processes of container {container}, running or started from now on"
-        );
+        log::info!("{verb} the processes of container {container}, running or started from now on");
     }
     for cgroup in &config.cgroups {
-        eprintln!(
-            "alloctrace: {verb} the processes of cgroup {cgroup}, running or started from now on"
-        );
+        log::info!("{verb} the processes of cgroup {cgroup}, running or started from now on");
     }
 
     let mut child_events: Option<UnboundedReceiver<ChildEvent>> = None;
@@ -1611,10 +1599,9 @@ fn resume(pid: u32) {
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
 }
 
-/// Says something to the user on stderr, as one line: what comes from a target (paths, names) is escaped, so
-/// that it can neither drive the terminal nor forge a line.
+/// Warns the user of what the trace cannot do: one line on stderr, which the binary's logger escapes whole.
 fn warn(message: std::fmt::Arguments<'_>) {
-    eprintln!("alloctrace: {}", Escaped(&message.to_string()));
+    log::warn!("{message}");
 }
 
 async fn recv<T>(receiver: &mut Option<UnboundedReceiver<T>>) -> Option<T> {

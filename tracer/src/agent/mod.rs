@@ -25,7 +25,7 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    output::{escape::Escaped, flamegraph, profile::Profile},
+    output::{flamegraph, profile::Profile},
     procs::container::Container,
     report::oom::OomRecord,
     trace::{self, Escalate, TraceConfig, Watch, WatchTick},
@@ -102,21 +102,21 @@ pub async fn run(targets: &TraceConfig, options: &AgentOptions) -> anyhow::Resul
         if !ready {
             ready = true;
             // Said once the probes are on and the running processes marked: what starts from now is watched.
-            eprintln!(
-                "alloctrace: agent ready: watching {} processes, serving http://{listening}, post-mortems in {}",
+            log::info!(
+                "agent ready: watching {} processes, serving http://{listening}, post-mortems in {}",
                 tick.processes.len(),
                 options.dir.display()
             );
         }
         for container in seen {
-            say(format_args!("container {container} seen"));
+            log::info!("container {container} seen");
         }
         if tick.lost_events > lost_said {
-            say(format_args!(
+            log::warn!(
                 "{} events lost ({} since the start): memory is underestimated",
                 tick.lost_events - lost_said,
                 tick.lost_events
-            ));
+            );
             lost_said = tick.lost_events;
         }
         if let Some(escalations) = &mut escalations {
@@ -131,18 +131,15 @@ pub async fn run(targets: &TraceConfig, options: &AgentOptions) -> anyhow::Resul
         }
         lock(&metrics).oom_kill(record, Instant::now());
         match write_post_mortem(&dir, record) {
-            Ok(path) => say(format_args!(
+            Ok(path) => log::warn!(
                 "OOM kill of pid {} ({}) in {}: {}",
                 record.victim.pid,
                 record.victim.comm,
                 container_label(record),
                 path.display()
-            )),
+            ),
             // The agent goes on: the next kill may be written.
-            Err(err) => say(format_args!(
-                "OOM kill of pid {}: {err:#}",
-                record.victim.pid
-            )),
+            Err(err) => log::warn!("OOM kill of pid {}: {err:#}", record.victim.pid),
         }
         Ok(())
     };
@@ -307,7 +304,7 @@ impl Escalations {
         }
         lock(metrics).set_escalated_processes(count);
         for line in lines {
-            say(format_args!("{line}"));
+            log::info!("{line}");
         }
     }
 }
@@ -398,11 +395,6 @@ fn write_whole(
     write(&mut file)?;
     file.sync_all()?;
     fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// One line on stderr; what comes from a target (names, paths) is escaped.
-fn say(message: std::fmt::Arguments<'_>) {
-    eprintln!("alloctrace: {}", Escaped(&message.to_string()));
 }
 
 /// Locks what the session's callbacks share with the HTTP server. Neither panics while holding it.
