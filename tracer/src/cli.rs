@@ -3,7 +3,7 @@
 
 use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum, builder::PossibleValue};
 
 use crate::{
     output::{ColorWhen, Format},
@@ -328,6 +328,59 @@ impl TargetArgs {
             max_stacks: self.max_stacks,
             command: self.command.clone(),
         }
+    }
+}
+
+// The library's enums as the command line spells them: clap stays above the library (see `lib.rs`).
+
+impl ValueEnum for Format {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let help = match self {
+            Self::Text => "For people: sites as blocks, sizes in KiB/MiB",
+            Self::Json => "For programs: one JSON document, exact integers (schema 1)",
+            Self::Folded => {
+                "Brendan Gregg's folded stacks, outermost frame first, with the live bytes of each: what every \
+                 flame-graph tool reads"
+            }
+            Self::Flamegraph => "An interactive SVG flame graph of live bytes by stack",
+            Self::Pprof => {
+                "A gzipped pprof profile (`go tool pprof`, Pyroscope, Parca, speedscope): in-use and allocated \
+                 space and objects by stack. Binary: write it to a file with -o"
+            }
+            Self::Html => {
+                "One self-contained page: summary, live memory over time, the flame graph, the sites and \
+                 verdicts"
+            }
+        };
+        Some(PossibleValue::new(self.name()).help(help))
+    }
+}
+
+impl ValueEnum for ColorWhen {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let value = PossibleValue::new(self.name());
+        Some(match self {
+            Self::Auto => value.help("On a terminal, unless NO_COLOR is set"),
+            Self::Always | Self::Never => value,
+        })
+    }
+}
+
+impl ValueEnum for GroupBy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.name()))
     }
 }
 

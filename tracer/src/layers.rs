@@ -359,6 +359,47 @@ fn nothing_imports_upward() {
     );
 }
 
+/// Files other than `cli.rs` (and the binary) that name the `clap` crate, with the line of the first mention:
+/// the library below `cli` takes its own config, never clap's types.
+fn clap_below_cli(src: &Path) -> Vec<(PathBuf, usize)> {
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    files.sort();
+    let mut found = Vec::new();
+    for file in files {
+        if [
+            src.join("cli.rs"),
+            src.join("main.rs"),
+            src.join("layers.rs"),
+        ]
+        .contains(&file)
+        {
+            continue;
+        }
+        let text = fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+        let tokens = tokens(&strip_comments(&text));
+        if let Some((_, line)) = tokens.iter().enumerate().find_map(|(at, (token, line))| {
+            let named = *token == Token::Ident("clap".to_owned())
+                && tokens.get(at + 1).map(|t| &t.0) == Some(&Token::PathSep);
+            named.then_some((at, *line))
+        }) {
+            found.push((file.strip_prefix(src).unwrap_or(&file).to_path_buf(), line));
+        }
+    }
+    found
+}
+
+#[test]
+fn clap_stays_in_cli() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    assert_eq!(
+        clap_below_cli(&src),
+        [],
+        "files below cli that use clap (convert in cli.rs instead)"
+    );
+}
+
 #[test]
 fn every_layered_module_exists() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");

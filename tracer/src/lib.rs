@@ -2,9 +2,9 @@
 //! memory. The binary (`main.rs`) parses arguments and calls [`trace`]; the modules below are the pipeline:
 //! probes → decode → procs (process registry, symbols) → aggregate → report → output.
 //!
-//! Dependencies point one way. The layers, low to high; a module uses only modules of lower layers (the unit
-//! test in `layers.rs` reads every file's `crate::`/`super::` paths and fails naming any import that is not
-//! downward: `cargo test -p tracer layers`):
+//! Dependencies point one way. The layers, low to high; a module uses only modules of lower layers, and only
+//! `cli` uses clap (the unit tests in `layers.rs` read every file's `crate::`/`super::`/`clap::` paths and fail
+//! naming any import that is not downward: `cargo test -p tracer layers`):
 //! 1. [`os`], [`system`], [`tables`], [`sampling`], [`decode`], [`ring`]: thin wrappers of the OS, and what
 //!    the kernel side shares with userspace;
 //! 2. [`uprobe_events`], [`procs`]: the uprobes' bookkeeping; what is known of a process;

@@ -16,12 +16,26 @@ use crate::{
 };
 
 /// How `--group-by` sums a report up: by process, by container, or not at all (each stack its own site).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+/// (`cli` spells it for clap.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GroupBy {
     Process,
     Container,
     #[default]
     Stack,
+}
+
+impl GroupBy {
+    pub const ALL: [Self; 3] = [Self::Process, Self::Container, Self::Stack];
+
+    /// Its name, as `--group-by` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::Container => "container",
+            Self::Stack => "stack",
+        }
+    }
 }
 
 /// Memory summed over the sites (or objects) of one process or container.
