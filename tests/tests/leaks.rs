@@ -30,6 +30,54 @@ fn spawned_command_is_reported_to_the_byte() {
     );
 }
 
+/// What alloctrace says on stderr besides its report: by default the one line that says what it traces, worded
+/// as it always was; nothing with `-q` or `RUST_LOG=off`; that line and the probes it attached with `-v`, and
+/// only what `RUST_LOG` asks for when it is set. The report is the same each time.
+#[test]
+fn stderr_says_what_it_traces_and_q_v_and_rust_log_choose_how_much() {
+    require_root();
+    let sites = workload("sites");
+    let run = |flags: &[&str], rust_log: Option<&str>| {
+        let mut command = Command::new(alloctrace());
+        command
+            .arg("leaks")
+            .args(flags)
+            .args(["--format", "json", "--top", "100", "--"])
+            .arg(&sites)
+            .env_remove("RUST_LOG");
+        if let Some(spec) = rust_log {
+            command.env("RUST_LOG", spec);
+        }
+        let out = command.output().unwrap();
+        let report = json_report(&out);
+        let pid = report["processes"][0]["pid"].as_u64().unwrap();
+        assert_sites_exact(&report, pid);
+        let said = String::from_utf8(out.stderr).unwrap();
+        (said, format!("alloctrace: tracing pid {pid} through "))
+    };
+    let (said, tracing) = run(&[], None);
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(said.starts_with(&tracing), "{said}");
+    for (flags, rust_log) in [(&["-q"][..], None), (&[][..], Some("off"))] {
+        let (said, _) = run(flags, rust_log);
+        assert_eq!(said, "", "{flags:?} RUST_LOG={rust_log:?}");
+    }
+    let (said, tracing) = run(&["-v"], None);
+    assert!(said.lines().any(|l| l.starts_with(&tracing)), "{said}");
+    let attached = |l: &str| {
+        l.starts_with("alloctrace: debug tracer::probes: pid ")
+            && l.contains(": malloc_enter on malloc at ")
+    };
+    assert!(said.lines().any(attached), "{said}");
+    let (said, _) = run(&[], Some("tracer::probes=debug"));
+    assert!(said.lines().any(attached), "{said}");
+    assert!(
+        said.lines()
+            .all(|l| l.starts_with("alloctrace: debug tracer::probes: ")),
+        "{said}"
+    );
+}
+
 /// Starts the `sites` workload waiting on stdin, attaches by pid, then lets it allocate.
 fn traced_by_pid(extra: &[&str], linger: bool) -> (serde_json::Value, std::process::Child) {
     require_root();

@@ -3,11 +3,12 @@
 
 use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum, builder::PossibleValue};
 
 use crate::{
     output::{ColorWhen, Format},
     report::GroupBy,
+    trace::TraceConfig,
 };
 
 #[derive(Debug, Parser)]
@@ -26,6 +27,14 @@ pub struct Cli {
     /// process's allocator probes go on. It is closed when the trace ends.
     #[arg(long, global = true, value_name = "FD")]
     pub ready_fd: Option<i32>,
+
+    /// Say more on stderr: -v details, -vv everything (RUST_LOG, when set, chooses instead).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Say less on stderr: -q only warnings, -qq only errors (an error that ends alloctrace is always said).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub quiet: u8,
 }
 
 #[derive(Debug, Subcommand)]
@@ -281,15 +290,15 @@ pub struct AgentArgs {
 
 impl AgentArgs {
     /// The processes the agent watches, as the session takes them.
-    pub fn targets(&self) -> TargetArgs {
-        TargetArgs {
+    pub fn targets(&self) -> TraceConfig {
+        TraceConfig {
             pids: Vec::new(),
             comms: self.comms.clone(),
             containers: self.containers.clone(),
             cgroups: self.cgroups.clone(),
             duration: None,
             buffer_size: self.buffer_size,
-            no_python_frames: false,
+            python_frames: true,
             // Escalated processes are traced with this sampling.
             sample_every: (!self.no_escalation && !self.escalate_exact)
                 .then_some(self.escalate_sample_every),
@@ -311,9 +320,74 @@ impl TargetArgs {
             && self.command.is_empty()
     }
 
-    /// Whether processes are chosen by their container or cgroup, which only userspace can tell.
-    pub fn chooses_by_cgroup(&self) -> bool {
-        !self.containers.is_empty() || !self.cgroups.is_empty()
+    /// What the session takes: these arguments, as its own config.
+    pub fn config(&self) -> TraceConfig {
+        TraceConfig {
+            pids: self.pids.clone(),
+            comms: self.comms.clone(),
+            containers: self.containers.clone(),
+            cgroups: self.cgroups.clone(),
+            duration: self.duration,
+            buffer_size: self.buffer_size,
+            python_frames: !self.no_python_frames,
+            sample_every: self.sample_every,
+            max_live_blocks: self.max_live_blocks,
+            max_stacks: self.max_stacks,
+            command: self.command.clone(),
+        }
+    }
+}
+
+// The library's enums as the command line spells them: clap stays above the library (see `lib.rs`).
+
+impl ValueEnum for Format {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let help = match self {
+            Self::Text => "For people: sites as blocks, sizes in KiB/MiB",
+            Self::Json => "For programs: one JSON document, exact integers (schema 1)",
+            Self::Folded => {
+                "Brendan Gregg's folded stacks, outermost frame first, with the live bytes of each: what every \
+                 flame-graph tool reads"
+            }
+            Self::Flamegraph => "An interactive SVG flame graph of live bytes by stack",
+            Self::Pprof => {
+                "A gzipped pprof profile (`go tool pprof`, Pyroscope, Parca, speedscope): in-use and allocated \
+                 space and objects by stack. Binary: write it to a file with -o"
+            }
+            Self::Html => {
+                "One self-contained page: summary, live memory over time, the flame graph, the sites and \
+                 verdicts"
+            }
+        };
+        Some(PossibleValue::new(self.name()).help(help))
+    }
+}
+
+impl ValueEnum for ColorWhen {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let value = PossibleValue::new(self.name());
+        Some(match self {
+            Self::Auto => value.help("On a terminal, unless NO_COLOR is set"),
+            Self::Always | Self::Never => value,
+        })
+    }
+}
+
+impl ValueEnum for GroupBy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.name()))
     }
 }
 

@@ -8,6 +8,8 @@ use anyhow::{Context as _, bail};
 use tracer::{
     agent::{self, AgentOptions},
     cli::{Cli, Command, LargeArgs, LeaksArgs, OutputArgs, TargetArgs},
+    logging,
+    model::Trace,
     os,
     output::{self, Report, escape::Escaped},
     report::{
@@ -15,7 +17,7 @@ use tracer::{
         leaks::{self, LeaksOptions},
         oom::OomRecord,
     },
-    trace::{self, Trace},
+    system, trace,
 };
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -35,8 +37,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 top: args.top(),
                 group_by: args.group_by,
             };
-            traced(&args.target, &args.output, |trace| {
-                Report::Leaks(leaks::build(trace, &options))
+            traced(&args.target, &args.output, |trace, tracer_max_rss_bytes| {
+                let mut report = leaks::build(trace, &options, tracer_max_rss_bytes);
+                report.name_source_lines();
+                Report::Leaks(report)
             })
             .await
         }
@@ -47,8 +51,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 top: args.top(),
                 group_by: args.group_by,
             };
-            traced(&args.target, &args.output, |trace| {
-                Report::Large(large::build(trace, &options))
+            traced(&args.target, &args.output, |trace, tracer_max_rss_bytes| {
+                let mut report = large::build(trace, &options, tracer_max_rss_bytes);
+                report.name_source_lines();
+                Report::Large(report)
             })
             .await
         }
@@ -73,9 +79,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 None => Some(output::open(args.output.output.as_deref(), format)?),
             };
             if args.target.is_empty() {
-                eprintln!(
-                    "alloctrace: watching for OOM kills on this host; Ctrl-C or SIGTERM stops"
-                );
+                log::info!("watching for OOM kills on this host; Ctrl-C or SIGTERM stops");
             }
             let mut sink = |record: &OomRecord| -> anyhow::Result<()> {
                 if let Some(out) = out.as_mut() {
@@ -88,12 +92,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 output::write_oom(record, format, false, &mut file)?;
                 file.flush()
                     .with_context(|| format!("cannot write {}", path.display()))?;
-                eprintln!("alloctrace: wrote {}", Escaped(&path.display().to_string()));
+                log::info!("wrote {}", path.display());
                 Ok(())
             };
-            let trace = trace::run(&args.target, Some(&mut sink)).await?;
-            trace.stop_unfinished_command();
-            trace.finish();
+            let traced = trace::run(&args.target.config(), Some(&mut sink)).await?;
+            traced.stop_unfinished_command();
+            traced.finish();
             Ok(())
         }
         Command::Agent(args) => {
@@ -116,19 +120,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Runs a trace, writes the report `build` makes of it, then stops the command alloctrace started if it
-/// still runs. The output is opened first: a path that cannot be written fails at once, not after the trace.
+/// Runs a trace, writes the report `build` makes of it (given alloctrace's peak resident memory, as the trace
+/// ended), then stops the command alloctrace started if it still runs. The output is opened first: a path that
+/// cannot be written fails at once, not after the trace.
 async fn traced(
     target: &TargetArgs,
     output: &OutputArgs,
-    build: impl FnOnce(&Trace) -> Report,
+    build: impl FnOnce(&Trace, u64) -> Report,
 ) -> anyhow::Result<()> {
     let mut out = output::open(output.output.as_deref(), output.format)?;
-    let trace = trace::run(target, None).await?;
-    let written = output::write(&build(&trace), output.format, output.color(), &mut out)
-        .and_then(|()| out.flush());
-    trace.stop_unfinished_command();
-    trace.finish();
+    let traced = trace::run(&target.config(), None).await?;
+    let report = build(&traced.trace, system::max_rss_bytes());
+    let written =
+        output::write(&report, output.format, output.color(), &mut out).and_then(|()| out.flush());
+    traced.stop_unfinished_command();
+    traced.finish();
     Ok(written?)
 }
 
@@ -165,6 +171,7 @@ fn main() -> ExitCode {
         eprintln!("alloctrace: error: {err:#}");
         return ExitCode::from(2);
     }
+    logging::init(cli.verbose, cli.quiet);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

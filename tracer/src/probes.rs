@@ -254,8 +254,8 @@ impl Probes {
         let oom_watched = oom_link.is_some();
         tracepoint_links.extend(oom_link);
         if !oom_watched {
-            eprintln!(
-                "alloctrace: this kernel has no usable oom:mark_victim tracepoint: OOM kills are not reported"
+            log::warn!(
+                "this kernel has no usable oom:mark_victim tracepoint: OOM kills are not reported"
             );
         }
         let mut take = |name: &str| {
@@ -267,6 +267,11 @@ impl Probes {
         let cpus = aya::util::nr_cpus()
             .map_err(|(_, err)| err)
             .context("cannot count the possible CPUs")?;
+        log::debug!(
+            "eBPF programs loaded: {} tracepoints attached, {} possible CPUs",
+            tracepoint_links.len(),
+            cpus
+        );
         Ok(Self {
             ebpf,
             live,
@@ -317,6 +322,11 @@ impl Probes {
                             allocator.path
                         )
                     })?;
+                log::debug!(
+                    "pid {pid}: {name} on {} at {} + {offset:#x}",
+                    func.name(),
+                    allocator.path
+                );
                 self.links.entry(pid).or_default().push(event);
             }
         }

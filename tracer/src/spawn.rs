@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::report::Exit;
+use crate::model::Exit;
 
 /// What happens to the child, in order.
 #[derive(Debug)]

@@ -22,9 +22,10 @@ use tracer_common::{AllocFn, Loss, OomEvent, PyStatus, SiteKey, Tally};
 
 use crate::{
     aggregate::{Ledger, Site, SiteId, Sites, resident::Resident},
-    cli::TargetArgs,
     decode::{Event, PythonStack},
-    output::escape::Escaped,
+    model::{
+        AllocatorReport, CacheEvictions, Exit, Losses, ProcessReport, Trace, history::History,
+    },
     probes::{LoadOptions, Probes},
     procs::{
         Frame, ProcessInfo, Registry,
@@ -34,11 +35,7 @@ use crate::{
         maps::FileId,
     },
     python::runtime::{self, Reader},
-    report::{
-        AllocatorReport, CacheEvictions, Exit, Losses, ProcessReport,
-        history::History,
-        oom::{self, Cgroups, OomInput, OomRecord, TopStack},
-    },
+    report::oom::{self, Cgroups, OomInput, OomRecord, TopStack},
     ring::{Delivery, RingReader},
     sampling::Sampling,
     spawn::{self, ChildEvent},
@@ -107,28 +104,45 @@ pub struct WatchedProcess {
 /// this many stacks per process.
 pub const WATCH_STACKS: usize = 64;
 
-/// What a finished trace gathered: the input of every report.
-pub struct Trace {
-    pub ledger: Ledger,
-    pub sites: Sites,
-    pub processes: Vec<ProcessReport>,
-    pub allocators: Vec<AllocatorReport>,
-    pub lost: Losses,
-    pub duration_s: f64,
-    /// `[start, end]` of the trace in `bpf_ktime_get_ns` time.
-    pub window: (u64, u64),
-    /// How allocations were recorded: every one, or sampled by bytes.
-    pub sampling: Sampling,
-    /// Frees of blocks allocated before the trace began (exact traces only).
-    pub unknown_frees: u64,
-    /// Blocks found released only because their address was handed out again.
-    pub unseen_frees: u64,
-    /// Python frames whose code object could not be read.
-    pub unreadable_python_frames: u64,
-    /// What the bounded caches of modules and code objects evicted.
-    pub cache_evictions: CacheEvictions,
-    /// Each process's live bytes, sampled through the trace and at its end.
-    pub history: History,
+/// What the session takes: which processes to trace, for how long, and what the kernel side may hold. The
+/// command line's arguments (or the agent's) converted; nothing here knows how they were spelled.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceConfig {
+    /// Running processes to trace.
+    pub pids: Vec<u32>,
+    /// Names (the kernel's comm) of processes to trace, running or started later.
+    pub comms: Vec<String>,
+    /// Containers (a name, or an id or its prefix) whose processes are traced, running or started later.
+    pub containers: Vec<String>,
+    /// Cgroup paths whose processes (and those below) are traced, running or started later.
+    pub cgroups: Vec<String>,
+    /// The trace ends after this long (or at a stop signal, or when every target is gone).
+    pub duration: Option<Duration>,
+    /// Size of the ring buffer that carries events to userspace, in bytes (a power of two).
+    pub buffer_size: u64,
+    /// CPython processes' frames are read and merged into their stacks.
+    pub python_frames: bool,
+    /// Allocations are sampled, one every this many bytes on average; `None`: each is recorded.
+    pub sample_every: Option<u64>,
+    /// Most live heap blocks the kernel keeps.
+    pub max_live_blocks: u32,
+    /// Most distinct stacks kept, named.
+    pub max_stacks: usize,
+    /// A command to start and trace from its first instruction (program, then its arguments).
+    pub command: Vec<std::ffi::OsString>,
+}
+
+impl TraceConfig {
+    /// Whether processes are chosen by their container or cgroup, which only userspace can tell.
+    pub fn chooses_by_cgroup(&self) -> bool {
+        !self.containers.is_empty() || !self.cgroups.is_empty()
+    }
+}
+
+/// A finished trace, and what it still holds: the probes, and the command alloctrace started if it outlived
+/// the trace. The report is built from [`Traced::trace`] before either is let go.
+pub struct Traced {
+    pub trace: Trace,
     /// The command alloctrace started (a pidfd), when it was still running as the trace ended.
     unfinished_command: Option<OwnedFd>,
     /// The probes stay attached until the trace is dropped, after its report: taking them down waits for the
@@ -136,7 +150,7 @@ pub struct Trace {
     _probes: Probes,
 }
 
-impl Trace {
+impl Traced {
     /// Takes the probes down off the user's path, once the report is out. The kernel removes each probe with an
     /// RCU grace period, serialized: two seconds for a few dozen probes, which alloctrace's exit would wait for.
     /// A child process inherits the descriptors, closes its standard streams (so that a reader of alloctrace's
@@ -756,10 +770,7 @@ impl Targets {
                         // The agent says so (the trace says which processes it traces): its Python
                         // frames are read from now on.
                         Ok(()) if self.watching => {
-                            warn(format_args!(
-                                "watching Python {} in pid {pid}",
-                                info.version
-                            ));
+                            log::info!("watching Python {} in pid {pid}", info.version);
                         }
                         Ok(()) => {}
                     },
@@ -804,7 +815,7 @@ impl Targets {
             return Ok(());
         }
         self.probes.attach(pid, &allocator)?;
-        warn(format_args!("tracing pid {pid} through {}", allocator.path));
+        log::info!("tracing pid {pid} through {}", allocator.path);
         if let Err(err) = crate::os::say_attached(pid) {
             warn(format_args!("cannot write to --ready-fd: {err}"));
         }
@@ -943,9 +954,7 @@ impl Targets {
                 && self.watching
             {
                 // As for an exec'd interpreter: the agent says whose frames it reads from now on.
-                warn(format_args!(
-                    "watching Python {version} in pid {child}, forked by pid {parent}"
-                ));
+                log::info!("watching Python {version} in pid {child}, forked by pid {parent}");
             }
         }
         if self.watching {
@@ -1116,25 +1125,25 @@ fn report_ooms(
 
 /// Runs a trace to its end. Without targets it only watches (OOM kills, with `oom_sink`) until `--duration`
 /// or Ctrl-C.
-pub async fn run(args: &TargetArgs, oom_sink: Option<OomSink<'_>>) -> anyhow::Result<Trace> {
-    session(args, oom_sink, None).await
+pub async fn run(config: &TraceConfig, oom_sink: Option<OomSink<'_>>) -> anyhow::Result<Traced> {
+    session(config, oom_sink, None).await
 }
 
-/// Runs the watch tier over the processes `args` chooses (every container's with [`Watch::every_container`])
-/// until a stop signal (or `--duration`).
+/// Runs the watch tier over the processes `config` chooses (every container's with [`Watch::every_container`])
+/// until a stop signal (or its duration).
 pub async fn watch(
-    args: &TargetArgs,
+    config: &TraceConfig,
     oom_sink: OomSink<'_>,
     watch: Watch<'_>,
-) -> anyhow::Result<Trace> {
-    session(args, Some(oom_sink), Some(watch)).await
+) -> anyhow::Result<Traced> {
+    session(config, Some(oom_sink), Some(watch)).await
 }
 
 async fn session(
-    args: &TargetArgs,
+    config: &TraceConfig,
     mut oom_sink: Option<OomSink<'_>>,
     mut watch: Option<Watch<'_>>,
-) -> anyhow::Result<Trace> {
+) -> anyhow::Result<Traced> {
     let watching = watch.is_some();
     let uprobes = watch.as_ref().is_none_or(|w| w.escalation);
     system::require_root()?;
@@ -1146,27 +1155,27 @@ async fn session(
     // the usual soft limit of 1024.
     system::raise_open_files_limit();
     let (exits_tx, mut exits) = unbounded_channel();
-    let sampling = args
+    let sampling = config
         .sample_every
         .map_or_else(Sampling::exact, Sampling::every);
     let mut targets = Targets {
         probes: Probes::load(&LoadOptions {
-            buffer_size: args.buffer_size,
-            watch_execs: args.chooses_by_cgroup()
+            buffer_size: config.buffer_size,
+            watch_execs: config.chooses_by_cgroup()
                 || watch.as_ref().is_some_and(|w| w.every_container),
             sampling: sampling.clone(),
-            max_live_blocks: args.max_live_blocks,
+            max_live_blocks: config.max_live_blocks,
             watch_faults: watch.as_ref().map(|w| w.fault_every),
             uprobes,
         })?,
-        comms: args
+        comms: config
             .comms
             .iter()
             .map(|c| tracer_common::comm_bytes(c.as_bytes()).to_vec())
             .collect(),
         selector: Selector {
-            containers: args.containers.clone(),
-            cgroups: args.cgroups.clone(),
+            containers: config.containers.clone(),
+            cgroups: config.cgroups.clone(),
         },
         exits_tx,
         order: Vec::new(),
@@ -1176,13 +1185,13 @@ async fn session(
         python_pending: HashMap::new(),
         allocator_pending: HashMap::new(),
         spawned_exec: None,
-        python_frames: !args.no_python_frames,
+        python_frames: config.python_frames,
         untraced: 0,
         watching,
         every_container: watch.as_ref().is_some_and(|w| w.every_container),
     };
     let mut state = State {
-        max_stacks: args.max_stacks,
+        max_stacks: config.max_stacks,
         resident: watch.as_ref().map(|w| Resident::new(w.max_samples)),
         ..State::default()
     };
@@ -1192,13 +1201,13 @@ async fn session(
     // duration: before the first probe goes on a running process, or else as the command is released.
     let now = || (Instant::now(), system::monotonic_ns());
     let attaches_running =
-        !args.pids.is_empty() || !targets.comms.is_empty() || !targets.selector.is_empty();
+        !config.pids.is_empty() || !targets.comms.is_empty() || !targets.selector.is_empty();
     let mut window_start = attaches_running.then(now);
 
-    for comm in &args.comms {
+    for comm in &config.comms {
         targets.probes.add_comm(comm)?;
     }
-    for &pid in &args.pids {
+    for &pid in &config.pids {
         if pid == std::process::id() {
             bail!("alloctrace cannot trace itself (pid {pid})");
         }
@@ -1221,30 +1230,24 @@ async fn session(
         targets.attach_pending_allocators(&mut state);
     }
     let verb = if watching { "watching" } else { "tracing" };
-    for comm in &args.comms {
-        warn(format_args!(
-            "{verb} processes named {comm}, running or started from now on"
-        ));
+    for comm in &config.comms {
+        log::info!("{verb} processes named {comm}, running or started from now on");
     }
-    for container in &args.containers {
-        eprintln!(
-            "alloctrace: {verb} the processes of container {container}, running or started from now on"
-        );
+    for container in &config.containers {
+        log::info!("{verb} the processes of container {container}, running or started from now on");
     }
-    for cgroup in &args.cgroups {
-        eprintln!(
-            "alloctrace: {verb} the processes of cgroup {cgroup}, running or started from now on"
-        );
+    for cgroup in &config.cgroups {
+        log::info!("{verb} the processes of cgroup {cgroup}, running or started from now on");
     }
 
     let mut child_events: Option<UnboundedReceiver<ChildEvent>> = None;
     let mut child_pid: Option<u32> = None;
     let mut command_pidfd: Option<OwnedFd> = None;
-    if !args.command.is_empty() {
-        let program = spawn::resolve_program(&args.command[0])?;
+    if !config.command.is_empty() {
+        let program = spawn::resolve_program(&config.command[0])?;
         let image = spawn::executable_image(&program)?;
         let allocator = allocator::for_command(&mut state.registry, &image)?;
-        let child = spawn::spawn(&program, &args.command)?;
+        let child = spawn::spawn(&program, &config.command)?;
         let pid = child.pid;
         targets.attach(pid, allocator)?;
         targets.probes.do_not_hold_at_exec(pid)?;
@@ -1255,7 +1258,7 @@ async fn session(
         state.registry.set_info(ProcessInfo {
             pid,
             comm,
-            cmdline: args
+            cmdline: config
                 .command
                 .iter()
                 .map(|a| a.to_string_lossy().into_owned())
@@ -1294,7 +1297,7 @@ async fn session(
     let mut reader = RingReader::start(targets.probes.take_ring_buffer()?, first_look)
         .context("cannot start the ring buffer's reader")?;
     let (started, start_ns) = window_start.unwrap_or_else(now);
-    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
     let mut pending_timer = tokio::time::interval(PENDING_INTERVAL);
     let mut history_timer = tokio::time::interval(HISTORY_INTERVAL);
     let mut history_ticks = 0u64;
@@ -1302,8 +1305,10 @@ async fn session(
     let mut stacks_unheld = false;
     // With --comm, processes may still come, and without targets alloctrace only watches: only the duration
     // or Ctrl-C end the trace then.
-    let waits_for_more =
-        !args.comms.is_empty() || args.chooses_by_cgroup() || targets.order.is_empty() || watching;
+    let waits_for_more = !config.comms.is_empty()
+        || config.chooses_by_cgroup()
+        || targets.order.is_empty()
+        || watching;
     if oom_sink.is_some() && !targets.probes.oom_watched {
         bail!("this kernel has no usable oom:mark_victim tracepoint: OOM kills cannot be reported");
     }
@@ -1379,7 +1384,7 @@ async fn session(
             }
             Some(event) = recv(&mut child_events) => match event {
                 ChildEvent::ExecFailed(err) => {
-                    bail!("cannot run {}: {err}", args.command[0].to_string_lossy());
+                    bail!("cannot run {}: {err}", config.command[0].to_string_lossy());
                 }
                 ChildEvent::Exiting(release) => {
                     // Held at its exit with its memory still mapped: name what it allocated last.
@@ -1444,7 +1449,7 @@ async fn session(
     // process. (The watch tier forgets the processes that exit: it cannot tell.)
     if !watching
         && targets.order.is_empty()
-        && !(args.comms.is_empty() && args.containers.is_empty() && args.cgroups.is_empty())
+        && !(config.comms.is_empty() && config.containers.is_empty() && config.cgroups.is_empty())
     {
         warn(format_args!(
             "no process matched --comm, --container or --cgroup during the trace"
@@ -1479,23 +1484,25 @@ async fn session(
             },
         )
     };
-    Ok(Trace {
+    Ok(Traced {
         unfinished_command: command_pidfd
             .filter(|_| child_pid.is_some_and(|pid| !targets.exited.contains_key(&pid))),
-        ledger: state.ledger,
-        sites: state.sites,
-        processes,
-        allocators: targets.allocators,
-        lost,
-        duration_s: started.elapsed().as_secs_f64(),
-        window: (start_ns, end_ns),
-        sampling,
-        unknown_frees: tallies[Tally::UnknownFree as usize],
-        unseen_frees: tallies[Tally::UnseenFree as usize],
-        unreadable_python_frames,
-        cache_evictions,
-        history: state.history,
         _probes: targets.probes,
+        trace: Trace {
+            ledger: state.ledger,
+            sites: state.sites,
+            processes,
+            allocators: targets.allocators,
+            lost,
+            duration_s: started.elapsed().as_secs_f64(),
+            window: (start_ns, end_ns),
+            sampling,
+            unknown_frees: tallies[Tally::UnknownFree as usize],
+            unseen_frees: tallies[Tally::UnseenFree as usize],
+            unreadable_python_frames,
+            cache_evictions,
+            history: state.history,
+        },
     })
 }
 
@@ -1596,10 +1603,9 @@ fn resume(pid: u32) {
     }
 }
 
-/// Says something to the user on stderr, as one line: what comes from a target (paths, names) is escaped, so
-/// that it can neither drive the terminal nor forge a line.
+/// Warns the user of what the trace cannot do: one line on stderr, which the binary's logger escapes whole.
 fn warn(message: std::fmt::Arguments<'_>) {
-    eprintln!("alloctrace: {}", Escaped(&message.to_string()));
+    log::warn!("{message}");
 }
 
 async fn recv<T>(receiver: &mut Option<UnboundedReceiver<T>>) -> Option<T> {

@@ -25,12 +25,11 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    cli::TargetArgs,
     os,
-    output::{escape::Escaped, flamegraph, profile::Profile},
+    output::{flamegraph, profile::Profile},
     procs::container::Container,
     report::oom::OomRecord,
-    trace::{self, Escalate, Watch, WatchTick},
+    trace::{self, Escalate, TraceConfig, Watch, WatchTick},
 };
 use escalation::{Candidate, Change, Policy, Thresholds, Trigger};
 use metrics::{Memory, Metrics};
@@ -48,7 +47,7 @@ pub struct AgentOptions {
     /// How long a container's series stay exported after its last process is gone.
     pub series_ttl: Duration,
     /// When and how far containers escalate to the exact tier; `None`: never (no uprobe program is loaded).
-    /// Its sampling is the session's (`TargetArgs::sample_every`).
+    /// Its sampling is the session's ([`TraceConfig::sample_every`]).
     pub escalation: Option<EscalationOptions>,
 }
 
@@ -70,7 +69,7 @@ struct Escalations {
 }
 
 /// Runs the agent until a stop signal.
-pub async fn run(targets: &TargetArgs, options: &AgentOptions) -> anyhow::Result<()> {
+pub async fn run(targets: &TraceConfig, options: &AgentOptions) -> anyhow::Result<()> {
     fs::create_dir_all(&options.dir)
         .with_context(|| format!("cannot create {}", options.dir.display()))?;
     let metrics = Arc::new(Mutex::new(Metrics::new(options.series_ttl)));
@@ -105,24 +104,24 @@ pub async fn run(targets: &TargetArgs, options: &AgentOptions) -> anyhow::Result
             ready = true;
             let pids: Vec<u32> = tick.processes.iter().map(|p| p.pid).collect();
             if let Err(err) = os::say_ready(&os::Ready::watching(&pids, listening.to_string())) {
-                eprintln!("alloctrace: cannot write to --ready-fd: {err}");
+                log::warn!("cannot write to --ready-fd: {err}");
             }
             // Said once the probes are on and the running processes marked: what starts from now is watched.
-            eprintln!(
-                "alloctrace: agent ready: watching {} processes, serving http://{listening}, post-mortems in {}",
+            log::info!(
+                "agent ready: watching {} processes, serving http://{listening}, post-mortems in {}",
                 tick.processes.len(),
                 options.dir.display()
             );
         }
         for container in seen {
-            say(format_args!("container {container} seen"));
+            log::info!("container {container} seen");
         }
         if tick.lost_events > lost_said {
-            say(format_args!(
+            log::warn!(
                 "{} events lost ({} since the start): memory is underestimated",
                 tick.lost_events - lost_said,
                 tick.lost_events
-            ));
+            );
             lost_said = tick.lost_events;
         }
         if let Some(escalations) = &mut escalations {
@@ -137,18 +136,15 @@ pub async fn run(targets: &TargetArgs, options: &AgentOptions) -> anyhow::Result
         }
         lock(&metrics).oom_kill(record, Instant::now());
         match write_post_mortem(&dir, record) {
-            Ok(path) => say(format_args!(
+            Ok(path) => log::warn!(
                 "OOM kill of pid {} ({}) in {}: {}",
                 record.victim.pid,
                 record.victim.comm,
                 container_label(record),
                 path.display()
-            )),
+            ),
             // The agent goes on: the next kill may be written.
-            Err(err) => say(format_args!(
-                "OOM kill of pid {}: {err:#}",
-                record.victim.pid
-            )),
+            Err(err) => log::warn!("OOM kill of pid {}: {err:#}", record.victim.pid),
         }
         Ok(())
     };
@@ -313,7 +309,7 @@ impl Escalations {
         }
         lock(metrics).set_escalated_processes(count);
         for line in lines {
-            say(format_args!("{line}"));
+            log::info!("{line}");
         }
     }
 }
@@ -404,11 +400,6 @@ fn write_whole(
     write(&mut file)?;
     file.sync_all()?;
     fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// One line on stderr; what comes from a target (names, paths) is escaped.
-fn say(message: std::fmt::Arguments<'_>) {
-    eprintln!("alloctrace: {}", Escaped(&message.to_string()));
 }
 
 /// Locks what the session's callbacks share with the HTTP server. Neither panics while holding it.

@@ -16,12 +16,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::ValueEnum;
 
 use crate::report::{large::LargeReport, leaks::LeaksReport, oom::OomRecord};
 use profile::Profile;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+/// A report's format (`--format`; `cli` spells it for clap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     /// For people: sites as blocks, sizes in KiB/MiB.
     Text,
@@ -40,6 +40,15 @@ pub enum Format {
 }
 
 impl Format {
+    pub const ALL: [Self; 6] = [
+        Self::Text,
+        Self::Json,
+        Self::Folded,
+        Self::Flamegraph,
+        Self::Pprof,
+        Self::Html,
+    ];
+
     /// Whether the format draws the report as a profile (stacks and their bytes).
     pub fn is_profile(self) -> bool {
         matches!(
@@ -49,9 +58,15 @@ impl Format {
     }
 
     /// Its name, as `--format` takes it.
-    pub fn name(self) -> String {
-        self.to_possible_value()
-            .map_or_else(String::new, |v| v.get_name().to_owned())
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+            Self::Folded => "folded",
+            Self::Flamegraph => "flamegraph",
+            Self::Pprof => "pprof",
+            Self::Html => "html",
+        }
     }
 
     /// Whether its output is binary, never for a terminal.
@@ -78,8 +93,8 @@ pub enum Report {
     Large(LargeReport),
 }
 
-/// When text is coloured (`--color`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+/// When text is coloured (`--color`; `cli` spells it for clap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ColorWhen {
     /// On a terminal, unless NO_COLOR is set.
     Auto,
@@ -88,6 +103,17 @@ pub enum ColorWhen {
 }
 
 impl ColorWhen {
+    pub const ALL: [Self; 3] = [Self::Auto, Self::Always, Self::Never];
+
+    /// Its name, as `--color` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Always => "always",
+            Self::Never => "never",
+        }
+    }
+
     /// Whether to colour output that goes to standard output (`to_stdout`) or to a file.
     pub fn enabled(self, to_stdout: bool) -> bool {
         match self {

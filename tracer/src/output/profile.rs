@@ -13,10 +13,9 @@ use std::{
 use object::{Object as _, read::ReadCache};
 
 use crate::{
+    model::Exit,
     procs::{Frame, container::Container},
-    report::{
-        Exit, Header, large::LargeReport, leaks::LeaksReport, oom::OomRecord, verdict::Verdict,
-    },
+    report::{Header, large::LargeReport, leaks::LeaksReport, oom::OomRecord, verdict::Verdict},
 };
 
 use super::text::bytes;

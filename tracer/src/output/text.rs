@@ -9,9 +9,10 @@ use super::{
     source::{Root, Sources},
 };
 use crate::{
+    model::{Exit, Losses},
     procs::Frame,
     report::{
-        Exit, Group, Header, Losses,
+        Group, Header,
         large::LargeReport,
         leaks::{LeaksReport, SiteReport},
         oom::OomRecord,
@@ -490,12 +491,15 @@ pub fn write_large(report: &LargeReport, color: bool, out: &mut dyn Write) -> io
 mod tests {
     use super::*;
     use crate::{
+        model::{CacheEvictions, ProcessReport},
         procs::{ProcessInfo, airflow::TaskIdentity, container::Container},
         report::{
-            ProcessReport,
+            GroupBy, large,
             large::LargeObject,
+            leaks,
             leaks::SizeHistogram,
             oom::{Memcg, TopStack, Victim},
+            tests as synthetic,
         },
     };
 
@@ -580,7 +584,7 @@ mod tests {
             tracer_max_rss_bytes: 0,
             sampled_every_bytes: None,
             unreadable_python_frames: 0,
-            cache_evictions: crate::report::CacheEvictions::default(),
+            cache_evictions: CacheEvictions::default(),
             memory_over_time: Vec::new(),
         }
     }
@@ -755,6 +759,77 @@ mod tests {
         );
         // The only escape sequences are the colours: the file's own is shown, not run.
         assert!(colored.contains("rows = '\\x1b[2J'"), "{colored:?}");
+    }
+
+    #[test]
+    fn leaks_of_a_synthetic_trace_read_to_the_byte() {
+        let options = synthetic::leaks_options(GroupBy::Process);
+        let report = leaks::build(&synthetic::trace(), &options, synthetic::TRACER_RSS);
+        let mut out = Vec::new();
+        write_leaks(&report, false, &mut out).unwrap();
+        let expected = [
+            "alloctrace leaks: 1.0 MiB live in 5 blocks at 3 sites, traced 10.0 s",
+            "process 100 worker: worker",
+            "process 200 etl-job [docker etl c0ffeec0ffee]: etl-job",
+            "lost: none",
+            "",
+            "pid 100 worker: 1.0 MiB live in 5 blocks, 2 sites",
+            "pid 200 etl-job: 0 B live in 0 blocks, 1 sites",
+            "",
+            "#1 mmap [lingering]: 1.0 MiB live in 1 blocks, oldest 8.0 s; 1.0 MiB allocated in 1 calls; pid 100 worker",
+            "    sizes p50 1.0 MiB p90 1.0 MiB p99 1.0 MiB max 1.0 MiB; 0.1 allocs/s, 0.0 frees/s",
+            "    lingering: a block of 1048576 bytes has been alive for 8.0 s",
+            "    load_table  (/usr/bin/worker+0x1000)",
+            "    main  (/usr/bin/worker+0x1000)",
+            "",
+            "#2 malloc [leak]: 3.9 KiB live in 4 blocks, oldest 9.0 s; 5.9 KiB allocated in 6 calls; pid 100 worker",
+            "    sizes p50 1000 B p90 1000 B p99 1000 B max 1000 B; 0.6 allocs/s, 0.2 frees/s",
+            "    leak: 4 blocks allocated all through the trace are still live (67% of 6 never freed)",
+            "    leak_site  (/usr/bin/worker+0x1000)",
+            "    main  (/usr/bin/worker+0x1000)",
+            "",
+            "#3 malloc [churn]: 0 B live in 0 blocks, oldest 0.00 s; 125.0 KiB allocated in 2000 calls; pid 200 etl-job",
+            "    sizes p50 64 B p90 64 B p99 64 B max 64 B; 200.0 allocs/s, 200.0 frees/s",
+            "    churn: allocates 200 blocks/s and frees 100% of them",
+            "    parse_row  (/usr/bin/worker+0x1000)",
+            "    main  (/usr/bin/worker+0x1000)",
+            "",
+            "",
+        ];
+        assert_eq!(String::from_utf8(out).unwrap(), expected.join("\n"));
+    }
+
+    #[test]
+    fn large_objects_of_a_synthetic_trace_read_to_the_byte() {
+        let options = large::LargeOptions {
+            min_size: 1000,
+            min_age_ns: 0,
+            top: 2,
+            group_by: GroupBy::Container,
+        };
+        let report = large::build(&synthetic::trace(), &options, synthetic::TRACER_RSS);
+        let mut out = Vec::new();
+        write_large(&report, false, &mut out).unwrap();
+        let expected = [
+            "alloctrace large: 5 objects of at least 1000 B hold 1.0 MiB, traced 10.0 s",
+            "process 100 worker: worker",
+            "process 200 etl-job [docker etl c0ffeec0ffee]: etl-job",
+            "lost: none",
+            "",
+            "host: 1.0 MiB live in 5 blocks, 5 objects",
+            "",
+            "#1 1.0 MiB at 0x7f0000000000, alive 8.0 s, from mmap; pid 100 worker",
+            "    load_table  (/usr/bin/worker+0x1000)",
+            "    main  (/usr/bin/worker+0x1000)",
+            "",
+            "#2 1000 B at 0x1000, alive 9.0 s, from malloc; pid 100 worker",
+            "    leak_site  (/usr/bin/worker+0x1000)",
+            "    main  (/usr/bin/worker+0x1000)",
+            "",
+            "(3 more objects not shown: raise --top)",
+            "",
+        ];
+        assert_eq!(String::from_utf8(out).unwrap(), expected.join("\n"));
     }
 
     #[test]

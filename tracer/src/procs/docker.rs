@@ -93,8 +93,8 @@ impl DockerNames {
             Ok(Some(name)) => {
                 self.remember(id);
                 if let Some(unnamed) = self.unnamed.remove(id) {
-                    eprintln!(
-                        "alloctrace: Docker container {short} is {name} (learned after {} failed attempts)",
+                    log::info!(
+                        "Docker container {short} is {name} (learned after {} failed attempts)",
                         unnamed.failures
                     );
                 }
@@ -120,8 +120,8 @@ impl DockerNames {
         };
         self.remember(id);
         let unnamed = self.unnamed.entry(id.to_owned()).or_insert_with(|| {
-            eprintln!(
-                "alloctrace: no name yet for Docker container {short} ({reason}): asked again at its next process"
+            log::warn!(
+                "no name yet for Docker container {short} ({reason}): asked again at its next process"
             );
             Unnamed {
                 failures: 0,

@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use super::{Group, GroupBy, Header, group, kind, stack};
 use crate::{
+    model::Trace,
     procs::{Frame, container::Container, debuginfo},
-    trace::Trace,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -44,8 +44,11 @@ pub struct LargeOptions {
     pub group_by: GroupBy,
 }
 
-pub fn build(trace: &Trace, options: &LargeOptions) -> LargeReport {
-    let header = Header::new("large", trace);
+/// The report of `trace`, a pure function of it; `tracer_max_rss_bytes` is alloctrace's peak resident memory,
+/// as the caller measured it. The stacks' source lines are named afterwards
+/// ([`LargeReport::name_source_lines`]): that reads the binaries' debug information.
+pub fn build(trace: &Trace, options: &LargeOptions, tracer_max_rss_bytes: u64) -> LargeReport {
+    let header = Header::new("large", trace, tracer_max_rss_bytes);
     let end = trace.window.1;
     let mut objects: Vec<LargeObject> = trace
         .ledger
@@ -70,7 +73,6 @@ pub fn build(trace: &Trace, options: &LargeOptions) -> LargeReport {
         objects.iter().map(|o| (o.pid, o.size, 1)),
     );
     objects.truncate(options.top);
-    debuginfo::resolve(objects.iter_mut().map(|o| &mut o.stack));
     LargeReport {
         groups,
         header,
@@ -79,5 +81,13 @@ pub fn build(trace: &Trace, options: &LargeOptions) -> LargeReport {
         object_count,
         object_bytes,
         objects,
+    }
+}
+
+impl LargeReport {
+    /// Gives the listed stacks' native frames their file and line, from the debug information of their
+    /// binaries (read from disk, through the processes' roots).
+    pub fn name_source_lines(&mut self) {
+        debuginfo::resolve(self.objects.iter_mut().map(|o| &mut o.stack));
     }
 }

@@ -11,11 +11,9 @@ use super::{
 };
 use crate::{
     aggregate::{SiteId, SiteStats},
-    procs::Frame,
-    procs::container::Container,
-    procs::debuginfo,
+    model::Trace,
+    procs::{Frame, container::Container, debuginfo},
     sampling,
-    trace::Trace,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -117,8 +115,11 @@ pub struct LeaksOptions {
     pub group_by: GroupBy,
 }
 
-pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
-    let header = Header::new("leaks", trace);
+/// The report of `trace`, a pure function of it; `tracer_max_rss_bytes` is alloctrace's peak resident memory,
+/// as the caller measured it. The stacks' source lines are named afterwards
+/// ([`LeaksReport::name_source_lines`]): that reads the binaries' debug information.
+pub fn build(trace: &Trace, options: &LeaksOptions, tracer_max_rss_bytes: u64) -> LeaksReport {
+    let header = Header::new("leaks", trace, tracer_max_rss_bytes);
     let end = trace.window.1;
     let ns_to_s = |ns: u64| ns as f64 / 1e9;
     let live = trace
@@ -210,7 +211,6 @@ pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
         sites.iter().map(|s| (s.pid, s.live_bytes, s.live_count)),
     );
     sites.truncate(options.top);
-    debuginfo::resolve(sites.iter_mut().map(|s| &mut s.stack));
     LeaksReport {
         groups,
         header,
@@ -219,6 +219,14 @@ pub fn build(trace: &Trace, options: &LeaksOptions) -> LeaksReport {
         live_count,
         site_count,
         sites,
+    }
+}
+
+impl LeaksReport {
+    /// Gives the listed stacks' native frames their file and line, from the debug information of their
+    /// binaries (read from disk, through the processes' roots).
+    pub fn name_source_lines(&mut self) {
+        debuginfo::resolve(self.sites.iter_mut().map(|s| &mut s.stack));
     }
 }
 

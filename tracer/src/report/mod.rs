@@ -1,28 +1,41 @@
 //! Reports: what a trace found, as plain data that every output format renders the same way.
 
-pub mod history;
 pub mod large;
 pub mod leaks;
 pub mod oom;
+#[cfg(test)]
+pub(crate) mod tests;
 pub mod verdict;
 
 use serde::Serialize;
 
 use crate::{
     aggregate::{Site, SiteId},
-    procs::container::Container,
-    procs::{Frame, ProcessInfo, allocator::Allocator},
-    python::runtime::PythonInfo,
-    trace::Trace,
+    model::{AllocatorReport, CacheEvictions, Losses, ProcessReport, Trace, history},
+    procs::{Frame, container::Container},
 };
 
 /// How `--group-by` sums a report up: by process, by container, or not at all (each stack its own site).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+/// (`cli` spells it for clap.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GroupBy {
     Process,
     Container,
     #[default]
     Stack,
+}
+
+impl GroupBy {
+    pub const ALL: [Self; 3] = [Self::Process, Self::Container, Self::Stack];
+
+    /// Its name, as `--group-by` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::Container => "container",
+            Self::Stack => "stack",
+        }
+    }
 }
 
 /// Memory summed over the sites (or objects) of one process or container.
@@ -82,85 +95,6 @@ pub fn group(
     groups
 }
 
-/// Data lost on the way from the probes to the report, one counter per way it can be lost.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Losses {
-    /// Records the ring buffer had no room for: allocations or frees never seen.
-    pub events: u64,
-    /// Calls not recorded because the kernel's table of calls in flight was full.
-    pub untracked_calls: u64,
-    /// Blocks not kept because the kernel's table of live blocks was full (`--max-live-blocks`).
-    pub untracked_blocks: u64,
-    /// Allocations not counted because the kernel's table of sites was full.
-    pub untracked_sites: u64,
-    /// Sizes missing from a site's histogram because the kernel's table of sizes was full.
-    pub histogram_sizes: u64,
-    /// Allocations recorded without their stack (the kernel could not take it, or its record was lost).
-    pub stacks: u64,
-    /// Records userspace could not decode.
-    pub undecodable: u64,
-    /// Processes chosen for the trace (children, exec'd images, name or container matches) that could not be
-    /// attached to: what they allocated is missing.
-    pub untraced_processes: u64,
-}
-
-/// What the tracer's bounded caches evicted to stay within their bounds. Not a loss: an evicted entry is read
-/// again when it is needed (from a process that is still alive).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct CacheEvictions {
-    /// ELF objects (symbol tables) dropped from the cache of modules.
-    pub modules: u64,
-    /// Python code objects dropped from the caches of code objects.
-    pub python_code_objects: u64,
-}
-
-impl CacheEvictions {
-    pub fn total(&self) -> u64 {
-        self.modules + self.python_code_objects
-    }
-}
-
-impl Losses {
-    pub fn total(&self) -> u64 {
-        self.events
-            + self.untracked_calls
-            + self.untracked_blocks
-            + self.untracked_sites
-            + self.histogram_sizes
-            + self.stacks
-            + self.undecodable
-            + self.untraced_processes
-    }
-}
-
-/// How a traced process ended, when it did during the trace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Exit {
-    Code(i32),
-    Signal(i32),
-    /// It exited, but it was not alloctrace's child, so its status is not known.
-    Exited,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ProcessReport {
-    #[serde(flatten)]
-    pub info: ProcessInfo,
-    /// How it ended, if it did during the trace.
-    pub exit: Option<Exit>,
-    /// The CPython interpreter it runs, if any, and whether its frames are read.
-    pub python: Option<PythonInfo>,
-}
-
-/// Where a process's probes went.
-#[derive(Clone, Debug, Serialize)]
-pub struct AllocatorReport {
-    pub pid: u32,
-    #[serde(flatten)]
-    pub allocator: Allocator,
-}
-
 /// What every report says about the trace itself.
 #[derive(Clone, Debug, Serialize)]
 pub struct Header {
@@ -193,7 +127,9 @@ pub struct Header {
 }
 
 impl Header {
-    pub fn new(command: &'static str, trace: &Trace) -> Self {
+    /// The header of `trace`'s report; `tracer_max_rss_bytes` is alloctrace's peak resident memory, as the
+    /// caller measured it when the trace ended.
+    pub fn new(command: &'static str, trace: &Trace, tracer_max_rss_bytes: u64) -> Self {
         Self {
             schema: 1,
             command,
@@ -204,7 +140,7 @@ impl Header {
             frees_not_seen: trace.unseen_frees,
             processes: trace.processes.clone(),
             allocators: trace.allocators.clone(),
-            tracer_max_rss_bytes: crate::system::max_rss_bytes(),
+            tracer_max_rss_bytes,
             sampled_every_bytes: (!trace.sampling.is_exact()).then_some(trace.sampling.interval),
             unreadable_python_frames: trace.unreadable_python_frames,
             cache_evictions: trace.cache_evictions,
