@@ -258,6 +258,9 @@ impl Registry {
             info = None;
         }
         let maps = Maps::from_pid(pid).ok().filter(|m| !m.mappings.is_empty());
+        if maps.is_some() {
+            self.unwinding.forget(pid);
+        }
         match self.processes.get_mut(&pid) {
             Some(process) => {
                 if let Some(info) = info {
@@ -285,6 +288,7 @@ impl Registry {
         let Some(maps) = Maps::from_pid(pid).ok().filter(|m| !m.mappings.is_empty()) else {
             return;
         };
+        self.unwinding.forget(pid);
         match self.processes.get_mut(&pid) {
             Some(process) => process.maps = maps,
             None => {
@@ -323,6 +327,7 @@ impl Registry {
     /// Forgets a process that is gone (the agent, which runs for days, must not keep every pid it saw).
     pub fn forget(&mut self, pid: u32) {
         self.processes.remove(&pid);
+        self.unwinding.forget(pid);
     }
 
     pub fn info(&self, pid: u32) -> Option<&ProcessInfo> {
@@ -384,7 +389,7 @@ impl Registry {
             self.refresh(pid);
         }
         let mut unwinding = std::mem::take(&mut self.unwinding);
-        let mut unwound = unwinding.unwind(regs, stack, |address| {
+        let mut unwound = unwinding.unwind(pid, regs, stack, |address| {
             let mapping = self.maps(pid)?.find(address)?.clone();
             if !mapping.executable {
                 return None;

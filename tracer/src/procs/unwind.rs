@@ -37,6 +37,11 @@ pub const MAX_UNWIND_OBJECTS: usize = 1024;
 
 /// The most bytes of unwind sections kept for all objects.
 pub const MAX_UNWIND_BYTES: usize = 64 << 20;
+const _: () = assert!(MAX_UNWIND_READ_BYTES as usize <= MAX_UNWIND_BYTES);
+
+/// The most processes whose unwinder (the objects added to it) is kept between events; past it, all are
+/// dropped and made again as events come.
+pub const MAX_UNWIND_PROCESSES: usize = 1024;
 
 /// The most frames one unwind yields: as many as a stack record of the kernel's holds.
 pub const MAX_UNWOUND_FRAMES: usize = tracer_common::MAX_STACK_DEPTH;
@@ -219,9 +224,21 @@ struct Entry {
     last_used: u64,
 }
 
-/// The unwind sections of the objects processes map, and the unwinder's cache of rules.
+/// One process's unwinder: the objects added to it so far, by the executable mapping each was added for
+/// (also those found to have no CFI, not looked up again).
+#[derive(Default)]
+struct ProcessUnwinder {
+    unwinder: UnwinderNative<SectionBytes, MayAllocateDuringUnwind>,
+    added: Vec<Range<u64>>,
+}
+
+/// The unwind sections of the objects processes map, each process's unwinder, and the unwinders' cache of
+/// rules. A process's unwinder is kept between its events (finding an object costs a `stat` of its path, and
+/// the rules found are only reused by the same unwinder) until its address space is read again
+/// ([`Unwinding::forget`]).
 pub struct Unwinding {
     objects: HashMap<FileId, Entry>,
+    processes: HashMap<u32, ProcessUnwinder>,
     bytes: usize,
     uses: u64,
     evicted: u64,
@@ -232,6 +249,7 @@ impl Default for Unwinding {
     fn default() -> Self {
         Self {
             objects: HashMap::new(),
+            processes: HashMap::new(),
             bytes: 0,
             uses: 0,
             evicted: 0,
@@ -246,16 +264,26 @@ impl Unwinding {
         self.evicted
     }
 
-    /// Unwinds the stack `stack` (the user stack from `regs.sp` up) from `regs`. `module_at` says which object
-    /// holds a code address; objects are added to the unwinder as the frames reach them.
+    /// Drops what was added to `pid`'s unwinder: its address space was read again (a library may have been
+    /// unloaded, another mapped at its place), or it is gone.
+    pub fn forget(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+    }
+
+    /// Unwinds the stack `stack` of `pid` (the user stack from `regs.sp` up) from `regs`. `module_at` says which
+    /// object holds a code address; objects are added to the process's unwinder as frames first reach them.
     pub fn unwind(
         &mut self,
+        pid: u32,
         regs: &tracer_common::UserRegs,
         stack: &[u8],
         mut module_at: impl FnMut(u64) -> Option<ModuleAt>,
     ) -> Unwound {
-        let mut unwinder = UnwinderNative::<SectionBytes, MayAllocateDuringUnwind>::new();
-        let mut added: Vec<Range<u64>> = Vec::new();
+        if self.processes.len() >= MAX_UNWIND_PROCESSES && !self.processes.contains_key(&pid) {
+            self.processes.clear();
+        }
+        let mut process = self.processes.remove(&pid).unwrap_or_default();
+        let ProcessUnwinder { unwinder, added } = &mut process;
         let window = regs.sp..regs.sp.saturating_add(stack.len() as u64);
         let mut read_stack = |address: u64| -> Result<u64, ()> {
             if !window.contains(&address) {
@@ -296,6 +324,7 @@ impl Unwinding {
                 Err(_) => break UnwindEnd::Stopped,
             }
         };
+        self.processes.insert(pid, process);
         Unwound { frames, end }
     }
 
@@ -320,15 +349,13 @@ impl Unwinding {
         {
             self.evict_oldest();
         }
-        // An object larger than the whole bound is used for this unwind and not kept.
-        if bytes <= MAX_UNWIND_BYTES {
-            self.bytes += bytes;
-            let entry = Entry {
-                sections: sections.clone(),
-                last_used: self.uses,
-            };
-            self.objects.insert(file, entry);
-        }
+        // Never more than the bound: an object is read within MAX_UNWIND_READ_BYTES, half of it.
+        self.bytes += bytes;
+        let entry = Entry {
+            sections: sections.clone(),
+            last_used: self.uses,
+        };
+        self.objects.insert(file, entry);
         sections
     }
 
@@ -344,6 +371,9 @@ impl Unwinding {
         if let Some(entry) = self.objects.remove(&oldest) {
             self.bytes -= entry.sections.map_or(0, |s| s.heap_bytes());
             self.evicted += 1;
+            // The processes' unwinders share the sections they were given: dropped too, so that what the cache
+            // let go is freed (and the bound holds).
+            self.processes.clear();
         }
     }
 }
@@ -487,7 +517,7 @@ mod tests {
         let (regs, stack) = capture(3);
         let this = ThisProcess::new();
         let mut unwinding = Unwinding::default();
-        let unwound = unwinding.unwind(&regs, &stack, |address| this.module_at(address));
+        let unwound = unwinding.unwind(1, &regs, &stack, |address| this.module_at(address));
         // The first frame is in `capture`, then three returns into it, then one into this test.
         assert!(unwound.frames.len() >= 5, "{unwound:x?}");
         let in_capture: Vec<bool> = unwound.frames[..5]
@@ -503,7 +533,7 @@ mod tests {
         let (regs, stack) = capture(3);
         let this = ThisProcess::new();
         let unwound =
-            Unwinding::default().unwind(&regs, &stack[..16], |address| this.module_at(address));
+            Unwinding::default().unwind(1, &regs, &stack[..16], |address| this.module_at(address));
         assert_eq!(unwound.end, UnwindEnd::WindowEnded, "{unwound:x?}");
     }
 
