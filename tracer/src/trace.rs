@@ -398,6 +398,8 @@ impl State {
     fn keep_unwound_stack(&mut self, window: &StackWindow) {
         let (pid, tid) = (window.header.pid, window.header.tid);
         self.unwound_ids.remove(&tid);
+        // Taken whatever becomes of the window, as the kernel's stacks' are.
+        let early = lock(&self.python_stacks).remove(&window_python_key(window.stack_id));
         let unwound = self
             .registry
             .unwind(pid, &window.regs, &window.bytes, &window.frames);
@@ -413,7 +415,8 @@ impl State {
             if unwound.end == UnwindEnd::WindowEnded {
                 native.push(Frame::outer_frames_not_unwound());
             }
-            let python = name_python(&mut lock(&self.pythons), pid, &window.python);
+            let python =
+                early.unwrap_or_else(|| name_python(&mut lock(&self.pythons), pid, &window.python));
             self.keep_stack(id, native, python);
         }
         // Threads are few; a window whose allocation record was lost leaves its entry until the thread's next.
@@ -1372,6 +1375,10 @@ async fn session(
             let named = name_python(&mut lock(&pythons), header.pid, &python);
             lock(&python_stacks).insert(stack_id, named);
         }
+        Ok(Event::StackWindow(window)) if !window.python.frames.is_empty() => {
+            let named = name_python(&mut lock(&pythons), window.header.pid, &window.python);
+            lock(&python_stacks).insert(window_python_key(window.stack_id), named);
+        }
         _ => {}
     };
     let mut reader = RingReader::start(targets.probes.take_ring_buffer()?, first_look)
@@ -1640,6 +1647,13 @@ type Pythons = Arc<Mutex<HashMap<u32, Reader>>>;
 
 /// Python frames of stacks named on the ring reader's thread, by stack id, until the event loop takes them.
 type PythonStacks = Arc<Mutex<HashMap<u64, Vec<Frame>>>>;
+
+/// Where the ring reader's thread leaves the Python frames of a stack window (in `PythonStacks`): the window's
+/// kernel stack id, inverted. Stack ids are odd, so this is never one, and the kernel's own stack record of the
+/// same id keeps its entry.
+fn window_python_key(kernel_stack_id: u64) -> u64 {
+    !kernel_stack_id
+}
 
 /// Locks what the event loop shares with the ring reader's thread. Neither panics while holding it; a poisoned
 /// lock still holds consistent data.
