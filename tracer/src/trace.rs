@@ -377,7 +377,6 @@ impl State {
         }
     }
 
-    /// The one shared copy of a frame, counted in `stack_bytes` the first time it is seen.
     /// Keeps a named stack under `stack_id`, its Python frames merged where the interpreter runs them.
     fn keep_stack(&mut self, stack_id: u64, native: Vec<Frame>, python: Vec<Frame>) {
         let named: Vec<Arc<Frame>> = runtime::merge(native, python)
@@ -394,7 +393,7 @@ impl State {
     /// A stack window, unwound with the CFI of the process's objects (`procs::unwind`): its stack gets an id
     /// of its own (the same callers the same id), kept as the kernel's stacks are and within the same bounds,
     /// and the allocation record that follows on this thread is given that id. Past the bounds, or when the
-    /// window unwinds to nothing more than the kernel took, the allocation keeps the kernel's stack.
+    /// unwind found no caller at all, the allocation keeps the kernel's stack.
     fn keep_unwound_stack(&mut self, window: &StackWindow) {
         let (pid, tid) = (window.header.pid, window.header.tid);
         self.unwound_ids.remove(&tid);
@@ -438,6 +437,7 @@ impl State {
         }
     }
 
+    /// The one shared copy of a frame, counted in `stack_bytes` the first time it is seen.
     fn intern(&mut self, frame: Frame) -> Arc<Frame> {
         if let Some(known) = self.frames.get(&frame) {
             return Arc::clone(known);
