@@ -108,12 +108,79 @@ impl UnwindSections {
                 bytes: SectionBytes(bytes.into()),
             })
         };
-        Ok(Self {
+        let mut sections = Self {
             eh_frame: with_bytes(b".eh_frame"),
             eh_frame_hdr: with_bytes(b".eh_frame_hdr"),
             text: place(b".text").map(|(_, address)| address),
             got: place(b".got").map(|(_, address)| address),
-        })
+        };
+        if !sections.expressions_terminate() {
+            sections.eh_frame = None;
+            sections.eh_frame_hdr = None;
+        }
+        Ok(sections)
+    }
+
+    /// Whether every DWARF expression of the CFI only branches forward. framehop evaluates the expressions a
+    /// rule needs with gimli, which bounds neither the steps nor the stack of an evaluation: an object whose
+    /// CFI holds a `DW_OP_skip` back to itself (or a loop pushing values) would hold the tracer forever or
+    /// exhaust its memory. Without a backward branch an evaluation ends within its expression's length. An
+    /// object whose CFI does not parse is refused too (framehop would find its entries through
+    /// `.eh_frame_hdr` all the same). Checked once per file, when it is read.
+    fn expressions_terminate(&self) -> bool {
+        use gimli::{
+            BaseAddresses, CallFrameInstruction, CieOrFde, EhFrame, LittleEndian, Operation,
+            UnwindSection as _,
+        };
+        let Some(eh_frame) = &self.eh_frame else {
+            return true;
+        };
+        let section = EhFrame::new(&eh_frame.bytes[..], LittleEndian);
+        let start = |range: &Option<Range<u64>>| range.as_ref().map_or(0, |r| r.start);
+        let bases = BaseAddresses::default()
+            .set_eh_frame(eh_frame.address.start)
+            .set_text(start(&self.text))
+            .set_got(start(&self.got));
+        let forward_only = |mut instructions: gimli::CallFrameInstructionIter<'_, _>,
+                            encoding: gimli::Encoding|
+         -> gimli::Result<bool> {
+            while let Some(instruction) = instructions.next()? {
+                let expression = match instruction {
+                    CallFrameInstruction::DefCfaExpression { expression }
+                    | CallFrameInstruction::Expression { expression, .. }
+                    | CallFrameInstruction::ValExpression { expression, .. } => expression,
+                    _ => continue,
+                };
+                let mut operations = expression.get(&section)?.operations(encoding);
+                while let Some(operation) = operations.next()? {
+                    if let Operation::Skip { target } | Operation::Bra { target } = operation
+                        && target < 0
+                    {
+                        return Ok(false);
+                    }
+                }
+            }
+            Ok(true)
+        };
+        let check = || -> gimli::Result<bool> {
+            let mut entries = section.entries(&bases);
+            while let Some(entry) = entries.next()? {
+                let terminates = match entry {
+                    CieOrFde::Cie(cie) => {
+                        forward_only(cie.instructions(&section, &bases), cie.encoding())?
+                    }
+                    CieOrFde::Fde(partial) => {
+                        let fde = partial.parse(EhFrame::cie_from_offset)?;
+                        forward_only(fde.instructions(&section, &bases), fde.cie().encoding())?
+                    }
+                };
+                if !terminates {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        };
+        check().unwrap_or(false)
     }
 
     /// Reads the unwind sections of an opened object (see [`super::module::open_object`]), within
@@ -418,6 +485,69 @@ mod tests {
         assert!(sections.text.is_some());
         assert!(sections.has_cfi());
         assert!(sections.heap_bytes() > eh_frame.bytes.len());
+    }
+
+    /// `.eh_frame` of one CIE (code alignment 1, data alignment -8, return address in register 16) and one
+    /// FDE for 0x1000..0x1010 whose only rule is a CFA expression of `expression`.
+    fn eh_frame_with_cfa_expression(expression: &[u8]) -> Vec<u8> {
+        let mut cie = vec![0, 0, 0, 0, 1, b'z', b'R', 0, 1, 0x78, 16, 1, 0x1b];
+        while !(cie.len() + 4).is_multiple_of(8) {
+            cie.push(0); // DW_CFA_nop
+        }
+        let mut frame = (cie.len() as u32).to_le_bytes().to_vec();
+        frame.extend(&cie);
+        let fde_start = frame.len();
+        // pc_begin is pcrel (sdata4): from its own place in the section, at 0x2000 + fde_start + 8.
+        let pc_begin = (0x1000i64 - (0x2000 + fde_start as i64 + 8)) as i32;
+        let mut fde = ((fde_start + 4) as u32).to_le_bytes().to_vec();
+        fde.extend(pc_begin.to_le_bytes());
+        fde.extend(0x10u32.to_le_bytes());
+        fde.push(0); // no augmentation data
+        fde.push(0x0f); // DW_CFA_def_cfa_expression
+        fde.push(expression.len() as u8);
+        fde.extend(expression);
+        while !(fde.len() + 4).is_multiple_of(8) {
+            fde.push(0);
+        }
+        frame.extend((fde.len() as u32).to_le_bytes());
+        frame.extend(fde);
+        frame.extend([0, 0, 0, 0]);
+        frame
+    }
+
+    fn sections_with(eh_frame: Vec<u8>) -> UnwindSections {
+        UnwindSections {
+            eh_frame: Some(Section {
+                address: 0x2000..0x2000 + eh_frame.len() as u64,
+                bytes: SectionBytes(eh_frame.into()),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cfi_whose_expressions_could_loop_is_refused() {
+        // DW_OP_breg7 8 (rsp + 8): the usual shape, kept.
+        assert!(sections_with(eh_frame_with_cfa_expression(&[0x77, 8])).expressions_terminate());
+        // A forward DW_OP_skip over one DW_OP_nop, kept.
+        assert!(
+            sections_with(eh_frame_with_cfa_expression(&[0x2f, 1, 0, 0x96, 0x77, 8]))
+                .expressions_terminate()
+        );
+        // DW_OP_skip -3: back to itself, forever.
+        assert!(
+            !sections_with(eh_frame_with_cfa_expression(&[0x2f, 0xfd, 0xff]))
+                .expressions_terminate()
+        );
+        // DW_OP_lit1, DW_OP_bra -3: a loop that pushes as it goes.
+        assert!(
+            !sections_with(eh_frame_with_cfa_expression(&[0x31, 0x28, 0xfd, 0xff]))
+                .expressions_terminate()
+        );
+        // Bytes that are no CFI at all.
+        assert!(!sections_with(vec![0xff; 64]).expressions_terminate());
+        // The test binary's own CFI passes.
+        assert!(this_binary().has_cfi());
     }
 
     #[test]
