@@ -98,6 +98,9 @@ fn pprof_per_function(profile: &Path) -> (BTreeMap<String, u64>, BTreeMap<String
         &[
             "-top",
             "-nodefraction=0",
+            // A node is marked `(inline)` by its incoming edges, and by default edges under 0.1% of the total
+            // are dropped: a small site's inlined frame would lose its mark.
+            "-edgefraction=0",
             "-nodecount=100000",
             "-sample_index=inuse_space",
             "-unit=B",

@@ -42,9 +42,12 @@ fn pyenv(version: &str) -> PathBuf {
 fn trace(python: &Path) -> Value {
     require_root();
     assert!(python.exists(), "{} is missing", python.display());
+    // Numbered: pyenv's 3.11 and Debian's are both `python3.11`, traced at once by tests running in parallel.
+    static TRACES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let report = std::env::temp_dir().join(format!(
-        "alloctrace-python-{}-{}.json",
+        "alloctrace-python-{}-{}-{}.json",
         std::process::id(),
+        TRACES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         python.file_name().unwrap().to_string_lossy()
     ));
     let mut tracer = Command::new(alloctrace())

@@ -131,6 +131,9 @@ pub enum EventKind {
     Oom = 6,
     /// A watched process wrote to a page for the first time (a sampled user page fault): [`FaultEvent`].
     Fault = 7,
+    /// A window of the user stack and the registers at a mapping system call, for userspace to unwind
+    /// through code without frame pointers: [`StackWindowEvent`].
+    StackWindow = 8,
 }
 
 /// The allocator entry point a record comes from. Values are part of the record format: never reuse one.
@@ -519,6 +522,43 @@ pub struct StackEvent {
     pub py_frames: [PyFrame; MAX_PY_FRAMES],
 }
 
+/// Bytes of user stack, from the stack pointer up, copied at a mapping system call made outside the allocator
+/// (`mmap`, `mremap`, `brk`) for userspace to unwind with the modules' `.eh_frame`. perf's `--call-graph dwarf`
+/// copies as much by default: libc's wrappers and `sbrk` use a few dozen bytes, and 8 KiB holds the callers of
+/// ordinary C code and a dozen of CPython's C frames, while a record stays small beside the system call and
+/// the page faults of the memory it maps. What lies past the window is taken from the frame-pointer walk.
+pub const STACK_WINDOW_BYTES: usize = 8192;
+
+/// The user registers an unwind starts from, as the system call found them. `fp` is x86-64's `rbp` or
+/// aarch64's `x29`; `lr` is aarch64's link register (`x30`), 0 on x86-64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct UserRegs {
+    pub ip: u64,
+    pub sp: u64,
+    pub fp: u64,
+    pub lr: u64,
+}
+
+/// The user stack at a mapping system call made outside the allocator: sent before the [`AllocEvent`] of that
+/// call (same thread, in ring order), whose `stack_id` is `stack.stack_id`. `stack` is the stack as the kernel
+/// took it (frame-pointer walk, Python frames); userspace unwinds `bytes` from `regs` with the modules' CFI,
+/// names that stack, and gives the allocation its id instead. Sent for every such call (its callers are what
+/// the frame-pointer id cannot tell apart), never deduplicated by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct StackWindowEvent {
+    /// Its header's kind is [`EventKind::StackWindow`].
+    pub stack: StackEvent,
+    pub regs: UserRegs,
+    /// How many bytes of `bytes` were read, from `regs.sp` up: less than the window near the top of a stack.
+    pub len: u32,
+    pub _pad: u32,
+    pub bytes: [u8; STACK_WINDOW_BYTES],
+}
+
 /// What became of a stack's Python frames. Values are part of the record format: never reuse one.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -626,6 +666,9 @@ const _: () = assert!(size_of::<FaultFields>() == 8);
 const _: () = assert!(size_of::<OomFields>() == 24);
 const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH + 8 + 16 * MAX_PY_FRAMES);
 const _: () = assert!(size_of::<PyProcess>() == 56);
+const _: () = assert!(size_of::<UserRegs>() == 32);
+const _: () =
+    assert!(size_of::<StackWindowEvent>() == size_of::<StackEvent>() + 32 + 8 + STACK_WINDOW_BYTES);
 const _: () = assert!(size_of::<PyFrame>() == 16);
 const _: () = assert!(size_of::<InFlight>() == 80);
 const _: () = assert!(size_of::<LiveKey>() == 16);

@@ -35,8 +35,9 @@ use tracer_common::{
     FAULT_WRITE, FORKED, FaultEvent, FaultFields, ForkEvent, FreeEvent, HOLD_AT_EXEC, InFlight,
     LOSS_COUNTERS, LiveBlock, LiveKey, Loss, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_DEPTH,
     OomEvent, OomFields, PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame, PyProcess, PyStatus,
-    SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES, SiteCounters, SiteKey, SizeKey, StackEvent,
-    SyscallInFlight, TALLY_COUNTERS, Tally, sample_weight, size_class,
+    SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES, STACK_WINDOW_BYTES, SiteCounters, SiteKey,
+    SizeKey, StackEvent, StackWindowEvent, SyscallInFlight, TALLY_COUNTERS, Tally, UserRegs,
+    sample_weight, size_class,
 };
 
 /// Every record for userspace, in the order the probes reserved them.
@@ -236,6 +237,16 @@ const PT_REGS_SP: usize = 152;
 const PT_REGS_IP: usize = 256;
 #[cfg(bpf_target_arch = "aarch64")]
 const PT_REGS_SP: usize = 248;
+/// The frame pointer (x86-64's `bp`, aarch64's `regs[29]`) and the link register (aarch64's `regs[30]`; x86-64
+/// has none, and reads 0): what CFI unwinding starts from besides `ip` and `sp`.
+#[cfg(bpf_target_arch = "x86_64")]
+const PT_REGS_FP: usize = 32;
+#[cfg(bpf_target_arch = "x86_64")]
+const PT_REGS_LR: Option<usize> = None;
+#[cfg(bpf_target_arch = "aarch64")]
+const PT_REGS_FP: usize = 232;
+#[cfg(bpf_target_arch = "aarch64")]
+const PT_REGS_LR: Option<usize> = Some(240);
 
 /// The instruction pointer of a probe's saved user registers.
 #[inline(always)]
@@ -253,12 +264,18 @@ const WAKEUP_BYTES: u64 = 1 << 20;
 /// Writes a record to the ring buffer; false, and counted as lost, when there is no room.
 #[inline(always)]
 fn output<T>(record: &T) -> bool {
+    write(record, wakeup_flags())
+}
+
+/// Wakes userspace only once [`WAKEUP_BYTES`] wait.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
     let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     };
-    write(record, flags as u64)
+    flags as u64
 }
 
 /// Writes a record userspace must act on at once (a new process to attach to), waking it.
@@ -835,6 +852,10 @@ fn capture_stack(ctx: *mut c_void, first_frame: u64, guessed_caller: Option<u64>
     let scratch = hash.stack;
     // 0 means "no stack" in records.
     let id = hash.id | 1;
+    // Kept in the scratch whether sent or not: a stack window sent next copies the stack from there.
+    scratch.stack_id = id;
+    scratch.depth = depth as u32;
+    scratch.guessed_caller = skip as u32;
     // The record goes out before the id is marked as sent: a thread on another CPU that sees the mark then
     // writes its allocation after the stack in the ring. Two threads may both send it; userspace keeps one.
     let last_sent = LAST_SENT_STACK.get_ptr_mut(0);
@@ -846,9 +867,6 @@ fn capture_stack(ctx: *mut c_void, first_frame: u64, guessed_caller: Option<u64>
     // SAFETY: read-only look-up of a plain value.
     if unsafe { SENT_STACKS.get(id) }.is_none() {
         scratch.header = header(EventKind::Stack);
-        scratch.stack_id = id;
-        scratch.depth = depth as u32;
-        scratch.guessed_caller = skip as u32;
         // A Python stack wakes userspace at once: its code objects must be read before they are freed (a
         // module's, once its import is done). A new stack is rare beside the allocations it names.
         sent = if scratch.py_depth > 0 {
@@ -1144,28 +1162,97 @@ fn field(ctx: &TracePointContext, offset: usize) -> u64 {
     unsafe { ctx.read_at::<u64>(offset) }.unwrap_or(0)
 }
 
-/// At a system call: the user instruction pointer (inside the libc wrapper), and the word on top of the user
-/// stack (at a leaf wrapper's `syscall`, the return address into its caller).
+/// At a system call or fault: the current task's saved user registers (0 where one cannot be read).
 #[inline(always)]
-fn user_ip_and_top_word() -> (u64, u64) {
+fn user_regs() -> UserRegs {
     // SAFETY: bpf_task_pt_regs of the current task gives its saved user registers; every read is checked.
     unsafe {
         let task = bpf_get_current_task_btf();
         let regs = bpf_task_pt_regs(task) as *const u8;
-        let ip = bpf_probe_read_kernel(regs.add(PT_REGS_IP) as *const u64).unwrap_or(0);
-        let Ok(sp) = bpf_probe_read_kernel(regs.add(PT_REGS_SP) as *const u64) else {
-            return (ip, 0);
-        };
-        (ip, bpf_probe_read_user(sp as *const u64).unwrap_or(0))
+        let at = |offset: usize| bpf_probe_read_kernel(regs.add(offset) as *const u64).unwrap_or(0);
+        UserRegs {
+            ip: at(PT_REGS_IP),
+            sp: at(PT_REGS_SP),
+            fp: at(PT_REGS_FP),
+            lr: PT_REGS_LR.map_or(0, at),
+        }
     }
 }
 
-/// Sends a range being mapped (or the break having moved) with its stack.
+/// The word on top of the user stack: at a leaf wrapper's `syscall`, the return address into its caller.
+#[inline(always)]
+fn top_word(regs: &UserRegs) -> u64 {
+    read_user::<u64>(regs.sp).unwrap_or(0)
+}
+
+/// Sends the user stack from `regs.sp` up (at most [`STACK_WINDOW_BYTES`]) with the registers and the stack
+/// `capture_stack` just took (its record is still in `STACK_SCRATCH`), reserved in the ring buffer itself: far
+/// too large for the BPF stack, and copied once.
+#[inline(always)]
+fn send_stack_window(regs: &UserRegs) {
+    let Some(scratch) = STACK_SCRATCH.get_ptr(0) else {
+        return;
+    };
+    let Some(mut entry) = EVENTS.reserve::<StackWindowEvent>(0) else {
+        count_loss(Loss::RingBufFull);
+        return;
+    };
+    let window = entry.as_mut_ptr();
+    // SAFETY: `window` is the reserved record, written here before it is submitted; `scratch` is this CPU's
+    // stack record, which no other program on this CPU touches meanwhile.
+    unsafe {
+        // A helper copy: as plain loads and stores, 1,840 bytes cost the verifier an instruction each.
+        let stack = core::slice::from_raw_parts_mut(
+            core::ptr::addr_of_mut!((*window).stack).cast::<u8>(),
+            size_of::<StackEvent>(),
+        );
+        if bpf_probe_read_kernel_buf(scratch.cast::<u8>(), stack).is_err() {
+            entry.discard(0);
+            return;
+        }
+        (*window).stack.header = header(EventKind::StackWindow);
+        (*window).regs = *regs;
+        (*window).len = read_window(regs.sp, &mut (*window).bytes);
+        (*window)._pad = 0;
+    }
+    entry.submit(wakeup_flags());
+}
+
+/// Reads the user stack from `sp` up into `bytes`; the bytes read. A read that crosses the top of the stack
+/// fails whole, so shorter ones follow, ending at page boundaries (the page of `sp` is mapped: the system call's
+/// return address is there).
+#[inline(always)]
+fn read_window(sp: u64, bytes: &mut [u8; STACK_WINDOW_BYTES]) -> u32 {
+    let to_page_end = PAGE_SIZE - (sp & (PAGE_SIZE - 1));
+    for len in [
+        STACK_WINDOW_BYTES as u64,
+        to_page_end + PAGE_SIZE,
+        to_page_end,
+    ] {
+        let len = len.min(STACK_WINDOW_BYTES as u64) as usize;
+        // SAFETY: at most `STACK_WINDOW_BYTES` bytes of user memory into a buffer of that size; a fault is an
+        // error, not a crash.
+        if unsafe { bpf_probe_read_user_buf(sp as *const u8, &mut bytes[..len]) }.is_ok() {
+            return len as u32;
+        }
+    }
+    0
+}
+
+/// Sends a range being mapped (or the break having moved) with its stack. A mapping made outside the allocator
+/// comes from a libc wrapper (`mmap`, `sbrk`) without frame pointers, where the frame-pointer walk loses the
+/// caller: it also sends the stack window that userspace unwinds (`send_stack_window`).
 #[inline(always)]
 fn emit_mapping(ctx: &TracePointContext, func: AllocFn, addr: u64, size: u64, flags: u32) {
     let stack_id = if flags & ALLOC_BY_ALLOCATOR == 0 {
-        let (ip, top_word) = user_ip_and_top_word();
-        capture_stack(ctx.as_ptr(), ip, Some(top_word))
+        let regs = user_regs();
+        let id = capture_stack(ctx.as_ptr(), regs.ip, Some(top_word(&regs)));
+        // The watch tier follows mappings by the page and never names their stacks.
+        // SAFETY: a plain global set at load time.
+        if id != 0 && unsafe { core::ptr::read_volatile(&WATCH_TIER) } == 0 {
+            send_stack_window(&regs);
+        }
+        id
     } else {
         0
     };
@@ -1327,7 +1414,7 @@ pub fn page_fault_user(ctx: TracePointContext) -> u32 {
         header: header(EventKind::Fault),
         addr: field(&ctx, fields.address as usize),
         // The user registers' ip is the faulting instruction.
-        stack_id: capture_stack(ctx.as_ptr(), user_ip_and_top_word().0, None),
+        stack_id: capture_stack(ctx.as_ptr(), user_regs().ip, None),
         weight: every.max(1),
         _pad: 0,
     };

@@ -1,8 +1,11 @@
 //! Ring-buffer records (bytes written by `tracer-ebpf`) into [`Event`]s.
 
+use std::mem::offset_of;
+
 use tracer_common::{
     ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, FaultEvent,
     ForkEvent, FreeEvent, MAX_PY_FRAMES, MAX_STACK_DEPTH, OomEvent, PyFrame, PyStatus, StackEvent,
+    StackWindowEvent, UserRegs,
 };
 
 /// One decoded record.
@@ -45,6 +48,8 @@ pub enum Event {
         /// Stopped before its first instruction: to be continued once attached.
         held: bool,
     },
+    /// The user stack at a mapping system call, to unwind in userspace: see [`StackWindow`].
+    StackWindow(Box<StackWindow>),
     Oom(OomEvent),
     /// A sampled write fault (the watch tier): the page of `addr` was made resident by stack `stack_id`, and
     /// stands for `weight` such faults.
@@ -54,6 +59,23 @@ pub enum Event {
         stack_id: u64,
         weight: u32,
     },
+}
+
+/// A window of the user stack at a mapping system call made outside the allocator, sent just before that
+/// call's [`Event::Alloc`] by the same thread, which carries `stack_id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StackWindow {
+    pub header: EventHeader,
+    /// The kernel's id of the stack below, which the allocation record that follows carries.
+    pub stack_id: u64,
+    /// The stack as the kernel took it: the frame-pointer walk, innermost first.
+    pub frames: Vec<u64>,
+    /// As in [`Event::Stack`]: `frames[1]` is the word on top of the stack.
+    pub guessed_caller: bool,
+    pub python: PythonStack,
+    pub regs: UserRegs,
+    /// The user stack from `regs.sp` up.
+    pub bytes: Vec<u8>,
 }
 
 /// The Python side of a stack record.
@@ -89,6 +111,18 @@ fn func(value: u32) -> Result<AllocFn, DecodeError> {
     AllocFn::try_from(value).map_err(|_| DecodeError::UnknownFunction(value))
 }
 
+/// The native frames and the Python side of a stack record.
+fn stack_parts(e: &StackEvent) -> Result<(Vec<u64>, PythonStack), DecodeError> {
+    let depth = (e.depth as usize).min(MAX_STACK_DEPTH);
+    let py_depth = (e.py_depth as usize).min(MAX_PY_FRAMES);
+    let python = PythonStack {
+        status: PyStatus::try_from(e.py_status)
+            .map_err(|_| DecodeError::UnknownPyStatus(e.py_status))?,
+        frames: e.py_frames[..py_depth].to_vec(),
+    };
+    Ok((e.frames[..depth].to_vec(), python))
+}
+
 impl TryFrom<&[u8]> for Event {
     type Error = DecodeError;
 
@@ -119,19 +153,39 @@ impl TryFrom<&[u8]> for Event {
             }
             EventKind::Stack => {
                 let e: StackEvent = read(bytes, Some(kind))?;
-                let depth = (e.depth as usize).min(MAX_STACK_DEPTH);
-                let py_depth = (e.py_depth as usize).min(MAX_PY_FRAMES);
+                let (frames, python) = stack_parts(&e)?;
                 Self::Stack {
                     header,
                     stack_id: e.stack_id,
-                    frames: e.frames[..depth].to_vec(),
+                    frames,
                     guessed_caller: e.guessed_caller != 0,
-                    python: PythonStack {
-                        status: PyStatus::try_from(e.py_status)
-                            .map_err(|_| DecodeError::UnknownPyStatus(e.py_status))?,
-                        frames: e.py_frames[..py_depth].to_vec(),
-                    },
+                    python,
                 }
+            }
+            EventKind::StackWindow => {
+                // Too large to copy onto the stack whole: read in its parts.
+                if bytes.len() < size_of::<StackWindowEvent>() {
+                    return Err(DecodeError::Short {
+                        kind: Some(kind),
+                        len: bytes.len(),
+                    });
+                }
+                let stack: StackEvent = read(bytes, Some(kind))?;
+                let (frames, python) = stack_parts(&stack)?;
+                let regs: UserRegs =
+                    read(&bytes[offset_of!(StackWindowEvent, regs)..], Some(kind))?;
+                let len: u32 = read(&bytes[offset_of!(StackWindowEvent, len)..], Some(kind))?;
+                let window =
+                    &bytes[offset_of!(StackWindowEvent, bytes)..size_of::<StackWindowEvent>()];
+                Self::StackWindow(Box::new(StackWindow {
+                    header,
+                    stack_id: stack.stack_id,
+                    frames,
+                    guessed_caller: stack.guessed_caller != 0,
+                    python,
+                    regs,
+                    bytes: window[..(len as usize).min(window.len())].to_vec(),
+                }))
             }
             EventKind::Exec => {
                 let e: ExecEvent = read(bytes, Some(kind))?;
@@ -311,6 +365,66 @@ mod tests {
                 func: AllocFn::Madvise,
                 addr: 0x7000_0000,
                 size: 1 << 20,
+            })
+        );
+    }
+
+    #[test]
+    fn stack_window_round_trips_with_only_the_bytes_read() {
+        let mut frames = [0u64; MAX_STACK_DEPTH];
+        frames[..2].copy_from_slice(&[0x7f00_0010, 0x5555_0020]);
+        let mut record = StackWindowEvent {
+            stack: StackEvent {
+                header: header(EventKind::StackWindow),
+                stack_id: 0x51,
+                depth: 2,
+                guessed_caller: 1,
+                frames,
+                py_depth: 0,
+                py_status: PyStatus::NotPython as u32,
+                py_frames: [PyFrame::default(); MAX_PY_FRAMES],
+            },
+            regs: UserRegs {
+                ip: 0x7f00_0010,
+                sp: 0x7ffc_0000,
+                fp: 0x7ffc_0100,
+                lr: 0,
+            },
+            len: 24,
+            _pad: 0,
+            bytes: [0xee; tracer_common::STACK_WINDOW_BYTES],
+        };
+        record.bytes[..24].copy_from_slice(&[7; 24]);
+        let Ok(Event::StackWindow(window)) = Event::try_from(bytes_of(&record)) else {
+            panic!("not a stack window");
+        };
+        assert_eq!(
+            *window,
+            StackWindow {
+                header: record.stack.header,
+                stack_id: 0x51,
+                frames: vec![0x7f00_0010, 0x5555_0020],
+                guessed_caller: true,
+                python: PythonStack {
+                    status: PyStatus::NotPython,
+                    frames: Vec::new(),
+                },
+                regs: record.regs,
+                bytes: vec![7; 24],
+            }
+        );
+        // A length past the window is cut to it; a record cut short is refused.
+        record.len = u32::MAX;
+        let Ok(Event::StackWindow(window)) = Event::try_from(bytes_of(&record)) else {
+            panic!("not a stack window");
+        };
+        assert_eq!(window.bytes.len(), tracer_common::STACK_WINDOW_BYTES);
+        let whole = bytes_of(&record);
+        assert_eq!(
+            Event::try_from(&whole[..whole.len() - 1]),
+            Err(DecodeError::Short {
+                kind: Some(EventKind::StackWindow),
+                len: whole.len() - 1
             })
         );
     }

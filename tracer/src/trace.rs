@@ -22,7 +22,7 @@ use tracer_common::{AllocFn, Loss, OomEvent, PyStatus, SiteKey, Tally};
 
 use crate::{
     aggregate::{Ledger, Site, SiteId, Sites, resident::Resident},
-    decode::{Event, PythonStack},
+    decode::{Event, PythonStack, StackWindow},
     model::{
         AllocatorReport, CacheEvictions, Exit, Losses, ProcessReport, Trace, history::History,
     },
@@ -33,6 +33,7 @@ use crate::{
         allocator::{self, Allocator},
         container::{self, Container, Selector},
         maps::FileId,
+        unwind::{self, UnwindEnd},
     },
     python::runtime::{self, Reader},
     report::oom::{self, Cgroups, OomInput, OomRecord, TopStack},
@@ -221,6 +222,9 @@ struct State {
     site_of_stack: HashMap<(u32, AllocFn, u64), SiteId>,
     /// Stack ids used by some site whose record never arrived, and how many.
     missing_stacks: HashSet<u64>,
+    /// Per thread, the stack id its last stack window was unwound to, and the kernel's id it stands for: the
+    /// allocation record that follows the window carries the kernel's.
+    unwound_ids: HashMap<u32, (u64, u64)>,
     stackless: u64,
     /// OOM kills read and not yet reported.
     ooms: Vec<OomEvent>,
@@ -258,6 +262,25 @@ impl State {
                 return;
             }
         };
+        let event = match event {
+            Event::StackWindow(window) => return self.keep_unwound_stack(&window),
+            Event::Alloc {
+                header,
+                func,
+                addr,
+                size,
+                stack_id,
+                by_allocator,
+            } => Event::Alloc {
+                stack_id: self.unwound_id(header.tid, stack_id),
+                header,
+                func,
+                addr,
+                size,
+                by_allocator,
+            },
+            event => event,
+        };
         // The watch tier keeps pages, not ranges: no site is made for what it only follows by the page.
         if let Some(resident) = &mut self.resident
             && follow_pages(resident, &event)
@@ -287,15 +310,7 @@ impl State {
                 let native = self.registry.symbolize(pid, &frames, guessed_caller);
                 let python =
                     early.unwrap_or_else(|| name_python(&mut lock(&self.pythons), pid, &python));
-                let named: Vec<Arc<Frame>> = runtime::merge(native, python)
-                    .into_iter()
-                    .map(|frame| self.intern(frame))
-                    .collect();
-                self.stack_bytes += named.len() * size_of::<Arc<Frame>>();
-                // Sent twice (two threads at once, or sent again after the kernel forgot it): the old copy goes.
-                if let Some(old) = self.stacks.insert(stack_id, named.into()) {
-                    self.stack_bytes -= old.len() * size_of::<Arc<Frame>>();
-                }
+                self.keep_stack(stack_id, native, python);
             }
             Event::Alloc {
                 header,
@@ -362,8 +377,70 @@ impl State {
                 });
             }
             Event::Oom(kill) => self.ooms.push(kill),
+            // Unwound above, before the allocation record it precedes.
+            Event::StackWindow(_) => {}
             // Only the watch tier's programs send faults.
             Event::Fault { .. } => self.undecodable += 1,
+        }
+    }
+
+    /// Keeps a named stack under `stack_id`, its Python frames merged where the interpreter runs them.
+    fn keep_stack(&mut self, stack_id: u64, native: Vec<Frame>, python: Vec<Frame>) {
+        let named: Vec<Arc<Frame>> = runtime::merge(native, python)
+            .into_iter()
+            .map(|frame| self.intern(frame))
+            .collect();
+        self.stack_bytes += named.len() * size_of::<Arc<Frame>>();
+        // Sent twice (two threads at once, or sent again after the kernel forgot it): the old copy goes.
+        if let Some(old) = self.stacks.insert(stack_id, named.into()) {
+            self.stack_bytes -= old.len() * size_of::<Arc<Frame>>();
+        }
+    }
+
+    /// A stack window, unwound with the CFI of the process's objects (`procs::unwind`): its stack gets an id
+    /// of its own (the same callers the same id), kept as the kernel's stacks are and within the same bounds,
+    /// and the allocation record that follows on this thread is given that id. Past the bounds, or when the
+    /// unwind found no caller at all, the allocation keeps the kernel's stack.
+    fn keep_unwound_stack(&mut self, window: &StackWindow) {
+        let (pid, tid) = (window.header.pid, window.header.tid);
+        self.unwound_ids.remove(&tid);
+        // Taken whatever becomes of the window, as the kernel's stacks' are.
+        let early = lock(&self.python_stacks).remove(&window_python_key(window.stack_id));
+        let unwound = self
+            .registry
+            .unwind(pid, &window.regs, &window.bytes, &window.frames);
+        if unwound.frames.len() < 2 {
+            return;
+        }
+        let id = unwind::unwound_stack_id(window.stack_id, &unwound.frames);
+        if !self.stacks.contains_key(&id) {
+            if self.stacks.len() >= self.max_stacks || self.stack_bytes >= STACK_MEMORY {
+                return;
+            }
+            let mut native = self.registry.symbolize(pid, &unwound.frames, false);
+            if unwound.end == UnwindEnd::WindowEnded {
+                native.push(Frame::outer_frames_not_unwound());
+            }
+            let python =
+                early.unwrap_or_else(|| name_python(&mut lock(&self.pythons), pid, &window.python));
+            self.keep_stack(id, native, python);
+        }
+        // Threads are few; a window whose allocation record was lost leaves its entry until the thread's next.
+        if self.unwound_ids.len() >= MAX_UNWOUND_THREADS {
+            self.unwound_ids.clear();
+        }
+        self.unwound_ids.insert(tid, (window.stack_id, id));
+    }
+
+    /// The stack id of an allocation record of thread `tid` carrying the kernel's `stack_id`: the unwound one
+    /// when the window before it was unwound.
+    fn unwound_id(&mut self, tid: u32, stack_id: u64) -> u64 {
+        match self.unwound_ids.get(&tid) {
+            Some(&(kernel, unwound)) if kernel == stack_id && stack_id != 0 => {
+                self.unwound_ids.remove(&tid);
+                unwound
+            }
+            _ => stack_id,
         }
     }
 
@@ -697,6 +774,9 @@ const HOLD_SETTLE: Duration = Duration::from_millis(20);
 /// Most bytes the named stacks may take (`--max-stacks` bounds their number): a target that makes ever new deep
 /// stacks stays within it.
 const STACK_MEMORY: usize = 64 << 20;
+
+/// Most threads whose unwound stack waits for its allocation record (see `State::unwound_ids`).
+const MAX_UNWOUND_THREADS: usize = 65536;
 
 /// How long after its exec a process is watched for its allocator and interpreter to be mapped, and how often.
 const PENDING_WINDOW: Duration = Duration::from_secs(5);
@@ -1292,6 +1372,10 @@ async fn session(
             let named = name_python(&mut lock(&pythons), header.pid, &python);
             lock(&python_stacks).insert(stack_id, named);
         }
+        Ok(Event::StackWindow(window)) if !window.python.frames.is_empty() => {
+            let named = name_python(&mut lock(&pythons), window.header.pid, &window.python);
+            lock(&python_stacks).insert(window_python_key(window.stack_id), named);
+        }
         _ => {}
     };
     let mut reader = RingReader::start(targets.probes.take_ring_buffer()?, first_look)
@@ -1571,6 +1655,13 @@ type Pythons = Arc<Mutex<HashMap<u32, Reader>>>;
 
 /// Python frames of stacks named on the ring reader's thread, by stack id, until the event loop takes them.
 type PythonStacks = Arc<Mutex<HashMap<u64, Vec<Frame>>>>;
+
+/// Where the ring reader's thread leaves the Python frames of a stack window (in `PythonStacks`): the window's
+/// kernel stack id, inverted. Stack ids are odd, so this is never one, and the kernel's own stack record of the
+/// same id keeps its entry.
+fn window_python_key(kernel_stack_id: u64) -> u64 {
+    !kernel_stack_id
+}
 
 /// Locks what the event loop shares with the ring reader's thread. Neither panics while holding it; a poisoned
 /// lock still holds consistent data.

@@ -12,6 +12,7 @@ pub mod maps;
 pub mod module;
 pub mod module_cache;
 pub mod prologue;
+pub mod unwind;
 
 use std::{
     collections::HashMap,
@@ -105,6 +106,26 @@ impl Frame {
             file: None,
             line: None,
             lang: "python",
+            inlined: false,
+            source: None,
+        }
+    }
+
+    /// Ends a native stack whose unwind ran out of the stack window the kernel copied
+    /// ([`tracer_common::STACK_WINDOW_BYTES`]) where the frame-pointer walk could not take over: its callers
+    /// are not known.
+    pub fn outer_frames_not_unwound() -> Self {
+        Self {
+            function: Some(format!(
+                "(outer frames not unwound: past the {} KiB stack window)",
+                tracer_common::STACK_WINDOW_BYTES >> 10
+            )),
+            module: None,
+            offset: None,
+            function_offset: 0,
+            file: None,
+            line: None,
+            lang: "native",
             inlined: false,
             source: None,
         }
@@ -225,6 +246,8 @@ pub struct Registry {
     /// theirs).
     debug_sources: HashMap<ObjectKey, Arc<debuginfo::DebugSource>>,
     docker: DockerNames,
+    /// The unwind sections of the objects processes map, for stack windows.
+    unwinding: unwind::Unwinding,
 }
 
 impl Registry {
@@ -254,6 +277,9 @@ impl Registry {
             info = None;
         }
         let maps = Maps::from_pid(pid).ok().filter(|m| !m.mappings.is_empty());
+        if maps.is_some() {
+            self.unwinding.forget(pid);
+        }
         match self.processes.get_mut(&pid) {
             Some(process) => {
                 if let Some(info) = info {
@@ -281,6 +307,7 @@ impl Registry {
         let Some(maps) = Maps::from_pid(pid).ok().filter(|m| !m.mappings.is_empty()) else {
             return;
         };
+        self.unwinding.forget(pid);
         match self.processes.get_mut(&pid) {
             Some(process) => process.set_maps(maps),
             None => {
@@ -319,6 +346,7 @@ impl Registry {
     /// Forgets a process that is gone (the agent, which runs for days, must not keep every pid it saw).
     pub fn forget(&mut self, pid: u32) {
         self.processes.remove(&pid);
+        self.unwinding.forget(pid);
     }
 
     pub fn info(&self, pid: u32) -> Option<&ProcessInfo> {
@@ -380,9 +408,53 @@ impl Registry {
         Some(source)
     }
 
-    /// Objects the cache of modules evicted to stay within its bounds ([`module_cache`]).
+    /// Objects the caches of modules and of their unwind sections evicted to stay within their bounds
+    /// ([`module_cache`], [`unwind`]).
     pub fn evicted_modules(&self) -> u64 {
-        self.modules.evicted()
+        self.modules.evicted() + self.unwinding.evicted()
+    }
+
+    /// Unwinds a stack window of `pid` with the CFI of the objects it maps. Where the window ran out before the
+    /// stack did, the kernel's frame-pointer walk (`walk`) gives the outer frames when it passed through the
+    /// last one unwound; else the stack is marked as cut (`Unwound::end`). The address space is read again
+    /// when a code address falls outside the last snapshot (a library loaded since).
+    pub fn unwind(
+        &mut self,
+        pid: u32,
+        regs: &tracer_common::UserRegs,
+        stack: &[u8],
+        walk: &[u64],
+    ) -> unwind::Unwound {
+        if self.maps(pid).and_then(|m| m.find(regs.ip)).is_none() {
+            self.refresh(pid);
+        }
+        let mut unwinding = std::mem::take(&mut self.unwinding);
+        let mut unwound = unwinding.unwind(pid, regs, stack, |address| {
+            let mapping = self.maps(pid)?.find(address)?.clone();
+            if !mapping.executable {
+                return None;
+            }
+            let module = self.module(pid, &mapping)?;
+            // From the address itself: a mapping's first page may lie in the segment before its own.
+            let elf_address =
+                module.address_of_file_offset(address - mapping.start + mapping.file_offset)?;
+            let open_path = open_path(pid, &mapping);
+            let name = mapping.path.clone();
+            Some(unwind::ModuleAt {
+                file: mapping.file?,
+                code: mapping.start..mapping.end,
+                base: address.wrapping_sub(elf_address),
+                open: Box::new(move || module::open_object(&open_path, &name).ok()),
+                name: mapping.path,
+            })
+        });
+        self.unwinding = unwinding;
+        if unwound.end != unwind::UnwindEnd::Complete
+            && unwind::complete_from_walk(&mut unwound.frames, walk)
+        {
+            unwound.end = unwind::UnwindEnd::Complete;
+        }
+        unwound
     }
 
     /// The end of the `[heap]` mapping: where the program break is, to a page.
