@@ -5,16 +5,13 @@
 
 use std::{
     collections::BTreeMap,
-    fs::File,
     ops::AddAssign,
     path::{Path, PathBuf},
 };
 
-use object::{Object as _, read::ReadCache};
-
 use crate::{
     model::Exit,
-    procs::{Frame, container::Container},
+    procs::{Frame, container::Container, module},
     report::{Header, large::LargeReport, leaks::LeaksReport, oom::OomRecord, verdict::Verdict},
 };
 
@@ -352,12 +349,11 @@ fn summary(header: &Header) -> Vec<String> {
     lines
 }
 
-/// The build id note of an ELF file, as lowercase hex. Only the headers and the note are read.
+/// The build id note of an ELF file, as lowercase hex. The file may be a container's: it is opened as the
+/// symbol reader opens objects (a regular file, never waiting on a FIFO), and only its headers and notes are
+/// read, within a bound.
 fn build_id(path: &Path) -> Option<String> {
-    let file = File::open(path).ok()?;
-    let cache = ReadCache::new(file);
-    let object = object::File::parse(&cache).ok()?;
-    let id = object.build_id().ok()??;
+    let id = module::read_build_id(path, &path.to_string_lossy())?;
     Some(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -507,5 +503,12 @@ pub(crate) mod tests {
         );
         assert_eq!(build_id(Path::new("/nonexistent")), None);
         assert_eq!(build_id(Path::new("/proc/self/status")), None);
+        // A container's "library" that is a FIFO with no writer: refused at once, never waited on.
+        let fifo = std::env::temp_dir().join(format!("alloctrace-fifo-{}", std::process::id()));
+        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo takes a NUL-terminated path and a mode.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        assert_eq!(build_id(&fifo), None);
+        std::fs::remove_file(&fifo).unwrap();
     }
 }
