@@ -1,20 +1,21 @@
-//! Thin, safe wrappers over OS facilities: signals, and the `--ready-fd` descriptor. SIGINT (Ctrl-C), SIGTERM
+//! Thin, safe wrappers over OS facilities: signals, the `--ready-fd` descriptor, and pidfds. SIGINT (Ctrl-C), SIGTERM
 //! (`timeout`, systemd, `kubectl delete`) and SIGHUP (a closed terminal) all mean "stop and report", never "die
 //! without a report".
 
 use std::{
     fs::File,
     io::{self, Write as _},
-    os::fd::{FromRawFd as _, RawFd},
+    os::fd::{FromRawFd as _, OwnedFd, RawFd},
     sync::Mutex,
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use serde::Serialize;
 
 use tokio::{
+    io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{mpsc::UnboundedSender, watch},
 };
 
 /// Whether a stop signal has arrived, from the task that listens for them. Its sender lives as long as the
@@ -170,6 +171,48 @@ pub fn say_attached(pid: u32) -> io::Result<()> {
 /// Closes the `--ready-fd` descriptor: its reader sees the end of the trace.
 pub fn close_ready_fd() {
     READY.lock().unwrap_or_else(|e| e.into_inner()).take();
+}
+
+/// A pidfd for `pid`: it refers to that process only, even once its pid is reused.
+pub fn pidfd(pid: u32) -> io::Result<OwnedFd> {
+    use rustix::process::{Pid, PidfdFlags, pidfd_open};
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or(io::ErrorKind::InvalidInput)?;
+    Ok(pidfd_open(pid, PidfdFlags::empty())?)
+}
+
+/// True once the process behind a pidfd has exited.
+pub fn has_exited(fd: &OwnedFd) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut [PollFd::new(fd, PollFlags::IN)], Some(&now)) == Ok(1)
+}
+
+/// Sends `pid` on `exits` when the process exits.
+pub fn watch_exit(pid: u32, fd: OwnedFd, exits: UnboundedSender<u32>) -> anyhow::Result<()> {
+    // SAFETY: the AsyncFd owns the pidfd, which stays open, and the same, for the AsyncFd's whole life.
+    let fd = unsafe { AsyncFd::register(fd) }
+        .map_err(io::Error::from)
+        .context("cannot watch a pidfd")?;
+    tokio::spawn(async move {
+        let _ = fd.readable().await;
+        let _ = exits.send(pid);
+    });
+    Ok(())
+}
+
+/// Continues a process the kernel stopped at its exec.
+pub fn resume(pid: u32) {
+    use rustix::process::{Pid, Signal, kill_process};
+    // The process is stopped, so its pid cannot have been reused; one gone needs no signal.
+    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        let _ = kill_process(pid, Signal::CONT);
+    }
 }
 
 #[cfg(test)]
