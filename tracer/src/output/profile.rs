@@ -384,17 +384,11 @@ pub(crate) mod tests {
     use super::*;
 
     pub fn native(function: Option<&str>, module: &str, offset: u64) -> Frame {
-        Frame {
-            function: function.map(str::to_owned),
-            module: Some(module.to_owned()),
-            offset: Some(offset),
-            function_offset: 0,
-            file: None,
-            line: None,
-            lang: "native",
-            inlined: false,
-            source: None,
-        }
+        Frame::native(
+            function.map(str::to_owned),
+            Some(module.to_owned()),
+            Some(offset),
+        )
     }
 
     /// Two processes, Python over native code, and a native-only stack.

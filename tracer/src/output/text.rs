@@ -516,15 +516,8 @@ mod tests {
     /// Native, a traceback of four frames (one native, one without a file), native: 7 lines.
     fn hostile_stack() -> Vec<Frame> {
         let native = |function: Option<String>| Frame {
-            function,
-            module: Some(hostile()),
-            offset: Some(0x1234),
             function_offset: 4,
-            file: None,
-            line: None,
-            lang: "native",
-            inlined: false,
-            source: None,
+            ..Frame::native(function, Some(hostile()), Some(0x1234))
         };
         vec![
             native(Some(hostile())),

@@ -92,6 +92,22 @@ impl Frame {
         }
     }
 
+    /// A frame of native code at `offset` in `module`, as the symbol tables name it (or not): file and line come
+    /// later, from DWARF, when a report is written.
+    pub fn native(function: Option<String>, module: Option<String>, offset: Option<u64>) -> Self {
+        Self {
+            function,
+            module,
+            offset,
+            function_offset: 0,
+            file: None,
+            line: None,
+            lang: "native",
+            inlined: false,
+            source: None,
+        }
+    }
+
     /// Stands for the outermost Python frames of a stack deeper than a record holds
     /// ([`tracer_common::MAX_PY_FRAMES`]): a Python frame with no file.
     pub fn outer_python_frames_missing() -> Self {
@@ -115,20 +131,11 @@ impl Frame {
     /// ([`tracer_common::STACK_WINDOW_BYTES`]) where the frame-pointer walk could not take over: its callers
     /// are not known.
     pub fn outer_frames_not_unwound() -> Self {
-        Self {
-            function: Some(format!(
-                "(outer frames not unwound: past the {} KiB stack window)",
-                tracer_common::STACK_WINDOW_BYTES >> 10
-            )),
-            module: None,
-            offset: None,
-            function_offset: 0,
-            file: None,
-            line: None,
-            lang: "native",
-            inlined: false,
-            source: None,
-        }
+        let function = format!(
+            "(outer frames not unwound: past the {} KiB stack window)",
+            tracer_common::STACK_WINDOW_BYTES >> 10
+        );
+        Self::native(Some(function), None, None)
     }
 
     pub fn is_python(&self) -> bool {
@@ -502,17 +509,7 @@ impl Registry {
     /// Names the frame at `ip`: its function from the symbol table, and where its file and line can be read
     /// when a report shows it (the module's [`debuginfo::DebugSource`]).
     fn name_frame(&mut self, pid: u32, ip: u64, mapping: Option<&Mapping>) -> Frame {
-        let unnamed = Frame {
-            function: None,
-            module: mapping.map(|m| m.path.clone()),
-            offset: Some(ip),
-            function_offset: 0,
-            file: None,
-            line: None,
-            lang: "native",
-            inlined: false,
-            source: None,
-        };
+        let unnamed = Frame::native(None, mapping.map(|m| m.path.clone()), Some(ip));
         let Some(mapping) = mapping else {
             return unnamed;
         };

@@ -849,15 +849,12 @@ mod tests {
 
     fn native(function: &str) -> Frame {
         Frame {
-            function: Some(function.to_owned()),
-            module: Some("/usr/bin/python3.11".to_owned()),
-            offset: Some(0x10),
             function_offset: 4,
-            file: None,
-            line: None,
-            lang: "native",
-            inlined: false,
-            source: None,
+            ..Frame::native(
+                Some(function.to_owned()),
+                Some("/usr/bin/python3.11".to_owned()),
+                Some(0x10),
+            )
         }
     }
 

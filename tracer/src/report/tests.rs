@@ -32,17 +32,11 @@ pub const TRACER_RSS: u64 = 12_345_678;
 
 /// A native frame without debug information: nothing for a report or a writer to read from disk.
 pub fn native(function: &str) -> Arc<Frame> {
-    Arc::new(Frame {
-        function: Some(function.to_owned()),
-        module: Some("/usr/bin/worker".to_owned()),
-        offset: Some(0x1000),
-        function_offset: 0,
-        file: None,
-        line: None,
-        lang: "native",
-        inlined: false,
-        source: None,
-    })
+    Arc::new(Frame::native(
+        Some(function.to_owned()),
+        Some("/usr/bin/worker".to_owned()),
+        Some(0x1000),
+    ))
 }
 
 pub fn etl_container() -> Container {
