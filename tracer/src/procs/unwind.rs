@@ -4,8 +4,10 @@
 //! (the unwinder of the samply profiler). libc's `mmap` and `sbrk` keep no frame pointer, so the kernel's
 //! frame-pointer walk loses their caller; the CFI does not.
 //!
-//! Only what unwinding needs is read of an object: its section headers and names, and the bytes of `.eh_frame`
-//! and `.eh_frame_hdr`, within a budget per file ([`MAX_UNWIND_READ_BYTES`]). `.text` is located but not read:
+//! Only what unwinding needs is read of an object: its section headers and names, and the bytes of `.eh_frame`,
+//! within a budget per file ([`MAX_UNWIND_READ_BYTES`]). `.eh_frame_hdr` is not used: its table could lead the
+//! unwinder to entries the check of the CFI never walked (`UnwindSections::expressions_terminate`), so
+//! framehop indexes `.eh_frame` by the same walk. `.text` is located but not read:
 //! framehop reads instructions only for Mach-O and PE objects, whose CFI does not cover prologues. The
 //! sections are cached per file (device + inode) and shared by every process that maps it; the cache is
 //! bounded in entries and bytes and counts what it evicts.
@@ -28,8 +30,7 @@ use object::{
 
 use super::{maps::FileId, module::BoundedFile};
 
-/// The most bytes read from one object to unwind through it: its section headers and names, `.eh_frame` and
-/// `.eh_frame_hdr`. libpython's `.eh_frame` is about 300 KiB and libLLVM's about 6 MiB; more is refused.
+/// The most bytes read from one object to unwind through it: its section headers and names, and `.eh_frame`. libpython's `.eh_frame` is about 300 KiB and libLLVM's about 6 MiB; more is refused.
 pub const MAX_UNWIND_READ_BYTES: u64 = 32 << 20;
 
 /// The most objects whose unwind sections are kept (and failures remembered).
@@ -69,7 +70,6 @@ struct Section {
 #[derive(Clone, Debug, Default)]
 pub struct UnwindSections {
     eh_frame: Option<Section>,
-    eh_frame_hdr: Option<Section>,
     /// Where `.text` and `.got` are: CFI may give addresses relative to them.
     text: Option<Range<u64>>,
     got: Option<Range<u64>>,
@@ -85,7 +85,7 @@ pub enum UnwindSectionsError {
 
 impl UnwindSections {
     /// Reads the unwind sections of the ELF object in `data`: its header, section headers and their names, and
-    /// only the bytes of `.eh_frame` and `.eh_frame_hdr` (never its symbol tables, code or DWARF).
+    /// only the bytes of `.eh_frame` (never its symbol tables, code or DWARF).
     pub fn parse<'data, R: ReadRef<'data>>(data: R) -> Result<Self, UnwindSectionsError> {
         let header =
             FileHeader64::<Endianness>::parse(data).map_err(UnwindSectionsError::NotElf64)?;
@@ -110,13 +110,11 @@ impl UnwindSections {
         };
         let mut sections = Self {
             eh_frame: with_bytes(b".eh_frame"),
-            eh_frame_hdr: with_bytes(b".eh_frame_hdr"),
             text: place(b".text").map(|(_, address)| address),
             got: place(b".got").map(|(_, address)| address),
         };
         if !sections.expressions_terminate() {
             sections.eh_frame = None;
-            sections.eh_frame_hdr = None;
         }
         Ok(sections)
     }
@@ -124,9 +122,10 @@ impl UnwindSections {
     /// Whether every DWARF expression of the CFI only branches forward. framehop evaluates the expressions a
     /// rule needs with gimli, which bounds neither the steps nor the stack of an evaluation: an object whose
     /// CFI holds a `DW_OP_skip` back to itself (or a loop pushing values) would hold the tracer forever or
-    /// exhaust its memory. Without a backward branch an evaluation ends within its expression's length. An
-    /// object whose CFI does not parse is refused too (framehop would find its entries through
-    /// `.eh_frame_hdr` all the same). Checked once per file, when it is read.
+    /// exhaust its memory. Without a backward branch an evaluation ends within its expression's length. The
+    /// walk is the one framehop indexes `.eh_frame` by (it is given no `.eh_frame_hdr`), and each FDE's CIE is
+    /// checked wherever it lies. An object whose CFI does not parse is refused too. Checked once per file,
+    /// when it is read.
     fn expressions_terminate(&self) -> bool {
         use gimli::{
             BaseAddresses, CallFrameInstruction, CieOrFde, EhFrame, LittleEndian, Operation,
@@ -170,8 +169,11 @@ impl UnwindSections {
                         forward_only(cie.instructions(&section, &bases), cie.encoding())?
                     }
                     CieOrFde::Fde(partial) => {
+                        // Its CIE may lie anywhere, off the walk: its instructions are checked here too.
                         let fde = partial.parse(EhFrame::cie_from_offset)?;
-                        forward_only(fde.instructions(&section, &bases), fde.cie().encoding())?
+                        let cie = fde.cie();
+                        forward_only(cie.instructions(&section, &bases), cie.encoding())?
+                            && forward_only(fde.instructions(&section, &bases), cie.encoding())?
                     }
                 };
                 if !terminates {
@@ -197,7 +199,7 @@ impl UnwindSections {
     /// Bytes it takes in memory.
     pub fn heap_bytes(&self) -> usize {
         let bytes = |s: &Option<Section>| s.as_ref().map_or(0, |s| s.bytes.len());
-        size_of::<Self>() + bytes(&self.eh_frame) + bytes(&self.eh_frame_hdr)
+        size_of::<Self>() + bytes(&self.eh_frame)
     }
 
     /// The framehop module of this object, mapped at `base` (the process address of the object's address 0)
@@ -214,8 +216,6 @@ impl UnwindSections {
             got_svma: self.got.clone(),
             eh_frame_svma: self.eh_frame.as_ref().map(|s| s.address.clone()),
             eh_frame: self.eh_frame.as_ref().map(|s| s.bytes.clone()),
-            eh_frame_hdr_svma: self.eh_frame_hdr.as_ref().map(|s| s.address.clone()),
-            eh_frame_hdr: self.eh_frame_hdr.as_ref().map(|s| s.bytes.clone()),
             ..Default::default()
         };
         framehop::Module::new(name.to_owned(), code, base, info)
@@ -406,8 +406,11 @@ impl Unwinding {
             entry.last_used = self.uses;
             return entry.sections.clone();
         }
-        let sections = open()
-            .and_then(|f| UnwindSections::load(f).ok())
+        // An object that cannot be opened now (its process gone, say) is not remembered: another process may
+        // open it later. One that cannot be parsed is, as having no usable CFI.
+        let sections = open()?;
+        let sections = UnwindSections::load(sections)
+            .ok()
             .filter(UnwindSections::has_cfi)
             .map(Arc::new);
         let bytes = sections.as_ref().map_or(0, |s| s.heap_bytes());
@@ -475,13 +478,10 @@ mod tests {
     fn reads_the_cfi_sections_of_an_elf_object() {
         let sections = this_binary();
         let eh_frame = sections.eh_frame.as_ref().expect(".eh_frame");
-        let hdr = sections.eh_frame_hdr.as_ref().expect(".eh_frame_hdr");
         assert_eq!(
             eh_frame.address.end - eh_frame.address.start,
             eh_frame.bytes.len() as u64
         );
-        // .eh_frame_hdr starts with its version, 1.
-        assert_eq!(hdr.bytes[0], 1);
         assert!(sections.text.is_some());
         assert!(sections.has_cfi());
         assert!(sections.heap_bytes() > eh_frame.bytes.len());
