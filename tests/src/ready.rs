@@ -42,6 +42,8 @@ pub fn alloctrace_with_ready_fd() -> (Command, ReadyPipe) {
     let (read, write) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let write_fd = fds[1];
     let mut command = Command::new(alloctrace());
+    // What alloctrace says on stderr is what the tests read: the caller's RUST_LOG must not change it.
+    command.env_remove("RUST_LOG");
     command.arg("--ready-fd").arg(write_fd.to_string());
     // SAFETY: between fork and exec the child only calls fcntl, which is async-signal-safe.
     unsafe {
@@ -78,9 +80,9 @@ impl ReadyPipe {
                 let Ok(line) = line else { break };
                 let value: Value = serde_json::from_str(&line)
                     .unwrap_or_else(|e| panic!("--ready-fd line {line:?} is not JSON: {e}"));
-                if sender.send(value).is_err() {
-                    break;
-                }
+                // Read to the end even once the test has stopped listening: alloctrace never finds the pipe
+                // closed under it, and says nothing about it on stderr.
+                let _ = sender.send(value);
             }
         });
         self.lines = Some(receiver);

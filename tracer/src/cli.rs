@@ -24,7 +24,7 @@ pub struct Cli {
     /// Write JSON lines to this open file descriptor, for scripts and tests that must not act before
     /// alloctrace sees what they do: `{"ready":true,"mode":"tracing","pids":[…]}` once tracing has begun (the
     /// probes on, the running targets attached; `"watching"` for the agent), `{"attached":PID}` whenever a
-    /// process's allocator probes go on. It is closed when the trace ends.
+    /// process's allocator probes go on. It is closed when the trace ends. 3 or more.
     #[arg(long, global = true, value_name = "FD")]
     pub ready_fd: Option<i32>,
 

@@ -66,36 +66,36 @@ pub async fn stop_requested() -> io::Result<()> {
     }
 }
 
-/// The descriptor `--ready-fd` named, until [`say_ready`] writes to it.
+/// The descriptor `--ready-fd` named, until [`close_ready_fd`] (or a write that fails).
 static READY: Mutex<Option<File>> = Mutex::new(None);
 
-/// Takes the descriptor `--ready-fd` names. Call it first thing, before anything opens a descriptor of its own
-/// (the runtime does): a number that is not open then fails at once, and one alloctrace opened itself can never
-/// be taken for it. 0, 1 and 2 are duplicated, not taken, so that they stay the standard streams. The command
-/// alloctrace starts does not inherit it.
+/// Takes the descriptor `--ready-fd` names. `main` calls it first thing, before anything opens a descriptor of
+/// its own (the runtime does): a number that is not open then fails at once, and one alloctrace opened itself
+/// can never be taken for it. The standard streams are refused: they would never be closed, so their reader
+/// would never see the trace end. The descriptor is made close-on-exec (the command alloctrace starts does not
+/// inherit it) and non-blocking: a reader that stops reading can never stall the trace.
 pub fn claim_ready_fd(fd: RawFd) -> anyhow::Result<()> {
     if fd < 0 {
         bail!("--ready-fd {fd}: not a file descriptor");
     }
-    let owned = if fd <= 2 {
-        // SAFETY: fcntl takes any number; a closed one is an error (EBADF).
-        unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) }
-    } else {
-        // SAFETY: as above.
-        match unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } {
-            0 => fd,
-            _ => -1,
-        }
-    };
-    if owned < 0 {
+    if fd <= 2 {
+        bail!("--ready-fd {fd}: a standard stream; give a descriptor of its own, 3 or more");
+    }
+    // SAFETY: fcntl takes any number; a closed one is an error (EBADF).
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above, on the same number.
+    if flags < 0
+        || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0
+        || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } != 0
+    {
         bail!(
             "--ready-fd {fd}: not an open file descriptor ({})",
             io::Error::last_os_error()
         );
     }
-    // SAFETY: the descriptor is open, and nothing else in this process owns it: it was inherited (checked
-    // before the runtime opened anything), or it is the duplicate just made.
-    let file = unsafe { File::from_raw_fd(owned) };
+    // SAFETY: the descriptor is open, and nothing else in this process owns it: it was inherited, `main`
+    // claiming it before the runtime opens anything.
+    let file = unsafe { File::from_raw_fd(fd) };
     *READY.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
     Ok(())
 }
@@ -107,7 +107,8 @@ pub struct Ready<'a> {
     /// `tracing`, or `watching` for the agent.
     mode: &'static str,
     /// The processes traced (or watched) from the start: those named with `-p`, the command started, and the
-    /// running processes chosen by name, container or cgroup.
+    /// running processes chosen by name, container or cgroup whose allocator was already mapped (the others
+    /// come as `attached` lines).
     pids: &'a [u32],
     /// Where the agent serves its HTTP endpoints.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -142,8 +143,9 @@ struct Attached {
     attached: u32,
 }
 
-/// Writes `line` as one JSON line to the `--ready-fd` descriptor, if one was claimed. A reader that has gone
-/// gets no more lines, and is not an error for the trace: the error is returned for the caller to say.
+/// Writes `line` as one JSON line to the `--ready-fd` descriptor, if one was claimed. A reader that has gone, or
+/// that does not read (its pipe full), gets no more lines, and is not an error for the trace: the error is
+/// returned for the caller to say.
 fn say(line: &impl Serialize) -> io::Result<()> {
     let mut ready = READY.lock().unwrap_or_else(|e| e.into_inner());
     let Some(file) = ready.as_mut() else {
@@ -251,6 +253,11 @@ mod tests {
         );
         let err = claim_ready_fd(-1).unwrap_err().to_string();
         assert_eq!(err, "--ready-fd -1: not a file descriptor");
+        let err = claim_ready_fd(2).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "--ready-fd 2: a standard stream; give a descriptor of its own, 3 or more"
+        );
     }
 
     /// Sends `signal` to this process.
