@@ -18,7 +18,7 @@ use std::{
     collections::HashMap,
     fs::{File, OpenOptions},
     ops::Range,
-    os::unix::fs::OpenOptionsExt as _,
+    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
     path::Path,
 };
 
@@ -68,20 +68,22 @@ pub enum ModuleError {
     },
 }
 
-/// Opens `path` for reading as an object: a regular file of at most [`MAX_OBJECT_FILE_BYTES`]. The type and size
-/// are checked on the opened descriptor, so a path swapped between a check and the open cannot slip a device
-/// in; `O_NONBLOCK` keeps the open itself from waiting on a FIFO.
+/// Opens `path` for reading as an object: a regular file of at most [`MAX_OBJECT_FILE_BYTES`]. The path is
+/// first opened `O_PATH`, which opens nothing (a device or a FIFO a container swapped in is never opened, so
+/// never acted on), and the type and size are checked on that descriptor; only a regular file is then opened
+/// for reading, through that same descriptor, so a path swapped between the check and the open cannot slip
+/// anything else in.
 pub fn open_object(path: &Path, name: &str) -> Result<File, ModuleError> {
     let read_error = |source| ModuleError::Read {
         path: name.to_owned(),
         source,
     };
-    let file = OpenOptions::new()
+    let located = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_PATH)
         .open(path)
         .map_err(read_error)?;
-    let meta = file.metadata().map_err(read_error)?;
+    let meta = located.metadata().map_err(read_error)?;
     if !meta.file_type().is_file() {
         return Err(ModuleError::NotRegular {
             path: name.to_owned(),
@@ -93,7 +95,7 @@ pub fn open_object(path: &Path, name: &str) -> Result<File, ModuleError> {
             size: meta.len(),
         });
     }
-    Ok(file)
+    File::open(format!("/proc/self/fd/{}", located.as_raw_fd())).map_err(read_error)
 }
 
 /// An object file read on demand: the parser's reads go through a cache (each range is read once), and they stop
