@@ -196,6 +196,14 @@ fn json_report_keeps_its_contract() {
         }
         assert!(s["kind"].is_string() && s["oldest_age_s"].is_f64());
     }
+    // What was allocated in all counts every site, those listed and the rest.
+    let listed_total: u64 = listed
+        .iter()
+        .map(|s| s["total_bytes"].as_u64().unwrap())
+        .sum();
+    let allocated = report["allocated_bytes"].as_u64().unwrap();
+    assert!(allocated >= listed_total, "{allocated} < {listed_total}");
+    assert!(report["allocated_count"].as_u64().unwrap() >= listed.len() as u64);
     let frame = &site(&report, "malloc", "leak_site")["stack"][0];
     assert_eq!(frame["module"], sites.to_str().unwrap());
     assert!(frame["offset"].as_str().unwrap().starts_with("0x"));

@@ -623,6 +623,8 @@ mod tests {
             live_bytes: 1,
             live_count: 1,
             site_count: 1,
+            allocated_bytes: 1,
+            allocated_count: 1,
             groups: vec![hostile_group()],
             sites: vec![SiteReport {
                 pid: 42,

@@ -27,6 +27,10 @@ pub struct LeaksReport {
     pub live_count: u64,
     /// Sites listed before `--top` cut the list.
     pub site_count: usize,
+    /// Allocated during the trace at every site, listed or not (a site that holds nothing and does not churn
+    /// is not listed): with the frees, what the program asked of its allocator.
+    pub allocated_bytes: u64,
+    pub allocated_count: u64,
     /// The sites summed by process or container (`--group-by`); empty when grouped by stack.
     pub groups: Vec<Group>,
     pub sites: Vec<SiteReport>,
@@ -144,6 +148,12 @@ pub fn build(trace: &Trace, options: &LeaksOptions, tracer_max_rss_bytes: u64) -
         }
     }
     let duration = trace.duration_s.max(1e-9);
+    let (allocated_bytes, allocated_count) = trace
+        .ledger
+        .sites()
+        .fold((0, 0), |(bytes, count), (_, stats)| {
+            (bytes + stats.allocated.bytes, count + stats.allocated.count)
+        });
     let mut sites: Vec<SiteReport> = Vec::new();
     for (site, stats) in trace.ledger.sites() {
         let site_live = live.get(&site).copied().unwrap_or_default();
@@ -218,6 +228,8 @@ pub fn build(trace: &Trace, options: &LeaksOptions, tracer_max_rss_bytes: u64) -
         live_bytes,
         live_count,
         site_count,
+        allocated_bytes,
+        allocated_count,
         sites,
     }
 }

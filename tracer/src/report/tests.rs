@@ -211,6 +211,10 @@ fn leaks_ranks_sites_by_live_bytes_and_judges_each() {
     assert_eq!(report.live_bytes, (1 << 20) + 4000);
     assert_eq!(report.live_count, 5);
     assert_eq!(report.site_count, 3);
+    assert_eq!(
+        (report.allocated_bytes, report.allocated_count),
+        ((1 << 20) + 6000 + 2000 * 64, 1 + 6 + 2000)
+    );
     assert!(report.groups.is_empty());
     let rows: Vec<_> = report
         .sites
