@@ -3,9 +3,12 @@
 //! without a report".
 
 use std::{
-    fs::File,
+    fs::{File, OpenOptions},
     io::{self, Write as _},
-    os::fd::{FromRawFd as _, OwnedFd, RawFd},
+    os::{
+        fd::{FromRawFd as _, OwnedFd, RawFd},
+        unix::fs::{FileTypeExt as _, OpenOptionsExt as _},
+    },
     sync::Mutex,
 };
 
@@ -73,7 +76,9 @@ static READY: Mutex<Option<File>> = Mutex::new(None);
 /// its own (the runtime does): a number that is not open then fails at once, and one alloctrace opened itself
 /// can never be taken for it. The standard streams are refused: they would never be closed, so their reader
 /// would never see the trace end. The descriptor is made close-on-exec (the command alloctrace starts does not
-/// inherit it) and non-blocking: a reader that stops reading can never stall the trace.
+/// inherit it). A pipe is written without blocking, through an open file description of alloctrace's own (so
+/// that the flag cannot reach whoever shares the inherited one, a shell's terminal say): a reader that stops
+/// reading can never stall the trace.
 pub fn claim_ready_fd(fd: RawFd) -> anyhow::Result<()> {
     if fd < 0 {
         bail!("--ready-fd {fd}: not a file descriptor");
@@ -82,12 +87,7 @@ pub fn claim_ready_fd(fd: RawFd) -> anyhow::Result<()> {
         bail!("--ready-fd {fd}: a standard stream; give a descriptor of its own, 3 or more");
     }
     // SAFETY: fcntl takes any number; a closed one is an error (EBADF).
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above, on the same number.
-    if flags < 0
-        || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0
-        || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } != 0
-    {
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
         bail!(
             "--ready-fd {fd}: not an open file descriptor ({})",
             io::Error::last_os_error()
@@ -95,8 +95,20 @@ pub fn claim_ready_fd(fd: RawFd) -> anyhow::Result<()> {
     }
     // SAFETY: the descriptor is open, and nothing else in this process owns it: it was inherited, `main`
     // claiming it before the runtime opens anything.
-    let file = unsafe { File::from_raw_fd(fd) };
-    *READY.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+    let inherited = unsafe { File::from_raw_fd(fd) };
+    let is_pipe = inherited
+        .metadata()
+        .is_ok_and(|meta| meta.file_type().is_fifo());
+    let own_pipe_end = is_pipe
+        .then(|| {
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(format!("/proc/self/fd/{fd}"))
+                .ok()
+        })
+        .flatten();
+    *READY.lock().unwrap_or_else(|e| e.into_inner()) = Some(own_pipe_end.unwrap_or(inherited));
     Ok(())
 }
 
@@ -220,14 +232,25 @@ pub fn resume(pid: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read as _;
+    use std::{io::Read as _, os::fd::AsRawFd as _};
 
     #[test]
     fn the_ready_and_attached_lines_go_to_the_claimed_descriptor_until_closed() {
         let mut fds = [0; 2];
         // SAFETY: pipe2 fills the two-element array.
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // Another holder of the same open file description, as a shell holding its terminal would be.
+        // SAFETY: dup of a descriptor this test owns.
+        let shared = unsafe { OwnedFd::from_raw_fd(libc::dup(fds[1])) };
         claim_ready_fd(fds[1]).unwrap();
+        // SAFETY: F_GETFL on an open descriptor.
+        let flags = unsafe { libc::fcntl(shared.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(
+            flags & libc::O_NONBLOCK,
+            0,
+            "the shared description stays blocking"
+        );
+        drop(shared);
         say_ready(&Ready::tracing(&[7, 8])).unwrap();
         say_attached(9).unwrap();
         close_ready_fd();
