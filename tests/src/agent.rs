@@ -18,6 +18,17 @@ use crate::{docker, pyenv_prefix, ready::alloctrace_with_ready_fd};
 pub const STARTUP: Duration = Duration::from_secs(180);
 pub const EVENT: Duration = Duration::from_secs(90);
 
+/// The OOM victim: waits for a line, then appends 1 MiB bytearrays until it is killed. Line 5 holds it all.
+pub const HOG: &str = "import sys
+def hog():
+    held = []
+    while True:
+        held.append(bytearray(1 << 20))
+print('ready', flush=True)
+sys.stdin.readline()
+hog()
+";
+
 /// Lines a child writes on one of its streams, read on a thread of their own, kept for failure messages.
 pub struct Lines {
     pub receiver: Receiver<String>,

@@ -13,21 +13,10 @@ use std::{
 };
 
 use alloctrace_tests::{
-    agent::{EVENT, Lines, Reaped, STARTUP, Task, get, get_bytes, start_agent, temp_dir},
+    agent::{EVENT, HOG, Lines, Reaped, STARTUP, Task, get, get_bytes, start_agent, temp_dir},
     docker, go_pprof, pyenv_prefix, require_root,
 };
 use serde_json::Value;
-
-/// The OOM victim: waits for a line, then appends 1 MiB bytearrays until it is killed. Line 5 holds it all.
-const HOG: &str = "import sys
-def hog():
-    held = []
-    while True:
-        held.append(bytearray(1 << 20))
-print('ready', flush=True)
-sys.stdin.readline()
-hog()
-";
 
 /// Holds 80 bytearrays of 1 MiB (83,886,080 bytes, every page written) once told to, until told to stop.
 const HOLDER: &str = "import sys

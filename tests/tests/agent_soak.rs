@@ -20,7 +20,7 @@
 
 use alloctrace_tests::{
     agent::{
-        EVENT, STARTUP, Task, bpf_object_exists, bpf_objects, children, get, resident_bytes,
+        EVENT, HOG, STARTUP, Task, bpf_object_exists, bpf_objects, children, get, resident_bytes,
         start_agent, temp_dir, uprobe_events_of, wait_until,
     },
     docker, pyenv_prefix, require_root,
@@ -54,17 +54,6 @@ print('ready', flush=True)
 sys.stdin.readline()
 held = work()
 print('done', flush=True)
-";
-
-/// Appends 1 MiB bytearrays until the kernel kills it.
-const HOG: &str = "import sys
-def hog():
-    held = []
-    while True:
-        held.append(bytearray(1 << 20))
-print('ready', flush=True)
-sys.stdin.readline()
-hog()
 ";
 
 #[test]
