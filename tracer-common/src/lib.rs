@@ -134,6 +134,9 @@ pub enum EventKind {
     /// A window of the user stack and the registers at a mapping system call, for userspace to unwind
     /// through code without frame pointers: [`StackWindowEvent`].
     StackWindow = 8,
+    /// A process whose interpreter is still looked for mapped a file's writable segment (its loader loading a
+    /// library): [`LibraryMappedEvent`].
+    LibraryMapped = 9,
 }
 
 /// The allocator entry point a record comes from. Values are part of the record format: never reuse one.
@@ -485,6 +488,23 @@ pub const HOLD_AT_EXEC: u8 = 1;
 /// A value bit of the `TARGETS` map: a process a target forked, until it first returns to user mode.
 pub const FORKED: u8 = 2;
 
+/// A value bit of the `TARGETS` map: a process that exec'd and whose CPython has not been found yet. Each
+/// library its loader maps stops it (see [`LibraryMappedEvent`]) until userspace has looked for the interpreter
+/// in it: a shared libpython is found before any Python code runs, not some milliseconds later.
+pub const PYTHON_PENDING: u8 = 4;
+
+/// A process with [`PYTHON_PENDING`] mapped the writable segment of a file: its loader has mapped a library's
+/// code and constants. Stopped there (`held`) until userspace has looked for CPython in it, then continued.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct LibraryMappedEvent {
+    pub header: EventHeader,
+    /// 1 when the process was stopped (`SIGSTOP`): userspace sends `SIGCONT` once it has looked.
+    pub held: u32,
+    pub _pad: u32,
+}
+
 /// A traced process forked `child_pid`, which is traced from then on. Sent from the child as it first returns
 /// to user mode, stopped there (`held`) until userspace has attached to it, so that it is traced from its first
 /// instruction.
@@ -610,11 +630,15 @@ pub struct OomFields {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyscallInFlight {
-    /// An [`AllocFn`] value: `Mmap` or `Mremap`.
+    /// An [`AllocFn`] value: `Mmap` or `Mremap`; or [`LIBRARY_MAPPING`].
     pub func: u32,
     pub _pad: u32,
     pub len: u64,
 }
+
+/// The `func` of a [`SyscallInFlight`] that maps a file's writable segment in a [`PYTHON_PENDING`] process: no
+/// memory of its blocks, only a [`LibraryMappedEvent`] at its exit.
+pub const LIBRARY_MAPPING: u32 = u32::MAX;
 
 /// Per-thread state between an allocator's entry and its return.
 #[repr(C)]
@@ -660,6 +684,7 @@ const _: () = assert!(size_of::<AllocEvent>() == 64);
 const _: () = assert!(size_of::<FreeEvent>() == 56);
 const _: () = assert!(size_of::<ForkEvent>() == 48);
 const _: () = assert!(size_of::<ExecEvent>() == 40);
+const _: () = assert!(size_of::<LibraryMappedEvent>() == 40);
 const _: () = assert!(size_of::<OomEvent>() == 88);
 const _: () = assert!(size_of::<FaultEvent>() == 56);
 const _: () = assert!(size_of::<FaultFields>() == 8);

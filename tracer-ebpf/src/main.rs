@@ -33,11 +33,11 @@ use aya_ebpf::{
 use tracer_common::{
     ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, FAULT_INSTRUCTION,
     FAULT_WRITE, FORKED, FaultEvent, FaultFields, ForkEvent, FreeEvent, HOLD_AT_EXEC, InFlight,
-    LOSS_COUNTERS, LiveBlock, LiveKey, Loss, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_DEPTH,
-    OomEvent, OomFields, PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame, PyProcess, PyStatus,
-    SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES, STACK_WINDOW_BYTES, SiteCounters, SiteKey,
-    SizeKey, StackEvent, StackWindowEvent, SyscallInFlight, TALLY_COUNTERS, Tally, UserRegs,
-    sample_weight, size_class,
+    LIBRARY_MAPPING, LOSS_COUNTERS, LibraryMappedEvent, LiveBlock, LiveKey, Loss, MAX_PY_FRAMES,
+    MAX_PY_THREADS, MAX_STACK_DEPTH, OomEvent, OomFields, PY_FRAME_READ_MAX, PY_NO_OFFSET,
+    PYTHON_PENDING, PyFrame, PyProcess, PyStatus, SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES,
+    STACK_WINDOW_BYTES, SiteCounters, SiteKey, SizeKey, StackEvent, StackWindowEvent,
+    SyscallInFlight, TALLY_COUNTERS, Tally, UserRegs, sample_weight, size_class,
 };
 
 /// Every record for userspace, in the order the probes reserved them.
@@ -200,6 +200,11 @@ static FAULT_FIELDS: FaultFields = FaultFields {
 /// `mremap` in a process escalated to the uprobes are still sent (marked as the allocator's, without a stack).
 #[unsafe(no_mangle)]
 static WATCH_TIER: u32 = 0;
+
+/// 1 when a process that exec'd is stopped at each library its loader maps until userspace has looked for
+/// CPython in it (see `PYTHON_PENDING`): tracing with Python frames. The watch tier never holds.
+#[unsafe(no_mangle)]
+static HOLD_FOR_PYTHON: u32 = 0;
 
 /// One write fault in this many, drawn at random, is sent (the watch tier); each sample weighs this much.
 #[unsafe(no_mangle)]
@@ -1278,7 +1283,11 @@ fn skipped_in_allocator() -> bool {
 
 #[tracepoint]
 pub fn mmap_enter(ctx: TracePointContext) -> u32 {
-    if !is_target() || skipped_in_allocator() {
+    // SAFETY: read-only look-up of a plain value, copied out.
+    let Some(target) = (unsafe { TARGETS.get(current_tgid()) }).copied() else {
+        return 0;
+    };
+    if skipped_in_allocator() {
         return 0;
     }
     // mmap(addr, len, prot, flags, fd, off): only anonymous memory that can be used; files are page cache,
@@ -1286,14 +1295,19 @@ pub fn mmap_enter(ctx: TracePointContext) -> u32 {
     let len = field(&ctx, SYSCALL_ARG0 + 8);
     let prot = field(&ctx, SYSCALL_ARG0 + 16);
     let flags = field(&ctx, SYSCALL_ARG0 + 24);
-    if flags & MAP_ANONYMOUS == 0 || prot & (PROT_READ | PROT_WRITE) == 0 {
+    let func = if flags & MAP_ANONYMOUS == 0 {
+        // A loader maps a library's writable segment last, after its code and constants: where a shared
+        // libpython is first complete enough to be recognised, and before any of its code has run.
+        if target & PYTHON_PENDING == 0 || prot & PROT_WRITE == 0 || !holding_for_python() {
+            return 0;
+        }
+        LIBRARY_MAPPING
+    } else if prot & (PROT_READ | PROT_WRITE) == 0 {
         return 0;
-    }
-    let state = SyscallInFlight {
-        func: AllocFn::Mmap as u32,
-        _pad: 0,
-        len,
+    } else {
+        AllocFn::Mmap as u32
     };
+    let state = SyscallInFlight { func, _pad: 0, len };
     if SYSCALLS
         .insert(bpf_get_current_pid_tgid(), state, 0)
         .is_err()
@@ -1338,6 +1352,12 @@ pub fn map_exit(ctx: TracePointContext) -> u32 {
     let _ = SYSCALLS.remove(pid_tgid);
     let ret = field(&ctx, SYSCALL_RET);
     let failed = ret > u64::MAX - MAX_ERRNO;
+    if state.func == LIBRARY_MAPPING {
+        if !failed {
+            hold_for_python();
+        }
+        return 0;
+    }
     // One call of emit_mapping, so that the verifier checks the stack capture once in this program.
     let func = if state.func == AllocFn::Mremap as u32 {
         AllocFn::Mremap
@@ -1575,6 +1595,13 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
         }
     };
     let hold = hold && holding();
+    // Its new image may map a shared libpython: each library it maps stops it until userspace has looked.
+    if holding_for_python() {
+        // SAFETY: read-only look-up of a plain value, copied out.
+        if let Some(flags) = unsafe { TARGETS.get(tgid) }.copied() {
+            let _ = TARGETS.insert(tgid, flags | PYTHON_PENDING, 0);
+        }
+    }
     let event = ExecEvent {
         header: header(EventKind::Exec),
         held: u32::from(hold),
@@ -1593,6 +1620,29 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn holding() -> bool {
     HOLDING.get(0).is_some_and(|&on| on != 0)
+}
+
+/// Whether processes are stopped at the libraries they map until their interpreter is found.
+#[inline(always)]
+fn holding_for_python() -> bool {
+    // SAFETY: a plain global set at load time.
+    let on = unsafe { core::ptr::read_volatile(&HOLD_FOR_PYTHON) };
+    on != 0 && holding()
+}
+
+/// Announces that a process whose interpreter is looked for has mapped a library, and stops it until
+/// userspace has looked (only once sure userspace hears of it: a lost record would leave it stopped).
+#[inline(always)]
+fn hold_for_python() {
+    let event = LibraryMappedEvent {
+        header: header(EventKind::LibraryMapped),
+        held: 1,
+        _pad: 0,
+    };
+    if output_now(&event) {
+        // SAFETY: a plain helper; the signal reaches the current process on its way back to user mode.
+        unsafe { bpf_send_signal(SIGSTOP) };
+    }
 }
 
 const SIGSTOP: u32 = 19;

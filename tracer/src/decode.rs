@@ -4,8 +4,8 @@ use std::mem::offset_of;
 
 use tracer_common::{
     ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, FaultEvent,
-    ForkEvent, FreeEvent, MAX_PY_FRAMES, MAX_STACK_DEPTH, OomEvent, PyFrame, PyStatus, StackEvent,
-    StackWindowEvent, UserRegs,
+    ForkEvent, FreeEvent, LibraryMappedEvent, MAX_PY_FRAMES, MAX_STACK_DEPTH, OomEvent, PyFrame,
+    PyStatus, StackEvent, StackWindowEvent, UserRegs,
 };
 
 /// One decoded record.
@@ -39,6 +39,11 @@ pub enum Event {
     Exec {
         header: EventHeader,
         /// Stopped before its new image ran: to be continued once attached.
+        held: bool,
+    },
+    /// A process whose interpreter is looked for mapped a library, and is stopped until userspace has looked.
+    LibraryMapped {
+        header: EventHeader,
         held: bool,
     },
     Fork {
@@ -194,6 +199,13 @@ impl TryFrom<&[u8]> for Event {
                     held: e.held != 0,
                 }
             }
+            EventKind::LibraryMapped => {
+                let e: LibraryMappedEvent = read(bytes, Some(kind))?;
+                Self::LibraryMapped {
+                    header,
+                    held: e.held != 0,
+                }
+            }
             EventKind::Oom => Self::Oom(read(bytes, Some(kind))?),
             EventKind::Fault => {
                 let e: FaultEvent = read(bytes, Some(kind))?;
@@ -321,6 +333,18 @@ mod tests {
             Event::try_from(bytes_of(&exec)),
             Ok(Event::Exec {
                 header: exec.header,
+                held: true
+            })
+        );
+        let mapped = LibraryMappedEvent {
+            header: header(EventKind::LibraryMapped),
+            held: 1,
+            _pad: 0,
+        };
+        assert_eq!(
+            Event::try_from(bytes_of(&mapped)),
+            Ok(Event::LibraryMapped {
+                header: mapped.header,
                 held: true
             })
         );

@@ -17,7 +17,7 @@ use aya::{
 };
 use tracer_common::{
     AllocFn, FaultFields, HOLD_AT_EXEC, InFlight, LOSS_COUNTERS, LiveBlock, LiveKey, OomFields,
-    PyProcess, SiteCounters, SiteKey, SizeKey, TALLY_COUNTERS, program_names,
+    PYTHON_PENDING, PyProcess, SiteCounters, SiteKey, SizeKey, TALLY_COUNTERS, program_names,
 };
 
 use crate::{
@@ -124,6 +124,9 @@ pub struct LoadOptions {
     pub watch_faults: Option<u32>,
     /// The allocator uprobe programs are loaded: always to trace, and in the watch tier only to escalate to.
     pub uprobes: bool,
+    /// A process that exec'd is stopped at each library its loader maps until its CPython is found (or given
+    /// up on): see [`Probes::await_python`]. Never in the watch tier, which holds nothing.
+    pub hold_for_python: bool,
 }
 
 pub struct Probes {
@@ -182,6 +185,7 @@ impl Probes {
         };
         let fault_every = options.watch_faults.unwrap_or(1);
         let watch_tier = u32::from(options.watch_faults.is_some());
+        let hold_for_python = u32::from(options.hold_for_python);
         let preallocated = options.max_live_blocks.clamp(1, PREALLOCATED_LIVE_BLOCKS);
         let spilled = options.max_live_blocks.saturating_sub(preallocated);
         let mut ebpf = EbpfLoader::new()
@@ -192,6 +196,7 @@ impl Probes {
             .override_global("OOM_FIELDS", &oom_fields.unwrap_or_default(), true)
             .override_global("WATCH_EXECS", &watch_execs, true)
             .override_global("WATCH_TIER", &watch_tier, true)
+            .override_global("HOLD_FOR_PYTHON", &hold_for_python, true)
             .override_global("SAMPLE_INTERVAL", &options.sampling.interval, true)
             .override_global("SAMPLE_INTERVALS", &intervals, true)
             .override_global("SAMPLE_WEIGHTS", &options.sampling.weights, true)
@@ -430,6 +435,34 @@ impl Probes {
     /// Lets a target exec without being held: a command alloctrace started, which its own start-up holds.
     pub fn do_not_hold_at_exec(&mut self, pid: u32) -> anyhow::Result<()> {
         self.mark_target(pid, 0)
+    }
+
+    /// Stops `pid` at each library its loader maps from now on, until [`Probes::python_settled`]: its CPython,
+    /// if it has one, is found before any Python code runs. The kernel sets this at the exec of a target; a
+    /// process chosen by userspace after its exec (a cgroup match) gets it here. Nothing for a process that is
+    /// not a target.
+    pub fn await_python(&mut self, pid: u32) {
+        self.set_target_flag(pid, PYTHON_PENDING, true);
+    }
+
+    /// Lets `pid` map libraries without being stopped: its interpreter was found, or given up on.
+    pub fn python_settled(&mut self, pid: u32) {
+        self.set_target_flag(pid, PYTHON_PENDING, false);
+    }
+
+    fn set_target_flag(&mut self, pid: u32, flag: u8, on: bool) {
+        let Some(map) = self.ebpf.map_mut("TARGETS") else {
+            return;
+        };
+        let Ok(mut targets) = BpfHashMap::<_, u32, u8>::try_from(map) else {
+            return;
+        };
+        // Gone, or no target: nothing to mark. The kernel removes a target's entry at its exit.
+        let Ok(flags) = targets.get(&pid, 0) else {
+            return;
+        };
+        let flags = if on { flags | flag } else { flags & !flag };
+        let _ = targets.insert(pid, flags, 0);
     }
 
     fn mark_target(&mut self, pid: u32, flags: u8) -> anyhow::Result<()> {

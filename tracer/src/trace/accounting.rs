@@ -85,6 +85,8 @@ pub(super) enum Discovery {
     Forked { parent: u32, child: u32, held: bool },
     /// A process replaced its image at `ts_ns`; `held`: it is stopped until it is attached to and continued.
     Execed { pid: u32, ts_ns: u64, held: bool },
+    /// A process whose interpreter is looked for mapped a library; `held`: it is stopped until looked at.
+    LibraryMapped { pid: u32, held: bool },
 }
 
 impl State {
@@ -195,6 +197,12 @@ impl State {
                 self.discovered.push(Discovery::Execed {
                     pid: header.pid,
                     ts_ns: header.ts_ns,
+                    held,
+                });
+            }
+            Event::LibraryMapped { header, held } => {
+                self.discovered.push(Discovery::LibraryMapped {
+                    pid: header.pid,
                     held,
                 });
             }

@@ -297,6 +297,7 @@ async fn session(
             sampling: sampling.clone(),
             max_live_blocks: config.max_live_blocks,
             watch_faults: watch.as_ref().map(|w| w.fault_every),
+            hold_for_python: config.python_frames && watch.is_none(),
             uprobes,
         })?,
         comms: config
@@ -696,7 +697,9 @@ fn follow_discoveries(targets: &mut Targets, state: &mut State) {
                     targets.follow(state, discovery);
                 }
             }
-            Discovery::Forked { .. } => targets.follow(state, discovery),
+            Discovery::Forked { .. } | Discovery::LibraryMapped { .. } => {
+                targets.follow(state, discovery)
+            }
         }
     }
 }

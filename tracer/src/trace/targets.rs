@@ -130,6 +130,7 @@ impl Targets {
         match runtime::detect(&mut state.registry, pid) {
             Some(interpreter) => {
                 self.python_pending.remove(&pid);
+                self.probes.python_settled(pid);
                 let config = interpreter.bpf_config();
                 let info = interpreter.info.clone();
                 // The reader before the kernel walks the frames: the first stack walked is named with it, on
@@ -155,8 +156,11 @@ impl Targets {
                 self.python_pending
                     .entry(pid)
                     .or_insert_with(|| Instant::now() + PENDING_WINDOW);
+                if !self.watching {
+                    self.probes.await_python(pid);
+                }
             }
-            None => {}
+            None => self.probes.python_settled(pid),
         }
     }
 
@@ -169,8 +173,8 @@ impl Targets {
             self.python_pending.iter().map(|(&p, &t)| (p, t)).collect();
         for (pid, until) in pending {
             self.detect_python(state, pid, true);
-            if until <= now {
-                self.python_pending.remove(&pid);
+            if until <= now && self.python_pending.remove(&pid).is_some() {
+                self.probes.python_settled(pid);
             }
         }
     }
@@ -227,6 +231,17 @@ impl Targets {
                 }
                 if held {
                     resume(child);
+                }
+            }
+            // Its loader mapped a library: looked at for CPython before any of the library's code runs.
+            Discovery::LibraryMapped { pid, held } => {
+                if self.python_pending.contains_key(&pid) {
+                    self.detect_python(state, pid, true);
+                } else {
+                    self.probes.python_settled(pid);
+                }
+                if held {
+                    resume(pid);
                 }
             }
             Discovery::Execed { pid, ts_ns, held } => {
