@@ -79,7 +79,11 @@ fuzz_target!(|data: &[u8]| {
             // 3.8-3.10: f_lasti, with its -1.
             None => position.wrapping_sub(1),
         };
-        let recorded = PyFrame { code: base, instr };
+        let recorded = PyFrame {
+            code: base,
+            instr,
+            globals: 0,
+        };
         let first = reader.frame(&recorded);
         // Read again from the cache: the same frame.
         assert_eq!(first, reader.frame(&recorded));

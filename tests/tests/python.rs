@@ -255,6 +255,38 @@ fn the_first_line_of_a_script_has_its_python_frames() {
     }
 }
 
+/// A module's code object is freed once its import is done, often before alloctrace could read it from the
+/// process: the kernel copies each new code object of a stack, with its names and line table, as the stack is
+/// taken. Each of the 40 modules the workload writes and imports is named with its file, `<module>` and line 3,
+/// where it allocates a block of its own size, and no frame is unreadable.
+#[test]
+fn imported_modules_keep_their_names_once_their_code_objects_are_freed() {
+    let script = workspace().join("tests/workloads/imports.py");
+    for version in ["3.8", "3.11", "3.13"] {
+        let report = trace_script(&pyenv(version), &script);
+        assert_eq!(report["complete"], true, "{report:#}");
+        assert_eq!(report["unreadable_python_frames"], 0, "{report:#}");
+        // The modules are written into a fresh temporary directory: found from the first one's frames.
+        let first = report["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s["stack"].as_array().unwrap())
+            .filter_map(|f| f["file"].as_str())
+            .find(|file| file.ends_with("/generated_0.py"))
+            .unwrap_or_else(|| panic!("Python {version}: no frame of generated_0.py: {report:#}"));
+        let directory = Path::new(first).parent().unwrap();
+        for index in 0..40u64 {
+            let module = directory.join(format!("generated_{index}.py"));
+            assert_holds(
+                site_in(&report, &module, "<module>", 3),
+                1,
+                200_000 + 4096 * index,
+            );
+        }
+    }
+}
+
 #[test]
 fn cpython_3_8() {
     check(&pyenv("3.8"), "3.8");

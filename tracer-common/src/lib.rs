@@ -87,6 +87,8 @@ pub struct PyProcess {
     pub cframe_current_frame: u32,
     pub frame_back: u32,
     pub frame_code: u32,
+    /// `f_globals`, or [`PY_NO_OFFSET`]: part of a frame's identity in the stack's id.
+    pub frame_globals: u32,
     pub frame_instr: u32,
     /// 1 when `frame_instr` is a pointer (3.11+), 0 when it is a 32-bit `f_lasti`.
     pub frame_instr_is_pointer: u32,
@@ -95,6 +97,13 @@ pub struct PyProcess {
     /// Bytes from a frame's start that hold every field above (a multiple of 8, at most
     /// [`PY_FRAME_READ_MAX`]): each frame is read at once.
     pub frame_read_size: u32,
+    /// In a code object: `co_filename`, `co_qualname` (`co_name` before 3.11), `co_linetable` (pointers) and
+    /// `co_firstlineno` (an `int`); and the bytes from its start that hold them (at most [`CODE_HEADER_BYTES`]).
+    pub code_filename: u32,
+    pub code_name: u32,
+    pub code_linetable: u32,
+    pub code_firstlineno: u32,
+    pub code_header_len: u32,
     pub _pad: u32,
 }
 
@@ -109,6 +118,9 @@ pub struct PyFrame {
     pub code: u64,
     /// `f_lasti` (3.8–3.10) or the instruction pointer (3.11+).
     pub instr: u64,
+    /// The frame's globals (its module's dict), 0 when unknown: hashed into the stack's id, so that a module's
+    /// frame is not taken for another module's whose code object was later made at the same address.
+    pub globals: u64,
 }
 
 /// What a ring-buffer record is. Values are part of the record format: never reuse one.
@@ -137,6 +149,8 @@ pub enum EventKind {
     /// A process whose interpreter is still looked for mapped a file's writable segment (its loader loading a
     /// library): [`LibraryMappedEvent`].
     LibraryMapped = 9,
+    /// A code object first seen in a new Python stack, copied as it was then: [`CodeEvent`].
+    Code = 10,
 }
 
 /// The allocator entry point a record comes from. Values are part of the record format: never reuse one.
@@ -542,6 +556,38 @@ pub struct StackEvent {
     pub py_frames: [PyFrame; MAX_PY_FRAMES],
 }
 
+/// The most bytes of a code object's start copied with it: its fields up to `co_linetable` (144 on 3.13).
+pub const CODE_HEADER_BYTES: usize = 256;
+/// The most bytes of a `str` object (its header, then its characters) copied for a code object's file name and
+/// function name: a longer name is read from the process's memory, while it is still there.
+pub const CODE_NAME_BYTES: usize = 512;
+/// The most bytes of a code object's line table (a `bytes` object, header included) copied with it: a module of
+/// a few hundred lines. The rest is read from the process's memory, while it is still there.
+pub const CODE_LINE_TABLE_BYTES: usize = 4096;
+
+/// A code object of a new Python stack, seen for the first time (by address and identity) in its process, and
+/// the objects that name it, each copied from its start: sent before the [`StackEvent`] that uses it. A module's
+/// code object is freed once its import is done, often before userspace could read it; this copy names the
+/// frames of the stacks sent after it. The `*_len` fields say how many bytes of each array were copied (0: none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct CodeEvent {
+    pub header: EventHeader,
+    pub code: u64,
+    pub filename: u64,
+    pub name: u64,
+    pub line_table: u64,
+    pub code_len: u32,
+    pub filename_len: u32,
+    pub name_len: u32,
+    pub line_table_len: u32,
+    pub code_bytes: [u8; CODE_HEADER_BYTES],
+    pub filename_bytes: [u8; CODE_NAME_BYTES],
+    pub name_bytes: [u8; CODE_NAME_BYTES],
+    pub line_table_bytes: [u8; CODE_LINE_TABLE_BYTES],
+}
+
 /// Bytes of user stack, from the stack pointer up, copied at a mapping system call made outside the allocator
 /// (`mmap`, `mremap`, `brk`) for userspace to unwind with the modules' `.eh_frame`. perf's `--call-graph dwarf`
 /// copies as much by default: libc's wrappers and `sbrk` use a few dozen bytes, and 8 KiB holds the callers of
@@ -689,12 +735,16 @@ const _: () = assert!(size_of::<OomEvent>() == 88);
 const _: () = assert!(size_of::<FaultEvent>() == 56);
 const _: () = assert!(size_of::<FaultFields>() == 8);
 const _: () = assert!(size_of::<OomFields>() == 24);
-const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH + 8 + 16 * MAX_PY_FRAMES);
-const _: () = assert!(size_of::<PyProcess>() == 56);
+const _: () = assert!(size_of::<StackEvent>() == 48 + 8 * MAX_STACK_DEPTH + 8 + 24 * MAX_PY_FRAMES);
+const _: () = assert!(size_of::<PyProcess>() == 80);
+const _: () = assert!(
+    size_of::<CodeEvent>()
+        == 32 + 32 + 16 + CODE_HEADER_BYTES + 2 * CODE_NAME_BYTES + CODE_LINE_TABLE_BYTES
+);
 const _: () = assert!(size_of::<UserRegs>() == 32);
 const _: () =
     assert!(size_of::<StackWindowEvent>() == size_of::<StackEvent>() + 32 + 8 + STACK_WINDOW_BYTES);
-const _: () = assert!(size_of::<PyFrame>() == 16);
+const _: () = assert!(size_of::<PyFrame>() == 24);
 const _: () = assert!(size_of::<InFlight>() == 80);
 const _: () = assert!(size_of::<LiveKey>() == 16);
 const _: () = assert!(size_of::<LiveBlock>() == 32);

@@ -31,13 +31,14 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use tracer_common::{
-    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, FAULT_INSTRUCTION,
-    FAULT_WRITE, FORKED, FaultEvent, FaultFields, ForkEvent, FreeEvent, HOLD_AT_EXEC, InFlight,
-    LIBRARY_MAPPING, LOSS_COUNTERS, LibraryMappedEvent, LiveBlock, LiveKey, Loss, MAX_PY_FRAMES,
-    MAX_PY_THREADS, MAX_STACK_DEPTH, OomEvent, OomFields, PY_FRAME_READ_MAX, PY_NO_OFFSET,
-    PYTHON_PENDING, PyFrame, PyProcess, PyStatus, SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES,
-    STACK_WINDOW_BYTES, SiteCounters, SiteKey, SizeKey, StackEvent, StackWindowEvent,
-    SyscallInFlight, TALLY_COUNTERS, Tally, UserRegs, sample_weight, size_class,
+    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, CODE_HEADER_BYTES, CodeEvent, EventHeader, EventKind,
+    ExecEvent, FAULT_INSTRUCTION, FAULT_WRITE, FORKED, FaultEvent, FaultFields, ForkEvent,
+    FreeEvent, HOLD_AT_EXEC, InFlight, LIBRARY_MAPPING, LOSS_COUNTERS, LibraryMappedEvent,
+    LiveBlock, LiveKey, Loss, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_DEPTH, OomEvent, OomFields,
+    PY_FRAME_READ_MAX, PY_NO_OFFSET, PYTHON_PENDING, PyFrame, PyProcess, PyStatus,
+    SAMPLE_INTERVAL_ENTRIES, SAMPLE_WEIGHT_ENTRIES, STACK_WINDOW_BYTES, SiteCounters, SiteKey,
+    SizeKey, StackEvent, StackWindowEvent, SyscallInFlight, TALLY_COUNTERS, Tally, UserRegs,
+    sample_weight, size_class,
 };
 
 /// Every record for userspace, in the order the probes reserved them.
@@ -62,6 +63,26 @@ static LAST_SENT_STACK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Per-CPU scratch for building a stack record: too large for the 512-byte BPF stack.
 #[map]
 static STACK_SCRATCH: PerCpuArray<StackEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Code objects already sent to userspace (see `capture_code_objects`). LRU: one evicted is simply sent again.
+#[map]
+static SENT_CODES: LruHashMap<CodeKey, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// Per-CPU scratch for building a code object's record: far too large for the BPF stack.
+#[map]
+static CODE_SCRATCH: PerCpuArray<CodeEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// A code object as `SENT_CODES` knows it: its process, its address, and what tells it from another one later
+/// made at the same address (its file name, its name and its first line).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CodeKey {
+    code: u64,
+    filename: u64,
+    name: u64,
+    tgid: u32,
+    first_line: u32,
+}
 
 /// Per-CPU scratch into which Python frames are read. On the BPF stack the buffer was zeroed before every
 /// frame, by a `memset` the compiler emits as a byte loop: a third of the frame walk's time.
@@ -872,6 +893,9 @@ fn capture_stack(ctx: *mut c_void, first_frame: u64, guessed_caller: Option<u64>
     // SAFETY: read-only look-up of a plain value.
     if unsafe { SENT_STACKS.get(id) }.is_none() {
         scratch.header = header(EventKind::Stack);
+        if scratch.py_depth > 0 {
+            capture_code_objects(scratch);
+        }
         // A Python stack wakes userspace at once: its code objects must be read before they are freed (a
         // module's, once its import is done). A new stack is rare beside the allocations it names.
         sent = if scratch.py_depth > 0 {
@@ -888,6 +912,128 @@ fn capture_stack(ctx: *mut c_void, first_frame: u64, guessed_caller: Option<u64>
         unsafe { *last = id };
     }
     id
+}
+
+/// Sends, ahead of a new stack, each of its code objects this process has not sent yet, copied with the
+/// strings and line table that name it. Userspace reads code objects lazily from the process's memory, but a
+/// module's is freed as soon as its import is done: on an import storm, a third of the bytes had a frame it
+/// could no longer read. The copy is taken while the frame runs, so the object is certainly there.
+#[inline(always)]
+fn capture_code_objects(stack: &StackEvent) {
+    let tgid = current_tgid();
+    // SAFETY: read-only look-up of a plain value, copied out.
+    let Some(py) = (unsafe { PY_PROCS.get(tgid) }).copied() else {
+        return;
+    };
+    let mut capture = CodeCapture { py, stack, tgid };
+    // SAFETY: the callback is a BPF function taking (index, ctx); ctx points at `capture` on this stack.
+    unsafe {
+        bpf_loop(
+            MAX_PY_FRAMES as u32,
+            capture_code as *mut c_void,
+            (&mut capture as *mut CodeCapture).cast(),
+            0,
+        )
+    };
+}
+
+/// What `capture_code` needs: the process's offsets and the stack whose frames it looks at.
+#[repr(C)]
+struct CodeCapture<'a> {
+    py: PyProcess,
+    stack: &'a StackEvent,
+    tgid: u32,
+}
+
+/// One step of `capture_code_objects`: sends the code object of Python frame `index` if it is new; 1 stops.
+extern "C" fn capture_code(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `CodeCapture` `capture_code_objects` passed to bpf_loop.
+    let capture = unsafe { &*ctx.cast::<CodeCapture>() };
+    if index >= u64::from(capture.stack.py_depth) {
+        return 1;
+    }
+    let Some(&frame) = capture.stack.py_frames.get(index as usize) else {
+        return 1;
+    };
+    // A shim frame.
+    if frame.code == 0 {
+        return 0;
+    }
+    let Some(event) = CODE_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot; no other program on this CPU runs until this one returns.
+    let event = unsafe { &mut *event };
+    let py = &capture.py;
+    let len = (py.code_header_len as usize).min(CODE_HEADER_BYTES);
+    let Some(code_bytes) = event.code_bytes.get_mut(..len) else {
+        return 1;
+    };
+    // SAFETY: bpf_probe_read_user checks the address; a fault is an error, not a crash.
+    if len == 0 || unsafe { bpf_probe_read_user_buf(frame.code as *const u8, code_bytes) }.is_err()
+    {
+        return 0;
+    }
+    let key = CodeKey {
+        code: frame.code,
+        filename: word_at(&event.code_bytes, py.code_filename),
+        name: word_at(&event.code_bytes, py.code_name),
+        tgid: capture.tgid,
+        first_line: word_at(&event.code_bytes, py.code_firstlineno) as u32,
+    };
+    // SAFETY: read-only look-up of a plain value.
+    if unsafe { SENT_CODES.get(&key) }.is_some() {
+        return 0;
+    }
+    event.header = header(EventKind::Code);
+    event.code = frame.code;
+    event.code_len = len as u32;
+    event.filename = key.filename;
+    event.filename_len = read_object(key.filename, &mut event.filename_bytes);
+    event.name = key.name;
+    event.name_len = read_object(key.name, &mut event.name_bytes);
+    event.line_table = word_at(&event.code_bytes, py.code_linetable);
+    event.line_table_len = read_object(event.line_table, &mut event.line_table_bytes);
+    // Written before the stack that names it, which wakes userspace.
+    if output(&*event) {
+        let _ = SENT_CODES.insert(&key, &0, 0);
+    }
+    0
+}
+
+/// The 8 bytes at `offset` of a copied object, native-endian; 0 past its end.
+#[inline(always)]
+fn word_at<const N: usize>(bytes: &[u8; N], offset: u32) -> u64 {
+    let offset = offset as usize;
+    match bytes.get(offset..offset + 8) {
+        Some(word) => {
+            let mut value = [0u8; 8];
+            value.copy_from_slice(word);
+            u64::from_ne_bytes(value)
+        }
+        None => 0,
+    }
+}
+
+/// Copies up to `N` bytes of the object at `addr` into `out`; the bytes copied. An object near the end of its
+/// mapping is copied up to the end of its page, which is mapped since the object starts there.
+#[inline(always)]
+fn read_object<const N: usize>(addr: u64, out: &mut [u8; N]) -> u32 {
+    if addr == 0 {
+        return 0;
+    }
+    // SAFETY (both): bpf_probe_read_user checks the address; a fault is an error, not a crash.
+    if unsafe { bpf_probe_read_user_buf(addr as *const u8, out) }.is_ok() {
+        return N as u32;
+    }
+    let to_page_end = (PAGE_SIZE - (addr & (PAGE_SIZE - 1))) as usize;
+    let Some(part) = out.get_mut(..to_page_end.min(N)) else {
+        return 0;
+    };
+    match unsafe { bpf_probe_read_user_buf(addr as *const u8, part) } {
+        Ok(()) => part.len() as u32,
+        Err(_) => 0,
+    }
 }
 
 /// A stack's id being computed: the native frames (`native_depth` of them), then the Python frames.
@@ -918,7 +1064,7 @@ extern "C" fn hash_frame(index: u64, ctx: *mut c_void) -> i64 {
     let Some(&frame) = hash.stack.py_frames.get(python) else {
         return 1;
     };
-    hash.id = mix(mix(hash.id, frame.code), frame.instr);
+    hash.id = mix(mix(mix(hash.id, frame.code), frame.instr), frame.globals);
     0
 }
 
@@ -1120,13 +1266,23 @@ extern "C" fn read_frame(_index: u64, ctx: *mut c_void) -> i64 {
     let code = word(py.frame_code);
     let next = word(py.frame_back);
     if let Some(slot) = walk.out.py_frames.get_mut(depth) {
-        *slot = PyFrame {
-            code: if owner == FRAME_OWNED_BY_CSTACK {
-                0
-            } else {
-                code
-            },
-            instr,
+        // A shim's other fields are not valid: as a slot of its own, it is all zeros.
+        *slot = if owner == FRAME_OWNED_BY_CSTACK {
+            PyFrame {
+                code: 0,
+                instr,
+                globals: 0,
+            }
+        } else {
+            PyFrame {
+                code,
+                instr,
+                globals: if py.frame_globals == PY_NO_OFFSET {
+                    0
+                } else {
+                    word(py.frame_globals)
+                },
+            }
         };
     }
     window.depth += 1;

@@ -3,9 +3,9 @@
 use std::mem::offset_of;
 
 use tracer_common::{
-    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, EventHeader, EventKind, ExecEvent, FaultEvent,
-    ForkEvent, FreeEvent, LibraryMappedEvent, MAX_PY_FRAMES, MAX_STACK_DEPTH, OomEvent, PyFrame,
-    PyStatus, StackEvent, StackWindowEvent, UserRegs,
+    ALLOC_BY_ALLOCATOR, AllocEvent, AllocFn, CodeEvent, EventHeader, EventKind, ExecEvent,
+    FaultEvent, ForkEvent, FreeEvent, LibraryMappedEvent, MAX_PY_FRAMES, MAX_STACK_DEPTH, OomEvent,
+    PyFrame, PyStatus, StackEvent, StackWindowEvent, UserRegs,
 };
 
 /// One decoded record.
@@ -55,6 +55,8 @@ pub enum Event {
     },
     /// The user stack at a mapping system call, to unwind in userspace: see [`StackWindow`].
     StackWindow(Box<StackWindow>),
+    /// A code object of a new Python stack and the objects that name it, copied as they were then.
+    Code(Box<CodeCopy>),
     Oom(OomEvent),
     /// A sampled write fault (the watch tier): the page of `addr` was made resident by stack `stack_id`, and
     /// stands for `weight` such faults.
@@ -64,6 +66,14 @@ pub enum Event {
         stack_id: u64,
         weight: u32,
     },
+}
+
+/// A code object of a new Python stack, with its file name, its name and its line table, each copied from the
+/// object's start (see `tracer_common::CodeEvent`): `(address, bytes)`, none empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CodeCopy {
+    pub header: EventHeader,
+    pub objects: Vec<(u64, Vec<u8>)>,
 }
 
 /// A window of the user stack at a mapping system call made outside the allocator, sent just before that
@@ -198,6 +208,25 @@ impl TryFrom<&[u8]> for Event {
                     header,
                     held: e.held != 0,
                 }
+            }
+            EventKind::Code => {
+                let e: CodeEvent = read(bytes, Some(kind))?;
+                let copied = |addr: u64, bytes: &[u8], len: u32| {
+                    let len = (len as usize).min(bytes.len());
+                    (addr != 0 && len > 0).then(|| (addr, bytes[..len].to_vec()))
+                };
+                Self::Code(Box::new(CodeCopy {
+                    header,
+                    objects: [
+                        copied(e.code, &e.code_bytes, e.code_len),
+                        copied(e.filename, &e.filename_bytes, e.filename_len),
+                        copied(e.name, &e.name_bytes, e.name_len),
+                        copied(e.line_table, &e.line_table_bytes, e.line_table_len),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+                }))
             }
             EventKind::LibraryMapped => {
                 let e: LibraryMappedEvent = read(bytes, Some(kind))?;
@@ -461,6 +490,7 @@ mod tests {
         py_frames[0] = PyFrame {
             code: 0x7f00_1000,
             instr: 42,
+            globals: 0x7f00_2000,
         };
         let record = StackEvent {
             header: header(EventKind::Stack),

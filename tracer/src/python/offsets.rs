@@ -64,6 +64,11 @@ pub struct Offsets {
     pub frame_back: u64,
     /// `f_code` (≤3.12) / `f_executable` (3.13, a code object or, in a shim frame, `None`).
     pub frame_code: u64,
+    /// The frame's globals (`f_globals`): with the code object, what tells a module's frames from another
+    /// module's whose code object was later made at the same address (a module's is freed once imported).
+    /// `None` where the interpreter does not publish it (3.13's `_Py_DebugOffsets`) and the layout is not the
+    /// known one.
+    pub frame_globals: Option<u64>,
     /// ≤3.10: `f_lasti`, an `int`: a byte offset into `co_code` in 3.8/3.9, an instruction (2-byte code unit)
     /// index in 3.10, -1 before the first instruction. 3.11/3.12: `prev_instr`, a pointer to the code unit before
     /// the next instruction (possibly an inline cache entry, or one unit before `co_code_adaptive` in a frame that
@@ -115,6 +120,7 @@ const PY3_8_AND_3_9: Offsets = Offsets {
     cframe_current_frame: None,
     frame_back: 24,
     frame_code: 32,
+    frame_globals: Some(48),
     frame_instr: 104,
     frame_instr_is_pointer: false,
     frame_owner: None,
@@ -151,6 +157,7 @@ const PY3_11: Offsets = Offsets {
     cframe_current_frame: Some(8),
     frame_back: 48,
     frame_code: 32,
+    frame_globals: Some(8),
     frame_instr: 56,
     frame_instr_is_pointer: true,
     frame_owner: Some(69),
@@ -180,6 +187,7 @@ const PY3_12: Offsets = Offsets {
     cframe_current_frame: Some(0),
     frame_back: 8,
     frame_code: 0,
+    frame_globals: Some(24),
     frame_instr: 56,
     frame_instr_is_pointer: true,
     frame_owner: Some(70),
@@ -196,6 +204,9 @@ const PY3_12: Offsets = Offsets {
     bytes_size: 16,
     bytes_data: 32,
 };
+
+/// `_PyInterpreterFrame.f_globals` in 3.13's layout: after `f_executable`, `previous` and `f_funcobj`.
+const KNOWN_3_13_FRAME_GLOBALS: u64 = 24;
 
 /// Why a `_Py_DebugOffsets` cannot be used.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -334,6 +345,13 @@ impl Offsets {
                 size: words[word::UNICODE_SIZE],
             });
         }
+        let frame_back = frame("previous", word::FRAME_PREVIOUS)?;
+        let frame_code = frame("f_executable", word::FRAME_EXECUTABLE)?;
+        let frame_instr = frame("instr_ptr", word::FRAME_INSTR_PTR)?;
+        // Not published: 3.13's `f_globals` follows `f_executable`, `previous` and `f_funcobj`, which only the
+        // known layout (the published fields where 3.13.0 has them) is trusted to say.
+        let frame_globals = ((frame_code, frame_back, frame_instr) == (0, 8, 56))
+            .then_some(KNOWN_3_13_FRAME_GLOBALS);
         Ok(Self {
             runtime_interpreters_head: inside(
                 "interpreters.head",
@@ -350,9 +368,10 @@ impl Offsets {
             tstate_thread_id: tstate("PyThreadState.thread_id", word::TSTATE_THREAD_ID)?,
             tstate_frame: tstate("PyThreadState.current_frame", word::TSTATE_CURRENT_FRAME)?,
             cframe_current_frame: None,
-            frame_back: frame("previous", word::FRAME_PREVIOUS)?,
-            frame_code: frame("f_executable", word::FRAME_EXECUTABLE)?,
-            frame_instr: frame("instr_ptr", word::FRAME_INSTR_PTR)?,
+            frame_back,
+            frame_code,
+            frame_globals,
+            frame_instr,
             frame_instr_is_pointer: true,
             frame_owner: Some(frame("owner", word::FRAME_OWNER)?),
             code_filename: code("co_filename", word::CODE_FILENAME)?,
@@ -392,6 +411,7 @@ mod tests {
         cframe_current_frame: None,
         frame_back: 8,
         frame_code: 0,
+        frame_globals: Some(24),
         frame_instr: 56,
         frame_instr_is_pointer: true,
         frame_owner: Some(70),

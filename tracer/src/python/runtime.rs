@@ -10,16 +10,23 @@
 //! [`MAX_NAME_BYTES`] and marked with [`TRUNCATED_MARK`] when cut, line tables up to [`MAX_LINE_TABLE_BYTES`],
 //! and each cut is counted, so that a 1 MB `co_filename` neither costs a megabyte nor loses its frame.
 
-use std::{collections::HashMap, io, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    sync::Arc,
+};
 
 use serde::Serialize;
-use tracer_common::{PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame, PyProcess};
+use tracer_common::{CODE_HEADER_BYTES, PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame, PyProcess};
 
 use super::{
     lines::{self, Format},
     offsets::Offsets,
 };
-use crate::procs::{Frame, Registry, maps::Mapping, module::Module};
+use crate::{
+    decode::CodeCopy,
+    procs::{Frame, Registry, maps::Mapping, module::Module},
+};
 
 /// The most bytes of a name (file name, function name, qualified name) read: longer names are cut and marked.
 pub const MAX_NAME_BYTES: usize = 4 << 10;
@@ -35,6 +42,10 @@ pub const MAX_READ: usize = MAX_LINE_TABLE_BYTES;
 /// The most bytes of code objects cached per process: a few thousand ordinary ones, or 32 with the longest line
 /// tables. When full, the cache is emptied and code objects are read again as frames need them.
 pub const MAX_CACHED_CODE_BYTES: usize = 32 << 20;
+
+/// The most bytes of the kernel's copies of code objects (see [`Reader::remember`]) kept per process: a few
+/// thousand code objects. When full, the oldest half goes: those of stacks named long ago.
+pub const MAX_COPIED_BYTES: usize = 16 << 20;
 
 /// Ends a name cut at [`MAX_NAME_BYTES`].
 pub const TRUNCATED_MARK: &str = "…(truncated)";
@@ -142,13 +153,35 @@ impl Interpreter {
             cframe_current_frame: o.cframe_current_frame.map_or(PY_NO_OFFSET, narrow),
             frame_back: narrow(o.frame_back),
             frame_code: narrow(o.frame_code),
+            frame_globals: o.frame_globals.map_or(PY_NO_OFFSET, narrow),
             frame_instr: narrow(o.frame_instr),
             frame_instr_is_pointer: u32::from(o.frame_instr_is_pointer),
             frame_owner: o.frame_owner.map_or(PY_NO_OFFSET, narrow),
             frame_read_size: narrow(frame_read_size(o)?),
+            code_filename: narrow(o.code_filename),
+            code_name: narrow(o.code_qualname.unwrap_or(o.code_name)),
+            code_linetable: narrow(o.code_linetable),
+            code_firstlineno: narrow(o.code_firstlineno),
+            // 0 (nothing copied) when the fields lie past what the kernel copies.
+            code_header_len: code_header_len(o).map_or(0, narrow),
             _pad: 0,
         })
     }
+}
+
+/// The bytes from a code object's start that hold the fields naming it; `None` past [`CODE_HEADER_BYTES`].
+fn code_header_len(o: &Offsets) -> Option<u64> {
+    let len = [
+        o.code_filename,
+        o.code_name,
+        o.code_qualname.unwrap_or(0),
+        o.code_linetable,
+        o.code_firstlineno,
+    ]
+    .into_iter()
+    .max()?
+    .checked_add(8)?;
+    (len <= CODE_HEADER_BYTES as u64).then_some(len)
 }
 
 /// The bytes from a frame's start that cover the fields the eBPF side reads, rounded up to a whole word;
@@ -157,6 +190,7 @@ fn frame_read_size(o: &Offsets) -> Option<u64> {
     let last_byte = [
         o.frame_back.saturating_add(8),
         o.frame_code.saturating_add(8),
+        o.frame_globals.map_or(0, |f| f.saturating_add(8)),
         o.frame_instr.saturating_add(8),
         o.frame_owner.map_or(0, |f| f.saturating_add(1)),
     ]
@@ -299,6 +333,12 @@ pub struct Reader {
     truncated_names: u64,
     truncated_line_tables: u64,
     unreadable_frames: u64,
+    /// The kernel's copies of objects that name code objects, by address, each with when it came (see
+    /// [`Reader::remember`]); read before the process's memory.
+    copies: BTreeMap<u64, (u64, Vec<u8>)>,
+    /// What [`Reader::copies`] holds, and how many copies came so far.
+    copied_bytes: usize,
+    copies_made: u64,
 }
 
 /// A string or bytes object's content, possibly cut.
@@ -318,7 +358,57 @@ impl Reader {
             truncated_names: 0,
             truncated_line_tables: 0,
             unreadable_frames: 0,
+            copies: BTreeMap::new(),
+            copied_bytes: 0,
+            copies_made: 0,
         }
+    }
+
+    /// Keeps the kernel's copy of a code object and of the objects that name it, taken while a frame of it
+    /// ran: read instead of the process's memory from now on, where the object may since have been freed (a
+    /// module's code object, once its import is done) or its address reused. A newer copy of an address
+    /// replaces the older one: copies come in the order of the stacks that use them.
+    pub fn remember(&mut self, copy: &CodeCopy) {
+        for (address, bytes) in &copy.objects {
+            self.copies_made += 1;
+            self.copied_bytes += bytes.len();
+            if let Some((_, old)) = self
+                .copies
+                .insert(*address, (self.copies_made, bytes.clone()))
+            {
+                self.copied_bytes -= old.len();
+            }
+        }
+        if self.copied_bytes > MAX_COPIED_BYTES {
+            let median = self.copies_made - self.copies.len() as u64 / 2;
+            self.copies.retain(|_, (made, _)| *made >= median);
+            self.copied_bytes = self.copies.values().map(|(_, b)| b.len()).sum();
+        }
+    }
+
+    /// The `len` bytes at `address`: from a copy that holds them all, else from the process's memory.
+    fn read(&self, address: u64, len: usize) -> io::Result<Vec<u8>> {
+        match self.copied_from(address) {
+            Some(copied) if copied.len() >= len => Ok(copied[..len].to_vec()),
+            _ => read_memory(self.pid, address, len),
+        }
+    }
+
+    /// At most `len` bytes at `address`, and whether fewer: all of them from a copy or the process's memory,
+    /// else what a copy holds of them (the process has freed the rest).
+    fn read_at_most(&self, address: u64, len: usize) -> Option<(Vec<u8>, bool)> {
+        if let Ok(bytes) = self.read(address, len) {
+            return Some((bytes, false));
+        }
+        let copied = self.copied_from(address)?;
+        Some((copied.to_vec(), true))
+    }
+
+    /// What the copy that holds `address` holds from there on.
+    fn copied_from(&self, address: u64) -> Option<&[u8]> {
+        let (&start, (_, bytes)) = self.copies.range(..=address).next_back()?;
+        let from = usize::try_from(address - start).ok()?;
+        bytes.get(from..).filter(|rest| !rest.is_empty())
     }
 
     /// Names cut at [`MAX_NAME_BYTES`], once per code object read (a code object is read once, and again only
@@ -353,7 +443,7 @@ impl Reader {
     /// A compact `str` object's characters, the first [`MAX_NAME_BYTES`] of them.
     fn string(&self, object: u64) -> Option<Read<String>> {
         let o = self.interpreter.offsets.as_ref()?;
-        let header = read_memory(self.pid, object, o.unicode_compact_data as usize).ok()?;
+        let header = self.read(object, o.unicode_compact_data as usize).ok()?;
         let length = usize::try_from(u64_at(&header, o.unicode_length)?).ok()?;
         let state = u32_at(&header, o.unicode_state)?;
         let (kind, compact, ascii) = (
@@ -373,7 +463,8 @@ impl Reader {
             return None;
         }
         let read = length.min(MAX_NAME_BYTES / width);
-        let bytes = read_memory(self.pid, object.checked_add(data)?, read * width).ok()?;
+        let (bytes, cut) = self.read_at_most(object.checked_add(data)?, read * width)?;
+        let read = if cut { bytes.len() / width } else { read };
         let mut value: String = match width {
             1 => bytes.iter().map(|&b| char::from(b)).collect(),
             2 => char::decode_utf16(
@@ -400,13 +491,18 @@ impl Reader {
     /// A `bytes` object's content, the first [`MAX_LINE_TABLE_BYTES`] of it.
     fn bytes(&self, object: u64) -> Option<Read<Vec<u8>>> {
         let o = self.interpreter.offsets.as_ref()?;
-        let header = read_memory(self.pid, object, o.bytes_data as usize).ok()?;
+        let header = self.read(object, o.bytes_data as usize).ok()?;
         let size = usize::try_from(u64_at(&header, o.bytes_size)?).ok()?;
         let read = size.min(MAX_LINE_TABLE_BYTES);
-        let value = read_memory(self.pid, object.checked_add(o.bytes_data)?, read).ok()?;
+        let (value, cut) = self.read_at_most(object.checked_add(o.bytes_data)?, read)?;
+        let value = if cut {
+            value[..value.len().min(read)].to_vec()
+        } else {
+            value
+        };
         Some(Read {
+            truncated: value.len() < size,
             value,
-            truncated: read < size,
         })
     }
 
@@ -436,15 +532,8 @@ impl Reader {
     /// The fields of a code object's header, if it is one.
     fn code_header(&self, address: u64) -> Option<CodeHeader> {
         let o = self.interpreter.offsets.as_ref()?;
-        let fields = [
-            o.code_filename,
-            o.code_name,
-            o.code_qualname.unwrap_or(0),
-            o.code_firstlineno,
-            o.code_linetable,
-        ];
-        let len = fields.iter().max().copied().unwrap_or(0) + 8;
-        let header = read_memory(self.pid, address, len as usize).ok()?;
+        let len = code_header_len(o)?;
+        let header = self.read(address, len as usize).ok()?;
         // ob_type: a recycled address or wrong offsets would not point at PyCode_Type.
         if u64_at(&header, 8)? != self.interpreter.code_type {
             return None;
@@ -576,6 +665,7 @@ pub fn merge(native: Vec<Frame>, python: Vec<Frame>) -> Vec<Frame> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracer_common::EventHeader;
 
     #[test]
     fn versions_come_from_the_file_names_cpython_uses() {
@@ -751,7 +841,13 @@ mod tests {
         let name = objects.ascii("allocate");
         let code = objects.code(code_type, filename, name, 12, 0);
         let mut reader = objects.reader(code_type);
-        let frame = reader.frame(&PyFrame { code, instr: 0 }).unwrap();
+        let frame = reader
+            .frame(&PyFrame {
+                code,
+                instr: 0,
+                globals: 0,
+            })
+            .unwrap();
         assert_eq!(frame.function.as_deref(), Some("allocate"));
         assert_eq!(frame.line, Some(12));
         let file = frame.file.unwrap();
@@ -763,9 +859,104 @@ mod tests {
         assert_eq!(file.len(), MAX_NAME_BYTES + TRUNCATED_MARK.len());
         assert_eq!(reader.truncated_names(), 1);
         // Named again from the cache: the cut is counted once per code object read.
-        reader.frame(&PyFrame { code, instr: 0 }).unwrap();
+        reader
+            .frame(&PyFrame {
+                code,
+                instr: 0,
+                globals: 0,
+            })
+            .unwrap();
         assert_eq!(reader.truncated_names(), 1);
         assert_eq!(reader.unreadable_frames(), 0);
+    }
+
+    /// What the kernel copies of the object at `address`: its first `len` bytes.
+    fn copied(address: u64, len: usize) -> (u64, Vec<u8>) {
+        (
+            address,
+            read_memory(std::process::id(), address, len).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_code_object_freed_after_its_copy_is_named_from_the_copy() {
+        let mut objects = FakeObjects::new();
+        let code_type = objects.object(8, |_| {});
+        let filename = objects.ascii("/dags/etl.py");
+        let name = objects.ascii("<module>");
+        let code = objects.code(code_type, filename, name, 3, 0);
+        let mut reader = objects.reader(code_type);
+        // Each object whole, as the kernel copies them (a string's header is read as a non-ASCII one's).
+        let string_len = |text: &str| {
+            let o = objects.o;
+            (o.unicode_ascii_data as usize + text.len()).max(o.unicode_compact_data as usize)
+        };
+        let whole = [
+            (code, code_header_len(&objects.o).unwrap() as usize),
+            (filename, string_len("/dags/etl.py")),
+            (name, string_len("<module>")),
+        ];
+        reader.remember(&CodeCopy {
+            header: EventHeader::default(),
+            objects: whole.iter().map(|&(a, len)| copied(a, len)).collect(),
+        });
+        // Freed, and its memory reused by an object of another kind: the copy still names it.
+        for (address, len) in whole {
+            // SAFETY: the fake objects are at least this long, and held by `objects`.
+            unsafe { std::ptr::write_bytes(address as *mut u8, 0xa5, len) };
+        }
+        let frame = reader
+            .frame(&PyFrame {
+                code,
+                instr: 0,
+                globals: 0,
+            })
+            .unwrap();
+        assert_eq!(
+            (frame.function.as_deref(), frame.file.as_deref(), frame.line),
+            (Some("<module>"), Some("/dags/etl.py"), Some(3))
+        );
+        assert_eq!(reader.unreadable_frames(), 0);
+    }
+
+    #[test]
+    fn a_name_longer_than_its_copy_is_cut_and_marked_once_unmapped() {
+        let o = Offsets::for_version(3, 12).unwrap();
+        let page = 4096;
+        // SAFETY: a fresh anonymous mapping, written only within its length, unmapped below.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(address, libc::MAP_FAILED);
+        // SAFETY: the mapping's own bytes.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(address.cast::<u8>(), page) };
+        let state: u32 = 1 << 2 | 1 << 5 | 1 << 6;
+        bytes[o.unicode_length as usize..][..8].copy_from_slice(&1000u64.to_ne_bytes());
+        bytes[o.unicode_state as usize..][..4].copy_from_slice(&state.to_ne_bytes());
+        bytes[o.unicode_ascii_data as usize..][..1000].fill(b'd');
+        let string = address as u64;
+        let mut reader = FakeObjects::new().reader(0);
+        reader.remember(&CodeCopy {
+            header: EventHeader::default(),
+            objects: vec![copied(string, o.unicode_ascii_data as usize + 100)],
+        });
+        // While the process holds it, the whole name is read from its memory.
+        let read = reader.string(string).unwrap();
+        assert_eq!((read.value, read.truncated), ("d".repeat(1000), false));
+        // SAFETY: the mapping made above, no longer used.
+        assert_eq!(unsafe { libc::munmap(address, page) }, 0);
+        let read = reader.string(string).unwrap();
+        assert_eq!(
+            (read.value, read.truncated),
+            (format!("{}{TRUNCATED_MARK}", "d".repeat(100)), true)
+        );
     }
 
     #[test]
@@ -778,13 +969,27 @@ mod tests {
         let not_code = objects.code(other_type, name, name, 1, 0);
         let mut reader = objects.reader(code_type);
         for code in [not_code, 8] {
-            let frame = reader.frame(&PyFrame { code, instr: 0 }).unwrap();
+            let frame = reader
+                .frame(&PyFrame {
+                    code,
+                    instr: 0,
+                    globals: 0,
+                })
+                .unwrap();
             assert_eq!(frame.function.as_deref(), Some(UNREADABLE_FRAME));
             assert!(frame.is_python() && frame.file.is_none());
         }
         assert_eq!(reader.unreadable_frames(), 2);
         // A shim frame (no code object) is no frame at all.
-        assert!(reader.frame(&PyFrame { code: 0, instr: 0 }).is_none());
+        assert!(
+            reader
+                .frame(&PyFrame {
+                    code: 0,
+                    instr: 0,
+                    globals: 0
+                })
+                .is_none()
+        );
     }
 
     #[test]
@@ -815,6 +1020,7 @@ mod tests {
             .frame(&PyFrame {
                 code,
                 instr: 1 << 31,
+                globals: 0,
             })
             .unwrap();
         assert_eq!(
@@ -838,7 +1044,13 @@ mod tests {
             .collect();
         let mut reader = objects.reader(code_type);
         for &code in &codes {
-            let frame = reader.frame(&PyFrame { code, instr: 0 }).unwrap();
+            let frame = reader
+                .frame(&PyFrame {
+                    code,
+                    instr: 0,
+                    globals: 0,
+                })
+                .unwrap();
             assert_eq!(frame.function.as_deref(), Some("f"));
             assert!(reader.cached_bytes <= MAX_CACHED_CODE_BYTES);
         }

@@ -221,6 +221,8 @@ impl State {
             Event::Oom(kill) => self.ooms.push(kill),
             // Unwound above, before the allocation record it precedes.
             Event::StackWindow(_) => {}
+            // Kept by the ring reader's thread, which names Python frames.
+            Event::Code(_) => {}
             // Only the watch tier's programs send faults.
             Event::Fault { .. } => self.undecodable += 1,
         }

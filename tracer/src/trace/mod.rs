@@ -412,7 +412,7 @@ async fn session(
         Arc::clone(&state.python_stacks),
     );
     // What goes away within milliseconds is read on the reader thread, at once: an OOM victim's cgroup, and the
-    // code objects of a Python stack (a module's, once its import is done).
+    // code objects of a Python stack (a module's, once its import is done), with the kernel's copies of them.
     let first_look = move |record: &[u8]| match Event::try_from(record) {
         Ok(Event::Oom(kill)) => lock(&cgroups).remember(kill.header.cgroup_id),
         Ok(Event::Stack {
@@ -423,6 +423,11 @@ async fn session(
         }) if !python.frames.is_empty() => {
             let named = name_python(&mut lock(&pythons), header.pid, &python);
             lock(&python_stacks).insert(stack_id, named);
+        }
+        Ok(Event::Code(copy)) => {
+            if let Some(reader) = lock(&pythons).get_mut(&copy.header.pid) {
+                reader.remember(&copy);
+            }
         }
         Ok(Event::StackWindow(window)) if !window.python.frames.is_empty() => {
             let named = name_python(&mut lock(&pythons), window.header.pid, &window.python);
