@@ -441,6 +441,7 @@ impl Registry {
             if !mapping.executable {
                 return None;
             }
+            let key = self.object_key(pid, &mapping)?;
             let module = self.module(pid, &mapping)?;
             // From the address itself: a mapping's first page may lie in the segment before its own.
             let elf_address =
@@ -448,7 +449,7 @@ impl Registry {
             let open_path = open_path(pid, &mapping);
             let name = mapping.path.clone();
             Some(unwind::ModuleAt {
-                file: mapping.file?,
+                key,
                 code: mapping.start..mapping.end,
                 base: address.wrapping_sub(elf_address),
                 open: Box::new(move || module::open_object(&open_path, &name).ok()),
