@@ -409,8 +409,8 @@ impl Registry {
             self.debug_sources.clear();
         }
         let file = module::open_object(&open_path(pid, mapping), &mapping.path).ok()?;
-        let root = PathBuf::from(format!("/proc/{pid}/root"));
-        let source = debuginfo::DebugSource::new(file, &mapping.path, &root)?;
+        let root = crate::os::open_root(pid).ok()?;
+        let source = debuginfo::DebugSource::new(file, &mapping.path, root)?;
         self.debug_sources.insert(id, Arc::clone(&source));
         Some(source)
     }
