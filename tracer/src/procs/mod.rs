@@ -11,6 +11,7 @@ pub mod docker;
 pub mod maps;
 pub mod module;
 pub mod module_cache;
+#[cfg(target_arch = "x86_64")]
 pub mod prologue;
 pub mod unwind;
 
