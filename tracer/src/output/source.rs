@@ -150,6 +150,24 @@ mod tests {
     }
 
     #[test]
+    fn a_relative_path_is_read_beneath_the_working_directory_only() {
+        // Cargo runs unit tests in the crate's folder.
+        let cwd = std::env::current_dir().unwrap();
+        let first = fs::read_to_string(cwd.join("src/lib.rs")).unwrap();
+        let first = first.lines().next().unwrap().trim();
+        let mut sources = Sources::default();
+        assert_eq!(
+            sources
+                .line(this_process(false), "src/lib.rs", 1)
+                .as_deref(),
+            Some(first)
+        );
+        // `..` would leave it: not read, rather than resolved against alloctrace's own root.
+        assert!(cwd.join("../Cargo.toml").is_file());
+        assert_eq!(sources.line(this_process(false), "../Cargo.toml", 1), None);
+    }
+
+    #[test]
     fn what_cannot_be_read_is_skipped() {
         let mut sources = Sources::default();
         for file in [
