@@ -1,5 +1,6 @@
 //! Containers chosen by name: started after the tracer, each traced from its first moments in its own libc,
-//! exactly, and each site attributed to its own container.
+//! exactly, and each site attributed to its own container. A container's files are read inside it, even
+//! through its absolute symlinks.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -8,8 +9,8 @@ use std::{
 };
 
 use alloctrace_tests::{
-    SITES_EXPECTED, docker, live, pyenv_prefix, ready::alloctrace_with_ready_fd, require_root,
-    workload, workspace,
+    SITES_EXPECTED, docker, interrupt, live, pyenv_prefix, ready::alloctrace_with_ready_fd,
+    require_root, site, start_tracing_pid, workload, workspace,
 };
 use serde_json::Value;
 
@@ -116,5 +117,136 @@ fn two_containers_started_after_the_tracer_are_traced_exactly_by_name() {
             assert_eq!(live(site), (bytes, count), "{name}: {site:#}");
             assert_eq!(site["container"]["name"], name.as_str(), "{site:#}");
         }
+    }
+}
+
+/// Runs `command`, failing with its stderr.
+fn run(command: &mut Command) {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `source` built as `-O1 -g` with the build id `build_id` (hex), to `binary`.
+fn build_with_build_id(source: &Path, binary: &Path, build_id: &str) {
+    run(Command::new("cc")
+        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread"])
+        .arg(format!("-Wl,--build-id=0x{build_id}"))
+        .arg("-o")
+        .arg(binary)
+        .arg(source));
+}
+
+/// Splits `binary`'s DWARF off into `debug_file`, stripping it from the binary (its symbol table stays).
+fn split_debug(binary: &Path, debug_file: &Path) {
+    run(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(binary)
+        .arg(debug_file));
+    run(Command::new("objcopy").arg("--strip-debug").arg(binary));
+}
+
+/// A program in a container whose DWARF is a separate debug file, found under the container's
+/// `/usr/lib/debug/.build-id` through an absolute symlink (as distributions that link their debug files
+/// there do). The link's target path exists on the host too, holding a debug file of the same build id from
+/// other sources: a path followed against the host's root names the frames wrongly. The frames are named
+/// from the container's file.
+#[test]
+fn a_containers_absolute_symlinks_are_followed_inside_the_container() {
+    require_root();
+    docker::require_docker();
+    let image = image();
+    let dir = std::env::temp_dir().join(format!("alloctrace-symlinks-{}", std::process::id()));
+    let (bin, container_debug, linked, debug_root, decoy) = (
+        dir.join("bin"),
+        dir.join("container-debug"),
+        dir.join("linked"),
+        dir.join("usr-lib-debug"),
+        dir.join("decoy"),
+    );
+    let build_id = format!("{:08x}{}", std::process::id(), "5ca1ab1e".repeat(4));
+    let id_link = debug_root.join(format!(
+        ".build-id/{}/{}.debug",
+        &build_id[..2],
+        &build_id[2..]
+    ));
+    for d in [
+        &bin,
+        &container_debug,
+        &linked,
+        &decoy,
+        id_link.parent().unwrap(),
+    ] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    // The container's program and its debug file, from the workload's source.
+    let source = workspace().join("tests/workloads/sites.c");
+    build_with_build_id(&source, &bin.join("sites"), &build_id);
+    split_debug(&bin.join("sites"), &container_debug.join("sites.debug"));
+    // The host's file at the link's target: the same build id, built from a copy of the source moved down by
+    // three lines.
+    let moved = decoy.join("sites.c");
+    let text_before_moving = std::fs::read_to_string(&source).unwrap();
+    std::fs::write(&moved, format!("\n\n\n{text_before_moving}")).unwrap();
+    build_with_build_id(&moved, &decoy.join("sites"), &build_id);
+    split_debug(&decoy.join("sites"), &linked.join("sites.debug"));
+    std::os::unix::fs::symlink(linked.join("sites.debug"), &id_link).unwrap();
+
+    let name = format!("alloctrace-symlinks-{}", std::process::id());
+    let mount = |from: &Path, to: &Path| format!("{}:{}:ro", from.display(), to.display());
+    let mut container = Command::new("docker")
+        .args(["run", "-i", "--rm", "--network", "none", "--name", &name])
+        .args(["-v", &mount(&bin, Path::new("/w"))])
+        .args(["-v", &mount(&debug_root, Path::new("/usr/lib/debug"))])
+        // Inside, the link's target is the container's own debug file.
+        .args(["-v", &mount(&container_debug, &linked)])
+        .arg(&image)
+        .args(["/w/sites", "--wait", "--linger"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(container.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let pid = docker::container_pid(&name);
+    let report_path = dir.join("report.json");
+    let tracer = start_tracing_pid(
+        &["leaks", "--format", "json", "--top", "0"],
+        pid,
+        &report_path,
+    );
+    writeln!(container.stdin.as_mut().unwrap()).unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "allocated\n");
+    // Reported while the container runs: its root is there to be read.
+    interrupt(tracer);
+    writeln!(container.stdin.as_mut().unwrap()).unwrap();
+    assert!(container.wait().unwrap().success());
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    for (kind, function, text) in [
+        ("malloc", "leak_site", "void leak_site"),
+        ("calloc", "calloc_site", "void calloc_site"),
+    ] {
+        let frame = &site(&report, kind, function)["stack"][0];
+        let expected_line = 1 + text_before_moving
+            .lines()
+            .position(|l| l.contains(text))
+            .unwrap_or_else(|| panic!("no line of sites.c contains {text:?}"))
+            as u64;
+        assert_eq!(
+            (frame["file"].as_str(), frame["line"].as_u64()),
+            (source.to_str(), Some(expected_line)),
+            "{function} named from the host's file, not the container's: {frame:#}"
+        );
     }
 }

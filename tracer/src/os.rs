@@ -1,14 +1,15 @@
-//! Thin, safe wrappers over OS facilities: signals, the `--ready-fd` descriptor, and pidfds. SIGINT (Ctrl-C), SIGTERM
-//! (`timeout`, systemd, `kubectl delete`) and SIGHUP (a closed terminal) all mean "stop and report", never "die
-//! without a report".
+//! Thin, safe wrappers over OS facilities: signals, the `--ready-fd` descriptor, pidfds, and paths resolved
+//! inside a process's root. SIGINT (Ctrl-C), SIGTERM (`timeout`, systemd, `kubectl delete`) and SIGHUP (a closed
+//! terminal) all mean "stop and report", never "die without a report".
 
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write as _},
     os::{
-        fd::{FromRawFd as _, OwnedFd, RawFd},
+        fd::{AsFd, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
         unix::fs::{FileTypeExt as _, OpenOptionsExt as _},
     },
+    path::Path,
     sync::Mutex,
 };
 
@@ -24,6 +25,55 @@ use tokio::{
 /// Whether a stop signal has arrived, from the task that listens for them. Its sender lives as long as the
 /// runtime that runs that task.
 static STOP: Mutex<Option<watch::Receiver<bool>>> = Mutex::new(None);
+
+/// The root directory of process `pid` (`/proc/PID/root`), held open (`O_PATH`): it stays usable once the
+/// process is gone, and paths inside it are resolved with [`locate_in_root`].
+pub fn open_root(pid: u32) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(format!("/proc/{pid}/root"))
+}
+
+/// Locates `path` inside the directory `root` as the kernel resolves it for a process whose root that is:
+/// `..` stops at it and absolute symlinks start from it (`RESOLVE_IN_ROOT`), so a container's
+/// `/usr/lib/x.so -> /opt/x.so` is its own `/opt/x.so`, never the host's. A plain open of
+/// `/proc/PID/root/usr/lib/x.so` follows such a link from alloctrace's root instead. Magic links
+/// (`/proc/PID/fd/N`, `/proc/PID/root`), which lead anywhere, are refused (`RESOLVE_NO_MAGICLINKS`). The
+/// descriptor is `O_PATH`: nothing is opened, so a FIFO or a device put there is never acted on; check what it
+/// is, then [`reopen_for_reading`].
+pub fn locate_in_root(root: impl AsFd, path: &Path) -> io::Result<File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags, openat2};
+    let located = openat2(
+        root,
+        path,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    Ok(File::from(located))
+}
+
+/// Locates the relative `path` beneath the directory `dir` (`RESOLVE_BENEATH`): a path or symlink that would
+/// leave it (`..` above it, an absolute symlink) is refused, as are magic links. `O_PATH`, as
+/// [`locate_in_root`].
+pub fn locate_beneath(dir: impl AsFd, path: &Path) -> io::Result<File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags, openat2};
+    let located = openat2(
+        dir,
+        path,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    Ok(File::from(located))
+}
+
+/// Opens for reading the file an `O_PATH` descriptor names, through that descriptor: no path is resolved
+/// again, so one swapped since it was checked cannot slip in another file.
+pub fn reopen_for_reading(located: &File) -> io::Result<File> {
+    File::open(format!("/proc/self/fd/{}", located.as_raw_fd()))
+}
 
 /// Takes over SIGINT, SIGTERM and SIGHUP from now on: from here none of them ends the process, and the first
 /// one makes [`stop_requested`] resolve, even if it arrives before anything waits for it (while probes are
@@ -232,7 +282,7 @@ pub fn resume(pid: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::{io::Read as _, os::fd::AsRawFd as _};
+    use std::io::Read as _;
 
     #[test]
     fn the_ready_and_attached_lines_go_to_the_claimed_descriptor_until_closed() {

@@ -90,7 +90,9 @@ const TRACEPOINTS: [(&str, &str, &str); 13] = [
     ),
 ];
 
-/// The watch tier's tracepoints: (program, category, event). `exceptions:page_fault_user` is x86's (Linux 3.13+).
+/// The watch tier's tracepoints: (program, category, event). `exceptions:page_fault_user` is x86's (Linux 3.13+),
+/// and so are the error code's bits the eBPF side tests: elsewhere write faults are not sampled.
+#[cfg(target_arch = "x86_64")]
 const WATCH_TRACEPOINTS: [(&str, &str, &str); 2] = [
     (
         program_names::PAGE_FAULT_USER,
@@ -103,6 +105,12 @@ const WATCH_TRACEPOINTS: [(&str, &str, &str); 2] = [
         "sys_enter_madvise",
     ),
 ];
+#[cfg(not(target_arch = "x86_64"))]
+const WATCH_TRACEPOINTS: [(&str, &str, &str); 1] = [(
+    program_names::MADVISE_ENTER,
+    "syscalls",
+    "sys_enter_madvise",
+)];
 
 /// Live blocks held in the kernel's preallocated table (about 100 bytes of kernel memory each, taken at load);
 /// the rest of `--max-live-blocks` goes to a table whose entries are allocated as they come, dearer per block.
@@ -168,10 +176,22 @@ impl Probes {
             system::tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
         let buffer_size =
             u32::try_from(buffer_size).context("the ring buffer size is too large")?;
+        #[cfg(target_arch = "x86_64")]
         let fsbase_offset = system::task_fsbase_offset()?;
+        // No Python process is registered elsewhere (see `add_python`): the eBPF side never reads it.
+        #[cfg(not(target_arch = "x86_64"))]
+        let fsbase_offset = 0u32;
         // The OOM tracepoint is optional (an older kernel may lack it): its fields are read where it exists.
         let oom_fields = oom_fields();
         let fault_fields = match options.watch_faults {
+            #[cfg(not(target_arch = "x86_64"))]
+            Some(_) => {
+                log::warn!(
+                    "write faults are not sampled: the agent's resident memory by stack needs x86-64's exceptions:page_fault_user tracepoint"
+                );
+                FaultFields::default()
+            }
+            #[cfg(target_arch = "x86_64")]
             Some(_) => {
                 let field = |name: &str| {
                     system::tracepoint_field_offset("exceptions", "page_fault_user", name)
@@ -474,12 +494,22 @@ impl Probes {
     }
 
     /// Walks the Python frames of `pid` at every allocation from now on.
+    #[cfg(target_arch = "x86_64")]
     pub fn add_python(&mut self, pid: u32, config: &PyProcess) -> anyhow::Result<()> {
         let mut pythons: BpfHashMap<_, u32, PyProcess> =
             BpfHashMap::try_from(self.ebpf.map_mut("PY_PROCS").context("no PY_PROCS map")?)?;
         pythons
             .insert(pid, *config, 0)
             .with_context(|| format!("cannot register pid {pid} as a Python process"))
+    }
+
+    /// The eBPF side finds a thread's Python state by its thread pointer, read from x86-64's `fsbase`: elsewhere
+    /// Python frames are not walked, and the caller says so.
+    #[cfg(not(target_arch = "x86_64"))]
+    pub fn add_python(&mut self, _pid: u32, _config: &PyProcess) -> anyhow::Result<()> {
+        anyhow::bail!(
+            "they are read on x86-64 only (the thread state is found through the task's fsbase, a field only x86-64's kernel has)"
+        )
     }
 
     /// Stops walking Python frames in `pid` (its image was replaced).

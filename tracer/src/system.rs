@@ -83,7 +83,9 @@ fn field_offset(format: &str, field: &str) -> Option<u32> {
 }
 
 /// The offset of `thread.fsbase` in the kernel's `struct task_struct`, from its BTF: where the eBPF side finds
-/// a thread's pointer (what CPython records as a thread state's `thread_id`).
+/// a thread's pointer (what CPython records as a thread state's `thread_id`). x86-64's: on aarch64 the thread
+/// pointer (`tpidr_el0`) is not what glibc's `pthread_self()` returns.
+#[cfg(target_arch = "x86_64")]
 pub fn task_fsbase_offset() -> anyhow::Result<u32> {
     use btf_rs::{Btf, Type};
     const VMLINUX: &str = "/sys/kernel/btf/vmlinux";

@@ -3,14 +3,11 @@
 //! any source can build one: the `leaks`, `large` and `oom` reports here, or a long-running agent from its own
 //! tables. The writers take a [`Profile`] and nothing report-specific.
 
-use std::{
-    collections::BTreeMap,
-    ops::AddAssign,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, ops::AddAssign, path::Path};
 
 use crate::{
     model::Exit,
+    os,
     procs::{Frame, container::Container, module},
     report::{Header, large::LargeReport, leaks::LeaksReport, oom::OomRecord, verdict::Verdict},
 };
@@ -292,19 +289,22 @@ impl Profile {
         totals
     }
 
-    /// Reads the GNU build id of each native module the stacks name, through the root of a process that maps
-    /// it (`/proc/PID/root`, so a container's own files are read) and then the path itself. Modules that
-    /// cannot be read, or have no build id, are left out: pprof then names them by path only.
+    /// Reads the GNU build id of each native module the stacks name, inside the root of a process that maps
+    /// it (`/proc/PID/root`, resolved as that process resolves it: a container's own files are read, its
+    /// absolute symlinks included) and then at the path itself. Modules that cannot be read, or have no build
+    /// id, are left out: pprof then names them by path only.
     pub fn read_build_ids(&mut self) {
         for sample in &self.samples {
             for module in sample.frames.iter().filter_map(|f| f.module.as_deref()) {
                 if self.build_ids.contains_key(module) {
                     continue;
                 }
-                let through_root = PathBuf::from(format!("/proc/{}/root", sample.labels.pid))
-                    .join(module.trim_start_matches('/'));
-                if let Some(id) = build_id(&through_root).or_else(|| build_id(Path::new(module))) {
-                    self.build_ids.insert(module.to_owned(), id);
+                let path = Path::new(module);
+                let in_root = os::open_root(sample.labels.pid)
+                    .ok()
+                    .and_then(|root| module::read_build_id_in_root(&root, path, module));
+                if let Some(id) = in_root.or_else(|| module::read_build_id(path, module)) {
+                    self.build_ids.insert(module.to_owned(), hex(&id));
                 }
             }
         }
@@ -349,12 +349,11 @@ fn summary(header: &Header) -> Vec<String> {
     lines
 }
 
-/// The build id note of an ELF file, as lowercase hex. The file may be a container's: it is opened as the
-/// symbol reader opens objects (a regular file, never waiting on a FIFO), and only its headers and notes are
-/// read, within a bound.
-fn build_id(path: &Path) -> Option<String> {
-    let id = module::read_build_id(path, &path.to_string_lossy())?;
-    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+/// A build id as pprof writes it, lowercase hex. The file it was read from may be a container's: it was opened
+/// as the symbol reader opens objects (a regular file, never waiting on a FIFO), and only its headers and
+/// notes were read, within a bound.
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A frame's name in a flame graph: `function (file:line)` for Python, `function` for native code with a
@@ -487,12 +486,16 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn build_ids_are_read_from_elf_notes() {
+    fn build_ids_are_read_from_elf_notes_inside_a_root() {
+        let root = os::open_root(std::process::id()).unwrap();
+        let build_id = |path: &Path| {
+            module::read_build_id_in_root(&root, path, &path.to_string_lossy()).map(|id| hex(&id))
+        };
         // Linkers as distributions set them up (gcc's default) give every executable a build id: this test's too.
         let exe = std::env::current_exe().unwrap();
         let id = build_id(&exe).expect("the test binary has a build id");
         assert!(
-            id.len() >= 16 && id.chars().all(|c| c.is_ascii_hexdigit()),
+            id.len() >= 32 && id.chars().all(|c| c.is_ascii_hexdigit()),
             "{id}"
         );
         assert_eq!(build_id(Path::new("/nonexistent")), None);

@@ -1,13 +1,18 @@
 //! Source lines of Python frames, for tracebacks that show the code as Python's own do. A file is read from
-//! the target's own root (`/proc/PID/root`, so a container's files are its own) or, for a relative path, its
-//! working directory, while the process is alive; a process on the host that has gone is read at the path
-//! itself. What cannot be read (gone, too big, `<frozen …>`, `<string>`) is skipped quietly.
+//! the target's own root (`/proc/PID/root`, resolved as the process resolves it: a container's files are its
+//! own, and so are the targets of its absolute symlinks) or, for a relative path, beneath its working
+//! directory, while the process is alive; a process on the host that has gone is read at the path itself.
+//! What cannot be read (gone, too big, not a regular file, `<frozen …>`, `<string>`) is skipped quietly.
 
 use std::{
     collections::HashMap,
-    fs,
-    path::{Path, PathBuf},
+    fs::{File, OpenOptions},
+    io::Read as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::Path,
 };
+
+use crate::os;
 
 /// Files larger than this are not read: no source file is, and a target could name any file.
 const MAX_FILE_BYTES: u64 = 8 << 20;
@@ -52,42 +57,62 @@ impl Sources {
     }
 }
 
-/// The paths to try for `file`: inside the process's root (or working directory, for a relative path), then,
-/// for a process on the host, the path itself.
-fn candidates(root: Root, file: &str) -> Vec<PathBuf> {
-    let mut paths = Vec::new();
+/// `file` located (`O_PATH`, nothing opened yet): inside the process's root, as the process resolves it, or
+/// beneath its working directory for a relative path; then, for a process on the host, at the path itself.
+/// A relative path is resolved beneath the working directory (`RESOLVE_BENEATH`: no `..` out of it, no
+/// absolute symlink), since no resolution starts there and takes absolute links from the root: one that would
+/// leave it is not read, rather than read from alloctrace's root.
+fn locate(root: Root, file: &str) -> Option<File> {
     let path = Path::new(file);
     if path.is_absolute() {
-        paths.push(
-            Path::new(&format!("/proc/{}/root", root.pid)).join(file.trim_start_matches('/')),
-        );
-        if root.on_host {
-            paths.push(path.to_path_buf());
+        let inside = os::open_root(root.pid).and_then(|dir| os::locate_in_root(&dir, path));
+        let on_host = || {
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open(path)
+        };
+        match inside {
+            Ok(located) => Some(located),
+            Err(_) if root.on_host => on_host().ok(),
+            Err(_) => None,
         }
     } else if !file.starts_with('<') {
-        paths.push(Path::new(&format!("/proc/{}/cwd", root.pid)).join(file));
+        let cwd = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(format!("/proc/{}/cwd", root.pid))
+            .ok()?;
+        os::locate_beneath(&cwd, path).ok()
+    } else {
+        None
     }
-    paths
 }
 
 fn read(root: Root, file: &str) -> Option<Vec<String>> {
-    candidates(root, file).into_iter().find_map(|path| {
-        let metadata = fs::metadata(&path).ok()?;
-        if !metadata.is_file() || metadata.len() > MAX_FILE_BYTES {
-            return None;
-        }
-        let bytes = fs::read(&path).ok()?;
-        Some(
-            String::from_utf8_lossy(&bytes)
-                .lines()
-                .map(str::to_owned)
-                .collect(),
-        )
-    })
+    let located = locate(root, file)?;
+    let metadata = located.metadata().ok()?;
+    if !metadata.is_file() || metadata.len() > MAX_FILE_BYTES {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    os::reopen_for_reading(&located)
+        .ok()?
+        .take(MAX_FILE_BYTES)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Some(
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(str::to_owned)
+            .collect(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn this_process(on_host: bool) -> Root {
@@ -122,6 +147,24 @@ mod tests {
             sources.line(this_process(false), path, 1).as_deref(),
             Some("def load():")
         );
+    }
+
+    #[test]
+    fn a_relative_path_is_read_beneath_the_working_directory_only() {
+        // Cargo runs unit tests in the crate's folder.
+        let cwd = std::env::current_dir().unwrap();
+        let first = fs::read_to_string(cwd.join("src/lib.rs")).unwrap();
+        let first = first.lines().next().unwrap().trim();
+        let mut sources = Sources::default();
+        assert_eq!(
+            sources
+                .line(this_process(false), "src/lib.rs", 1)
+                .as_deref(),
+            Some(first)
+        );
+        // `..` would leave it: not read, rather than resolved against alloctrace's own root.
+        assert!(cwd.join("../Cargo.toml").is_file());
+        assert_eq!(sources.line(this_process(false), "../Cargo.toml", 1), None);
     }
 
     #[test]

@@ -3,8 +3,6 @@
 //! `/proc/PID/maps`; for a command about to start, from its dynamic loader's own `--list` resolution.
 
 use std::{
-    fs::File,
-    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
     process::Command,
     sync::Arc,
@@ -15,11 +13,12 @@ use tracer_common::AllocFn;
 
 use serde::Serialize;
 
+#[cfg(target_arch = "x86_64")]
+use super::prologue;
 use super::{
     Registry,
     maps::FileId,
     module::{self, Module},
-    prologue,
 };
 
 /// The functions an allocator must provide for alloctrace to account for it; the rest of [`AllocFn::ALLOCATOR`] is
@@ -104,11 +103,12 @@ impl Allocator {
 
     /// Moves entry-only probes to their cheapest correct instruction, reading the functions' first bytes (and
     /// nothing else of the file).
+    #[cfg(target_arch = "x86_64")]
     fn place_probes(mut self) -> anyhow::Result<Self> {
         let file = module::open_object(&self.attach_path, &self.path)?;
         for point in &mut self.probes {
             if point.func == AllocFn::Free {
-                let code = read_at_most(&file, point.file_offset, prologue::WINDOW)
+                let code = prologue::read_function_start(&file, point.file_offset)
                     .with_context(|| format!("cannot read {}", self.path))?;
                 point.entry_offset = prologue::free_probe_offset(&code);
             }
@@ -117,18 +117,19 @@ impl Allocator {
     }
 }
 
-/// Up to `len` bytes of `file` from `offset`: fewer at its end.
-fn read_at_most(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0; len];
-    let mut filled = 0;
-    while filled < len {
-        match file.read_at(&mut buf[filled..], offset + filled as u64)? {
-            0 => break,
-            n => filled += n,
-        }
+/// The decoder of `free`'s first instructions reads x86-64's: elsewhere every probe stays on its function's
+/// first instruction, which is correct, and costs what the kernel makes a probe there cost.
+#[cfg(not(target_arch = "x86_64"))]
+impl Allocator {
+    fn place_probes(self) -> anyhow::Result<Self> {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            log::warn!(
+                "free is probed at its first instruction: the decoder that finds a cheaper one reads x86-64 code only"
+            );
+        });
+        Ok(self)
     }
-    buf.truncate(filled);
-    Ok(buf)
 }
 
 /// Objects in the order the dynamic linker searches them for a symbol: the executable (whose own definitions

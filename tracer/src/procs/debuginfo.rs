@@ -1,7 +1,8 @@
 //! Source locations of native frames from DWARF: function, file and line, inlined calls as frames of their own.
 //! The DWARF is the object's own, or a separate debug file found the way gdb finds one (by build id under
 //! `/usr/lib/debug/.build-id`, or by `.gnu_debuglink` beside the object and under `/usr/lib/debug`), looked up
-//! inside the process's own root (a container's files are its image's). Lookups go through `addr2line` (gimli).
+//! inside the process's own root as the process would resolve it (a container's files are its image's, and so
+//! are the targets of its absolute symlinks). Lookups go through `addr2line` (gimli).
 //!
 //! A frame is named while its process lives, with a [`DebugSource`]: the object kept open. Its DWARF is read
 //! only when a report is written, for the frames the report shows ([`resolve`]), one object at a time and
@@ -16,8 +17,6 @@ use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap},
     fs::File,
-    fs::OpenOptions,
-    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -30,7 +29,7 @@ use object::{Object as _, ObjectSection as _};
 
 use super::{
     Frame,
-    module::{BoundedFile, open_object},
+    module::{BoundedFile, open_object_in_root},
 };
 
 /// The most bytes of DWARF kept for one object. A CPython built with `-g` has about 13 MiB of the sections read
@@ -51,7 +50,7 @@ static DEBUG_SOURCE_IDS: AtomicU64 = AtomicU64::new(0);
 const MAX_INLINED_FRAMES: usize = 16;
 
 /// Where separate debug files live, inside a process's root.
-const DEBUG_DIR: &str = "usr/lib/debug";
+const DEBUG_DIR: &str = "/usr/lib/debug";
 
 type Reader = EndianArcSlice<RunTimeEndian>;
 
@@ -76,14 +75,9 @@ pub struct DebugSource {
 }
 
 impl DebugSource {
-    /// `root` is the mapping process's root directory (`/proc/PID/root`). `None` once [`MAX_DEBUG_SOURCES`]
-    /// are open, or when the root cannot be opened (the process is gone).
-    pub fn new(file: File, path: &str, root: &Path) -> Option<Arc<Self>> {
-        let root = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
-            .open(root)
-            .ok()?;
+    /// `root` is the mapping process's root directory ([`crate::os::open_root`]). `None` once
+    /// [`MAX_DEBUG_SOURCES`] are open.
+    pub fn new(file: File, path: &str, root: File) -> Option<Arc<Self>> {
         if DEBUG_SOURCES_OPEN.fetch_add(1, Ordering::Relaxed) >= MAX_DEBUG_SOURCES {
             DEBUG_SOURCES_OPEN.fetch_sub(1, Ordering::Relaxed);
             return None;
@@ -94,11 +88,6 @@ impl DebugSource {
             path: path.to_owned(),
             root,
         }))
-    }
-
-    /// A path that names the process's root directory while this source is alive.
-    fn root_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.root.as_raw_fd()))
     }
 }
 
@@ -158,7 +147,7 @@ pub fn resolve<'a>(stacks: impl IntoIterator<Item = &'a mut Vec<Frame>>) {
     }
     let mut found: HashMap<(u64, u64), Vec<SourceFrame>> = HashMap::new();
     for (source, addresses) in wanted {
-        let Some(info) = DebugInfo::load(&source.file, &source.path, &source.root_path()) else {
+        let Some(info) = DebugInfo::load(&source.file, &source.path, &source.root) else {
             continue;
         };
         for address in addresses {
@@ -213,8 +202,8 @@ struct DebugInfo {
 
 impl DebugInfo {
     /// The DWARF of the object `file` (already opened as an object, with `path` its name in reports), or of its
-    /// separate debug file under `root`; `None` when neither has any, or it is over [`MAX_DEBUG_BYTES`].
-    fn load(file: &File, path: &str, root: &Path) -> Option<Self> {
+    /// separate debug file inside `root`; `None` when neither has any, or it is over [`MAX_DEBUG_BYTES`].
+    fn load(file: &File, path: &str, root: &File) -> Option<Self> {
         let object_file = BoundedFile::new(file.try_clone().ok()?, MAX_DEBUG_BYTES);
         let object = object::File::parse(&object_file).ok()?;
         if object.section_by_name(".debug_info").is_some() {
@@ -226,8 +215,10 @@ impl DebugInfo {
             .ok()
             .flatten()
             .map(|(name, _crc)| String::from_utf8_lossy(name).into_owned());
-        for candidate in separate_candidates(root, path, build_id.as_deref(), link.as_deref()) {
-            let Ok(debug_file) = open_object(&candidate, &candidate.to_string_lossy()) else {
+        for candidate in separate_candidates(path, build_id.as_deref(), link.as_deref()) {
+            let Ok(debug_file) =
+                open_object_in_root(root, &candidate, &candidate.to_string_lossy())
+            else {
                 continue;
             };
             let debug_file = BoundedFile::new(debug_file, MAX_DEBUG_BYTES);
@@ -320,17 +311,12 @@ fn section_bytes<'data>(
 }
 
 /// Where a separate debug file may be, in the order gdb looks: by build id, then by debug link beside the
-/// object, in its `.debug` folder, and under the global debug folder. Paths are inside `root`.
-fn separate_candidates(
-    root: &Path,
-    path: &str,
-    build_id: Option<&[u8]>,
-    link: Option<&str>,
-) -> Vec<PathBuf> {
+/// object, in its `.debug` folder, and under the global debug folder. Paths are inside the process's root.
+fn separate_candidates(path: &str, build_id: Option<&[u8]>, link: Option<&str>) -> Vec<PathBuf> {
     let mut candidates = Vec::new();
     if let Some(id) = build_id.filter(|id| id.len() >= 2) {
         let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        candidates.push(root.join(format!(
+        candidates.push(PathBuf::from(format!(
             "{DEBUG_DIR}/.build-id/{}/{}.debug",
             &hex[..2],
             &hex[2..]
@@ -339,13 +325,11 @@ fn separate_candidates(
     // A link is a file name: one with a slash (or `..`) would leave the folders it is looked up in.
     let link = link.filter(|l| !l.is_empty() && !l.contains('/') && *l != "..");
     if let Some(link) = link {
-        let dir = Path::new(path)
-            .parent()
-            .and_then(|d| d.strip_prefix("/").ok())
-            .unwrap_or(Path::new(""));
-        candidates.push(root.join(dir).join(link));
-        candidates.push(root.join(dir).join(".debug").join(link));
-        candidates.push(root.join(DEBUG_DIR).join(dir).join(link));
+        let dir = Path::new(path).parent().unwrap_or(Path::new("/"));
+        let relative = dir.strip_prefix("/").unwrap_or(dir);
+        candidates.push(dir.join(link));
+        candidates.push(dir.join(".debug").join(link));
+        candidates.push(Path::new(DEBUG_DIR).join(relative).join(link));
     }
     candidates
 }
@@ -357,7 +341,6 @@ mod tests {
     #[test]
     fn separate_debug_files_are_looked_up_by_build_id_then_by_link_inside_the_root() {
         let candidates = separate_candidates(
-            Path::new("/proc/42/root"),
             "/usr/lib/x86_64-linux-gnu/libc.so.6",
             Some(&[0xab, 0xcd, 0xef]),
             Some("libc.so.6.debug"),
@@ -369,10 +352,10 @@ mod tests {
         assert_eq!(
             candidates,
             [
-                "/proc/42/root/usr/lib/debug/.build-id/ab/cdef.debug",
-                "/proc/42/root/usr/lib/x86_64-linux-gnu/libc.so.6.debug",
-                "/proc/42/root/usr/lib/x86_64-linux-gnu/.debug/libc.so.6.debug",
-                "/proc/42/root/usr/lib/debug/usr/lib/x86_64-linux-gnu/libc.so.6.debug",
+                "/usr/lib/debug/.build-id/ab/cdef.debug",
+                "/usr/lib/x86_64-linux-gnu/libc.so.6.debug",
+                "/usr/lib/x86_64-linux-gnu/.debug/libc.so.6.debug",
+                "/usr/lib/debug/usr/lib/x86_64-linux-gnu/libc.so.6.debug",
             ]
         );
     }
@@ -380,7 +363,7 @@ mod tests {
     #[test]
     fn a_debug_link_that_names_another_folder_is_not_followed() {
         for link in ["../../etc/shadow", "..", "a/b", ""] {
-            let candidates = separate_candidates(Path::new("/"), "/usr/lib/x.so", None, Some(link));
+            let candidates = separate_candidates("/usr/lib/x.so", None, Some(link));
             assert!(candidates.is_empty(), "{link}: {candidates:?}");
         }
     }

@@ -11,6 +11,7 @@ pub mod docker;
 pub mod maps;
 pub mod module;
 pub mod module_cache;
+#[cfg(target_arch = "x86_64")]
 pub mod prologue;
 pub mod unwind;
 
@@ -409,8 +410,8 @@ impl Registry {
             self.debug_sources.clear();
         }
         let file = module::open_object(&open_path(pid, mapping), &mapping.path).ok()?;
-        let root = PathBuf::from(format!("/proc/{pid}/root"));
-        let source = debuginfo::DebugSource::new(file, &mapping.path, &root)?;
+        let root = crate::os::open_root(pid).ok()?;
+        let source = debuginfo::DebugSource::new(file, &mapping.path, root)?;
         self.debug_sources.insert(id, Arc::clone(&source));
         Some(source)
     }
@@ -441,6 +442,7 @@ impl Registry {
             if !mapping.executable {
                 return None;
             }
+            let key = self.object_key(pid, &mapping)?;
             let module = self.module(pid, &mapping)?;
             // From the address itself: a mapping's first page may lie in the segment before its own.
             let elf_address =
@@ -448,7 +450,7 @@ impl Registry {
             let open_path = open_path(pid, &mapping);
             let name = mapping.path.clone();
             Some(unwind::ModuleAt {
-                file: mapping.file?,
+                key,
                 code: mapping.start..mapping.end,
                 base: address.wrapping_sub(elf_address),
                 open: Box::new(move || module::open_object(&open_path, &name).ok()),

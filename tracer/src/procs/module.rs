@@ -18,11 +18,13 @@ use std::{
     collections::HashMap,
     fs::{File, OpenOptions},
     ops::Range,
-    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+    os::{fd::AsFd, unix::fs::OpenOptionsExt as _},
     path::Path,
 };
 
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, ReadCache, ReadRef, SymbolKind};
+
+use crate::os;
 
 /// The largest file opened as an object. The biggest real libraries (libLLVM, libxul with symbols) are a few
 /// hundred MiB; a larger "object" is a sparse file made to be large.
@@ -72,17 +74,35 @@ pub enum ModuleError {
 /// first opened `O_PATH`, which opens nothing (a device or a FIFO a container swapped in is never opened, so
 /// never acted on), and the type and size are checked on that descriptor; only a regular file is then opened
 /// for reading, through that same descriptor, so a path swapped between the check and the open cannot slip
-/// anything else in.
+/// anything else in. A path inside a process's root is opened with [`open_object_in_root`].
 pub fn open_object(path: &Path, name: &str) -> Result<File, ModuleError> {
-    let read_error = |source| ModuleError::Read {
-        path: name.to_owned(),
-        source,
-    };
     let located = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH)
         .open(path)
-        .map_err(read_error)?;
+        .map_err(|source| read_error(name, source))?;
+    checked_object(&located, name)
+}
+
+/// Opens `path` as [`open_object`] does, resolved inside the directory `root` (a process's root, see
+/// [`os::open_root`]) as that process resolves it: a container's absolute symlinks lead to its own files, never
+/// the host's (see [`os::locate_in_root`]).
+pub fn open_object_in_root(root: impl AsFd, path: &Path, name: &str) -> Result<File, ModuleError> {
+    let located = os::locate_in_root(root, path).map_err(|source| read_error(name, source))?;
+    checked_object(&located, name)
+}
+
+fn read_error(name: &str, source: std::io::Error) -> ModuleError {
+    ModuleError::Read {
+        path: name.to_owned(),
+        source,
+    }
+}
+
+/// The object `located` (an `O_PATH` descriptor) names, opened for reading once it is found to be a regular file
+/// of at most [`MAX_OBJECT_FILE_BYTES`].
+fn checked_object(located: &File, name: &str) -> Result<File, ModuleError> {
+    let read_error = |source| read_error(name, source);
     let meta = located.metadata().map_err(read_error)?;
     if !meta.file_type().is_file() {
         return Err(ModuleError::NotRegular {
@@ -95,7 +115,7 @@ pub fn open_object(path: &Path, name: &str) -> Result<File, ModuleError> {
             size: meta.len(),
         });
     }
-    File::open(format!("/proc/self/fd/{}", located.as_raw_fd())).map_err(read_error)
+    os::reopen_for_reading(located).map_err(read_error)
 }
 
 /// An object file read on demand: the parser's reads go through a cache (each range is read once), and they stop
@@ -167,6 +187,12 @@ pub fn build_id<'data, R: ReadRef<'data>>(data: R) -> Option<BuildId> {
 pub fn read_build_id(open_path: &Path, name: &str) -> Option<BuildId> {
     let file = BoundedFile::new(open_object(open_path, name).ok()?, MAX_BUILD_ID_READ_BYTES);
     build_id(&file)
+}
+
+/// The build id of the object at `path` inside the directory `root` (see [`open_object_in_root`]).
+pub fn read_build_id_in_root(root: impl AsFd, path: &Path, name: &str) -> Option<BuildId> {
+    let file = open_object_in_root(root, path, name).ok()?;
+    build_id(&BoundedFile::new(file, MAX_BUILD_ID_READ_BYTES))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -448,6 +474,47 @@ mod tests {
             .unwrap();
         assert!(refused(&huge).starts_with("target is 2147483649 bytes"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_path_inside_a_root_resolves_as_its_process_would() {
+        use std::io::Read as _;
+        let read = |file: File| {
+            let mut text = String::new();
+            { file }.read_to_string(&mut text).unwrap();
+            text
+        };
+        // A directory used as a container's root, whose /usr/lib/libfoo.so is an absolute symlink to a path
+        // that the host has too, with another file.
+        let host = std::env::temp_dir().join(format!("alloctrace-in-root-{}", std::process::id()));
+        let root = host.join("root");
+        let target = host.join("libfoo.so");
+        let inside = root.join(target.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(inside.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::fs::write(&target, "the host's").unwrap();
+        std::fs::write(&inside, "the container's").unwrap();
+        std::os::unix::fs::symlink(&target, root.join("usr/lib/libfoo.so")).unwrap();
+        let dir = File::open(&root).unwrap();
+        let in_root = |path: &str| open_object_in_root(&dir, Path::new(path), "libfoo.so");
+        assert_eq!(
+            read(in_root("/usr/lib/libfoo.so").unwrap()),
+            "the container's"
+        );
+        // `..` stops at the root, as it does for the process.
+        let climbing = format!("/../../../..{}", target.display());
+        assert_eq!(read(in_root(&climbing).unwrap()), "the container's");
+        // A magic link, which could lead anywhere, is refused: in a root that has a /proc (the test's own).
+        let exe = open_object_in_root(File::open("/").unwrap(), Path::new("/proc/self/exe"), "exe");
+        assert!(
+            matches!(&exe, Err(ModuleError::Read { source, .. }) if source.raw_os_error() == Some(libc::ELOOP)),
+            "{exe:?}"
+        );
+        assert!(open_object(Path::new("/proc/self/exe"), "exe").is_ok());
+        // What a plain open through the root's path reads: the host's file.
+        let through_path = open_object(&root.join("usr/lib/libfoo.so"), "libfoo.so").unwrap();
+        assert_eq!(read(through_path), "the host's");
+        std::fs::remove_dir_all(&host).unwrap();
     }
 
     #[test]

@@ -34,7 +34,8 @@ const ENTRY_BYTES: usize = 64;
 
 /// What a cached object is known by. Device and inode alone can name another file later: a deleted file's
 /// inode is reused, and so are the anonymous devices of overlay mounts as containers come and go; the build
-/// id tells such a newcomer from the object cached for its predecessor.
+/// id tells such a newcomer from the object cached for its predecessor. The cache of unwind sections
+/// ([`super::unwind`]) is keyed alike.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ObjectKey {
     pub file: FileId,

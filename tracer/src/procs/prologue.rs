@@ -8,11 +8,30 @@
 //!
 //! Only entry-only probes can move: a return probe must sit on the first instruction, where the return address
 //! is on top of the stack, so functions probed at return pay for their first instruction anyway.
+//!
+//! x86-64 only (the module is built for it alone): elsewhere probes stay on their first instruction.
+
+use std::{fs::File, os::unix::fs::FileExt as _};
 
 use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 
 /// How many bytes to look at: the skippable prologue is a few instructions long.
 pub const WINDOW: usize = 32;
+
+/// The first [`WINDOW`] bytes of the function at `offset` in `file` (fewer at the file's end), and nothing else
+/// of the file.
+pub fn read_function_start(file: &File, offset: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0; WINDOW];
+    let mut filled = 0;
+    while filled < WINDOW {
+        match file.read_at(&mut buf[filled..], offset + filled as u64)? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
 
 /// The offset from the start of `free` (or a function with the same contract: NULL is a no-op, the pointer is
 /// in `%rdi`) to probe at. `code` holds the function's first bytes.

@@ -9,8 +9,9 @@
 //! unwinder to entries the check of the CFI never walked (`UnwindSections::expressions_terminate`), so
 //! framehop indexes `.eh_frame` by the same walk. `.text` is located but not read:
 //! framehop reads instructions only for Mach-O and PE objects, whose CFI does not cover prologues. The
-//! sections are cached per file (device + inode) and shared by every process that maps it; the cache is
-//! bounded in entries and bytes and counts what it evicts.
+//! sections are cached per file as the registry's objects are (device, inode and build id, an [`ObjectKey`]:
+//! a file that reuses a gone file's inode is read afresh) and shared by every process that maps it; the cache
+//! is bounded in entries and bytes and counts what it evicts.
 
 use std::{
     collections::HashMap,
@@ -28,7 +29,7 @@ use object::{
     read::elf::{FileHeader as _, SectionHeader as _},
 };
 
-use super::{maps::FileId, module::BoundedFile};
+use super::{module::BoundedFile, module_cache::ObjectKey};
 
 /// The most bytes read from one object to unwind through it: its section headers and names, and `.eh_frame`. libpython's `.eh_frame` is about 300 KiB and libLLVM's about 6 MiB; more is refused.
 pub const MAX_UNWIND_READ_BYTES: u64 = 32 << 20;
@@ -224,7 +225,8 @@ impl UnwindSections {
 
 /// Where an address of the process lies in an object: what the unwinder needs to add that object.
 pub struct ModuleAt {
-    pub file: FileId,
+    /// What its unwind sections are cached by.
+    pub key: ObjectKey,
     /// The path as the process maps it, for messages.
     pub name: String,
     /// The executable mapping that holds the address.
@@ -304,7 +306,7 @@ struct ProcessUnwinder {
 /// the rules found are only reused by the same unwinder) until its address space is read again
 /// ([`Unwinding::forget`]).
 pub struct Unwinding {
-    objects: HashMap<FileId, Entry>,
+    objects: HashMap<ObjectKey, Entry>,
     processes: HashMap<u32, ProcessUnwinder>,
     bytes: usize,
     uses: u64,
@@ -373,7 +375,7 @@ impl Unwinding {
                 && let Some(module) = module_at(lookup)
             {
                 added.push(module.code.clone());
-                if let Some(sections) = self.sections(module.file, module.open) {
+                if let Some(sections) = self.sections(module.key, module.open) {
                     unwinder.add_module(sections.module(&module.name, module.code, module.base));
                 }
             }
@@ -395,14 +397,14 @@ impl Unwinding {
         Unwound { frames, end }
     }
 
-    /// The unwind sections of `file`, read through `open` when they are not cached.
+    /// The unwind sections of the object `key`, read through `open` when they are not cached.
     fn sections(
         &mut self,
-        file: FileId,
+        key: ObjectKey,
         open: Box<dyn FnOnce() -> Option<File>>,
     ) -> Option<Arc<UnwindSections>> {
         self.uses += 1;
-        if let Some(entry) = self.objects.get_mut(&file) {
+        if let Some(entry) = self.objects.get_mut(&key) {
             entry.last_used = self.uses;
             return entry.sections.clone();
         }
@@ -425,7 +427,7 @@ impl Unwinding {
             sections: sections.clone(),
             last_used: self.uses,
         };
-        self.objects.insert(file, entry);
+        self.objects.insert(key, entry);
         sections
     }
 
@@ -434,7 +436,7 @@ impl Unwinding {
             .objects
             .iter()
             .min_by_key(|(_, e)| e.last_used)
-            .map(|(&file, _)| file)
+            .map(|(key, _)| key.clone())
         else {
             return;
         };
@@ -465,7 +467,10 @@ mod tests {
     use std::path::Path;
 
     use super::{
-        super::{maps::Maps, module::Module},
+        super::{
+            maps::{FileId, Maps},
+            module::Module,
+        },
         *,
     };
 
@@ -627,7 +632,10 @@ mod tests {
         fn module_at(&self, address: u64) -> Option<ModuleAt> {
             let mapping = self.maps.find(address)?;
             Some(ModuleAt {
-                file: mapping.file?,
+                key: ObjectKey {
+                    file: mapping.file?,
+                    build_id: None,
+                },
                 name: mapping.path.clone(),
                 code: mapping.start..mapping.end,
                 base: address - self.elf_address(address)?,
@@ -656,6 +664,39 @@ mod tests {
             .collect();
         assert_eq!(in_capture, [true, true, true, true, false], "{unwound:x?}");
         assert_eq!(unwinding.objects.len(), 1);
+    }
+
+    #[test]
+    fn a_file_that_reuses_an_inode_with_another_build_id_is_read_afresh() {
+        let key = |build_id: &[u8]| ObjectKey {
+            file: FileId {
+                dev_major: 0,
+                dev_minor: 77,
+                inode: 42,
+            },
+            build_id: Some(build_id.into()),
+        };
+        // Counts the objects actually opened.
+        let opened = std::rc::Rc::new(std::cell::Cell::new(0));
+        let open = || -> Box<dyn FnOnce() -> Option<File>> {
+            let opened = std::rc::Rc::clone(&opened);
+            Box::new(move || {
+                opened.set(opened.get() + 1);
+                File::open("/proc/self/exe").ok()
+            })
+        };
+        let mut unwinding = Unwinding::default();
+        let first = unwinding.sections(key(&[1; 20]), open()).unwrap();
+        assert!(Arc::ptr_eq(
+            &first,
+            &unwinding
+                .sections(key(&[1; 20]), Box::new(|| panic!("cached")))
+                .unwrap()
+        ));
+        // An overlay's device and inode, reused by another container's file: not the first one's sections.
+        let newcomer = unwinding.sections(key(&[2; 20]), open()).unwrap();
+        assert!(!Arc::ptr_eq(&first, &newcomer));
+        assert_eq!((opened.get(), unwinding.objects.len()), (2, 2));
     }
 
     #[test]

@@ -91,32 +91,20 @@ pub(super) enum Discovery {
 
 impl State {
     pub(super) fn handle(&mut self, bytes: &[u8]) {
-        let event = match Event::try_from(bytes) {
+        let mut event = match Event::try_from(bytes) {
             Ok(event) => event,
             Err(_) => {
                 self.undecodable += 1;
                 return;
             }
         };
-        let event = match event {
-            Event::StackWindow(window) => return self.keep_unwound_stack(&window),
+        match &mut event {
+            Event::StackWindow(window) => return self.keep_unwound_stack(window),
             Event::Alloc {
-                header,
-                func,
-                addr,
-                size,
-                stack_id,
-                by_allocator,
-            } => Event::Alloc {
-                stack_id: self.unwound_id(header.tid, stack_id),
-                header,
-                func,
-                addr,
-                size,
-                by_allocator,
-            },
-            event => event,
-        };
+                header, stack_id, ..
+            } => *stack_id = self.unwound_id(header.tid, *stack_id),
+            _ => {}
+        }
         // The watch tier keeps pages, not ranges: no site is made for what it only follows by the page.
         if let Some(resident) = &mut self.resident
             && follow_pages(resident, &event)
