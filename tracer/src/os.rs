@@ -161,7 +161,7 @@ struct Attached {
 #[derive(Serialize)]
 struct PythonFrames<'a> {
     python_frames: u32,
-    /// The interpreter's version, `3.12.1` say.
+    /// The interpreter's version, major.minor: `3.12`.
     version: &'a str,
     /// The parent whose interpreter a forked child inherited; absent for a process found by its own exec or at
     /// the start.
@@ -417,8 +417,8 @@ mod tests {
         drop(shared);
         say_ready(&Ready::tracing(&[7, 8])).unwrap();
         say_attached(9).unwrap();
-        say_python_frames(9, "3.12.1", None).unwrap();
-        say_python_frames(11, "3.12.1", Some(9)).unwrap();
+        say_python_frames(9, "3.12", None).unwrap();
+        say_python_frames(11, "3.12", Some(9)).unwrap();
         let memory = MemoryReading {
             usage_bytes: 92_274_688,
             limit_bytes: Some(167_772_160),
@@ -472,8 +472,8 @@ mod tests {
         let expected = [
             r#"{"ready":true,"mode":"tracing","pids":[7,8]}"#.to_owned(),
             r#"{"attached":9}"#.to_owned(),
-            r#"{"python_frames":9,"version":"3.12.1"}"#.to_owned(),
-            r#"{"python_frames":11,"version":"3.12.1","forked_by":9}"#.to_owned(),
+            r#"{"python_frames":9,"version":"3.12"}"#.to_owned(),
+            r#"{"python_frames":11,"version":"3.12","forked_by":9}"#.to_owned(),
             r#"{"escalated":"c0ffee","name":"etl","why":"limit","pids":[9,11],"memory":{"usage_bytes":92274688,"limit_bytes":167772160,"growth_bytes_per_second":-1024}}"#.to_owned(),
             r#"{"escalated":"c0ffee","name":"etl","why":"joined","pids":[12]}"#.to_owned(),
             r#"{"capped":"c0ffee","name":"etl","pids":[13],"max_escalated":8}"#.to_owned(),
