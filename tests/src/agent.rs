@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{docker, pyenv_prefix, ready::alloctrace_with_ready_fd};
+use crate::{
+    docker, pyenv_prefix,
+    ready::{ReadyPipe, alloctrace_with_ready_fd},
+};
 
 /// Generous bounds for things that take a fraction of a second on an idle machine: the tests share two cores.
 pub const STARTUP: Duration = Duration::from_secs(180);
@@ -80,13 +83,12 @@ impl Lines {
         }
     }
 
-    /// The first line `wanted` accepts, among those read already or from now on: for lines about several
-    /// processes at once, whose order is not known.
-    pub fn wait_for_any(&mut self, bound: Duration, wanted: impl Fn(&str) -> bool) -> String {
-        match self.seen.iter().find(|line| wanted(line)) {
-            Some(line) => line.clone(),
-            None => self.wait_for(bound, wanted),
+    /// Everything said so far, those lines no wait has read yet with them: for a failure message.
+    pub fn said(&mut self) -> String {
+        while let Ok(line) = self.receiver.try_recv() {
+            self.seen.push(line);
         }
+        self.seen.join("\n")
     }
 }
 
@@ -183,24 +185,55 @@ impl Drop for Task {
     }
 }
 
-/// The agent, started with `args`, once it says on `--ready-fd` that it is ready: the child, its log, and where
-/// it serves.
-pub fn start_agent(args: &[&str]) -> (Child, Lines, String) {
-    let (mut command, mut ready) = alloctrace_with_ready_fd();
-    let mut agent = command
+/// The agent, once it says on `--ready-fd` that it is ready.
+pub struct Agent {
+    /// Killed and reaped when dropped, if the test fails before it stops the agent.
+    pub process: Reaped,
+    /// Its stderr, for failure messages: the tests wait on `events`, not on its wording.
+    pub log: Lines,
+    /// Its `--ready-fd`, the lines before the ready line kept.
+    pub events: ReadyPipe,
+    /// Where it serves HTTP.
+    pub listen: String,
+}
+
+impl Agent {
+    pub fn pid(&self) -> u32 {
+        self.process.0.id()
+    }
+
+    /// Stops it as systemd or `kubectl delete` does, with SIGTERM, and checks that it exits 0.
+    pub fn stop(mut self) {
+        // SAFETY: signalling the child we spawned and have not reaped.
+        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
+        let status = self.process.0.wait().unwrap();
+        assert!(status.success(), "{status}: {}", self.log.said());
+    }
+}
+
+/// Starts the agent with `args` and returns it once it says on `--ready-fd` that it is ready.
+pub fn start_agent(args: &[&str]) -> Agent {
+    let (mut command, mut events) = alloctrace_with_ready_fd();
+    let mut process = command
         .arg("agent")
         .args(args)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let log = Lines::new(agent.stderr.take().unwrap(), "the agent");
-    let said = ready.wait_ready();
+    let log = Lines::new(process.stderr.take().unwrap(), "the agent");
+    let process = Reaped(process);
+    let said = events.wait_ready();
     assert_eq!(said["mode"], "watching", "{said}");
     let listen = said["listen"]
         .as_str()
         .unwrap_or_else(|| panic!("the agent says where it serves: {said}"))
         .to_owned();
-    (agent, log, listen)
+    Agent {
+        process,
+        log,
+        events,
+        listen,
+    }
 }
 
 /// `GET path` on `addr`, the body of a 200 answer.

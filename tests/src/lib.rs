@@ -270,10 +270,18 @@ pub fn go_pprof(args: &[&str], profile: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A trace started by [`start_tracing_pid`].
+pub struct Tracing {
+    pub tracer: Child,
+    /// Its `--ready-fd`, read up to its ready line.
+    pub events: ready::ReadyPipe,
+    report: PathBuf,
+}
+
 /// Starts `alloctrace ARGS -p PID -o REPORT` on a running process and returns it once it says, on
 /// `--ready-fd`, that it traces that process: what the process does from then on is seen.
-pub fn start_tracing_pid(args: &[&str], pid: u32, report: &Path) -> Child {
-    let (mut command, mut ready) = ready::alloctrace_with_ready_fd();
+pub fn start_tracing_pid(args: &[&str], pid: u32, report: &Path) -> Tracing {
+    let (mut command, mut events) = ready::alloctrace_with_ready_fd();
     let tracer = command
         .args(args)
         .arg("-p")
@@ -282,14 +290,28 @@ pub fn start_tracing_pid(args: &[&str], pid: u32, report: &Path) -> Child {
         .arg(report)
         .spawn()
         .unwrap();
-    let said = ready.wait_ready();
+    let said = events.wait_ready();
     assert_eq!(said["pids"], serde_json::json!([pid]), "{said}");
-    tracer
+    Tracing {
+        tracer,
+        events,
+        report: report.to_owned(),
+    }
 }
 
-/// Ends a trace as Ctrl-C does, and checks that alloctrace wrote its report and exited 0.
-pub fn interrupt(mut tracer: Child) {
+/// Ends a trace as Ctrl-C does, and checks that alloctrace said on `--ready-fd` that it wrote its report, then
+/// closed it, and exited 0.
+pub fn interrupt(mut tracing: Tracing) {
     // SAFETY: signalling a child the test spawned and has not reaped.
-    unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };
-    assert!(tracer.wait().unwrap().success());
+    unsafe { libc::kill(tracing.tracer.id() as libc::pid_t, libc::SIGINT) };
+    let wrote = tracing
+        .events
+        .wait_event("it wrote its report", |line| line["kind"] == "report");
+    assert_eq!(
+        wrote["wrote"].as_str().map(Path::new),
+        Some(std::path::absolute(&tracing.report).unwrap().as_path()),
+        "{wrote}"
+    );
+    tracing.events.wait_closed();
+    assert!(tracing.tracer.wait().unwrap().success());
 }

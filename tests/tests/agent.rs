@@ -7,14 +7,16 @@
 //! what its Python line allocated since.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use alloctrace_tests::{
     agent::{EVENT, HOG, Lines, Reaped, STARTUP, Task, get, get_bytes, start_agent, temp_dir},
-    docker, go_pprof, pyenv_prefix, require_root,
+    docker, go_pprof, pyenv_prefix,
+    ready::ReadyPipe,
+    require_root,
 };
 use serde_json::Value;
 
@@ -154,8 +156,8 @@ fn the_agent_writes_an_oom_post_mortem_with_the_python_line_and_prometheus_scrap
     let dir = temp_dir("agent");
     let post_mortems = dir.join("post-mortems");
     let post_mortems_arg = post_mortems.to_string_lossy().into_owned();
-    let (mut agent, mut log, listen) =
-        start_agent(&["--listen", "127.0.0.1:0", "--dir", &post_mortems_arg]);
+    let mut agent = start_agent(&["--listen", "127.0.0.1:0", "--dir", &post_mortems_arg]);
+    let listen = agent.listen.clone();
     assert_eq!(get(&listen, "/healthz"), "ok\n");
     let (_prometheus, prometheus) = start_prometheus(&dir, &listen);
 
@@ -166,15 +168,11 @@ fn the_agent_writes_an_oom_post_mortem_with_the_python_line_and_prometheus_scrap
         256,
         FORKING_HOLDER,
     );
-    let watching = "watching Python 3.12";
-    let pid = holder.pid;
-    log.wait_for(EVENT, |l| {
-        l.contains(watching) && l.ends_with(&format!(" pid {pid}"))
-    });
+    assert_eq!(agent.events.wait_python_frames(holder.pid), "3.12");
     holder.go();
-    log.wait_for(EVENT, |l| {
-        l.contains(watching) && l.ends_with(&format!(", forked by pid {pid}"))
-    });
+    let (child, version) = agent.events.wait_python_frames_forked_by(holder.pid);
+    assert_eq!(version, "3.12");
+    assert_ne!(child, holder.pid);
     holder.go();
     holder.stdout.wait_for(EVENT, |l| l == "held");
 
@@ -186,16 +184,11 @@ fn the_agent_writes_an_oom_post_mortem_with_the_python_line_and_prometheus_scrap
         HOG,
     );
     let pid = hog.pid;
-    log.wait_for(EVENT, |l| {
-        l.contains(watching) && l.ends_with(&format!(" pid {pid}"))
-    });
+    agent.events.wait_python_frames(pid);
     hog.go();
-    let killed = log.wait_for(EVENT, |l| {
-        l.starts_with(&format!("alloctrace: OOM kill of pid {pid} "))
-    });
-    let path = PathBuf::from(killed.rsplit(": ").next().unwrap());
+    let path = agent.events.wait_wrote("oom_record", "json", Some(pid));
     let file_name = path.file_name().unwrap().to_string_lossy().into_owned();
-    assert_eq!(path.parent(), Some(post_mortems.as_path()), "{killed}");
+    assert_eq!(path.parent(), Some(post_mortems.as_path()), "{path:?}");
     assert!(
         file_name.starts_with("oom-") && file_name.ends_with(&format!("-{}-{pid}.json", hog.name)),
         "{file_name}"
@@ -275,11 +268,14 @@ fn the_agent_writes_an_oom_post_mortem_with_the_python_line_and_prometheus_scrap
     assert!(
         (0.85 * HELD..=1.25 * HELD).contains(&line_bytes),
         "{line_bytes} bytes on the holder's line for {HELD}:\n{top}\nthe agent said:\n{}",
-        log.seen.join("\n")
+        agent.log.said()
     );
-    // Beside the post-mortem, the flame graph of what the victim held, naming its line.
-    let svg =
-        std::fs::read_to_string(path.with_extension("svg")).expect("the post-mortem's flame graph");
+    // Beside the post-mortem, the flame graph of what the victim held, naming its line: said written before it.
+    let graph = agent
+        .events
+        .wait_wrote("oom_record", "flamegraph", Some(pid));
+    assert_eq!(graph, path.with_extension("svg"));
+    let svg = std::fs::read_to_string(graph).expect("the post-mortem's flame graph");
     assert!(svg.starts_with("<?xml"), "{svg}");
     assert!(svg.contains("hog (&lt;string&gt;:5)"), "{svg}");
     let limit = query_until(
@@ -301,9 +297,7 @@ fn the_agent_writes_an_oom_post_mortem_with_the_python_line_and_prometheus_scrap
     );
 
     holder.go();
-    // SAFETY: signalling the child we spawned and have not reaped.
-    unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
-    assert!(agent.wait().unwrap().success(), "{}", log.seen.join("\n"));
+    agent.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -336,7 +330,7 @@ fn a_container_running_before_the_agent_is_watched_from_its_start() {
     );
     let dir = temp_dir("agent-early");
     let dir_arg = dir.to_string_lossy().into_owned();
-    let (agent, mut log, listen) = start_agent(&[
+    let agent = start_agent(&[
         "--listen",
         "127.0.0.1:0",
         "--dir",
@@ -344,19 +338,16 @@ fn a_container_running_before_the_agent_is_watched_from_its_start() {
         "--container",
         &holder.name,
     ]);
-    // Killed and reaped if the test fails.
-    let mut agent = Reaped(agent);
-    // Found in /proc at the start, its interpreter with it: said before the agent is ready (its log says so
-    // last, in the same stream).
-    log.wait_for(EVENT, |l| l.starts_with("alloctrace: agent ready:"));
+    let listen = agent.listen.clone();
+    // Found in /proc at the start, its interpreter with it: said before the agent is ready.
     let pid = holder.pid;
+    let said = agent.events.said();
     assert!(
-        log.seen
-            .iter()
-            .any(|l| l.contains("watching Python 3.12") && l.ends_with(&format!(" pid {pid}"))),
-        "{}",
-        log.seen.join("\n")
+        said.iter()
+            .any(|l| l["python_frames"] == pid && l["version"] == "3.12"),
+        "{said:?}"
     );
+    assert_eq!(said.last().unwrap()["ready"], true, "{said:?}");
     holder.go();
     holder.stdout.wait_for(EVENT, |l| l == "held");
     // The agent's ledger takes the faults as they come; its series follow at its next tick.
@@ -375,9 +366,7 @@ fn a_container_running_before_the_agent_is_watched_from_its_start() {
         get(&listen, "/metrics")
     );
     holder.go();
-    // SAFETY: signalling the child we spawned and have not reaped.
-    unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) };
-    assert!(agent.0.wait().unwrap().success(), "{}", log.seen.join("\n"));
+    agent.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -429,6 +418,35 @@ fn through_line(stacks: &Value, function: &str, line: u64) -> (u64, u64) {
         })
 }
 
+/// The escalated test's container's memory limit.
+const ESCALATED_LIMIT_MIB: u64 = 160;
+
+/// Waits for the next `event` line (`escalated`, `relaxed`) about `container` (id, name, its one process), checks
+/// it says `why` and the container's limit, and returns the usage it was decided at.
+fn wait_container_change(
+    events: &mut ReadyPipe,
+    (id, name, pid): (&str, &str, u32),
+    event: &str,
+    why: &str,
+) -> u64 {
+    let line = events.wait_event(&format!("{event} {id}"), |l| l[event] == id);
+    assert_eq!(
+        (&line["name"], &line["why"], &line["pids"]),
+        (
+            &Value::from(name),
+            &Value::from(why),
+            &serde_json::json!([pid])
+        ),
+        "{line}"
+    );
+    assert_eq!(
+        line["memory"]["limit_bytes"],
+        ESCALATED_LIMIT_MIB << 20,
+        "{line}"
+    );
+    line["memory"]["usage_bytes"].as_u64().unwrap()
+}
+
 #[test]
 fn a_container_past_escalate_at_gets_the_uprobes_until_it_falls_back_and_its_post_mortem_names_the_exact_bytes()
  {
@@ -439,12 +457,12 @@ fn a_container_past_escalate_at_gets_the_uprobes_until_it_falls_back_and_its_pos
     let mut task = Task::start(
         &image,
         format!("alloctrace-agent-escalated-{}", std::process::id()),
-        160,
+        ESCALATED_LIMIT_MIB as u32,
         STEPPER,
     );
     let dir = temp_dir("agent-escalation");
     let dir_arg = dir.to_string_lossy().into_owned();
-    let (agent, mut log, listen) = start_agent(&[
+    let mut agent = start_agent(&[
         "--listen",
         "127.0.0.1:0",
         "--dir",
@@ -455,32 +473,32 @@ fn a_container_past_escalate_at_gets_the_uprobes_until_it_falls_back_and_its_pos
         "50",
         "--escalate-exact",
     ]);
-    // Killed if the test fails: it would hold the test's output open.
-    let mut agent = Reaped(agent);
-    let (name, pid) = (task.name.clone(), task.pid);
+    let listen = agent.listen.clone();
+    let (id, pid) = (task.id.clone(), task.pid);
     // The uprobe programs are loaded, for escalation; no process has them yet.
     assert!(
-        programs_of_type(agent.0.id(), 2) > 0,
+        programs_of_type(agent.pid(), 2) > 0,
         "no uprobe program loaded"
     );
-    let watched_only = perf_events(agent.0.id());
-    let escalated_line = |l: &str| {
-        l.starts_with(&format!("alloctrace: escalated container {name} ("))
-            && l.contains("(past --escalate-at)")
-            && l.ends_with(&format!("; pids {pid}"))
+    let watched_only = perf_events(agent.pid());
+    let limit = ESCALATED_LIMIT_MIB << 20;
+    let name = task.name.clone();
+    let wait_change = |events: &mut ReadyPipe, event: &str, why: &str| {
+        wait_container_change(events, (&id, &name, pid), event, why)
     };
 
     // Past 80 MiB: escalated at the agent's next tick.
     task.step("fill 88");
     let crossed = Instant::now();
-    let line = log.wait_for(EVENT, escalated_line);
+    let usage = wait_change(&mut agent.events, "escalated", "limit");
     eprintln!(
-        "escalated {:.2} s after the step that crossed the threshold ended: {line}",
+        "escalated {:.2} s after the step that crossed the threshold ended, at {usage} bytes",
         crossed.elapsed().as_secs_f64()
     );
-    let escalated = perf_events(agent.0.id());
+    assert!(usage >= limit / 2, "{usage} bytes");
+    let escalated = perf_events(agent.pid());
     assert!(escalated > watched_only, "{escalated} perf events");
-    let labels = format!("{{container=\"{name}\",container_id=\"{}\"}}", task.id);
+    let labels = format!("{{container=\"{}\",container_id=\"{id}\"}}", task.name);
     assert_eq!(
         metric(&listen, &format!("alloctrace_escalations_total{labels}")),
         Some(1.0)
@@ -492,11 +510,9 @@ fn a_container_past_escalate_at_gets_the_uprobes_until_it_falls_back_and_its_pos
     // (see uprobe_events.rs), and one per escalated process.
     task.step("grow 16");
     task.step("free");
-    log.wait_for(EVENT, |l| {
-        l.starts_with(&format!("alloctrace: relaxed container {name} ("))
-            && l.ends_with(&format!("; pids {pid}"))
-    });
-    let relaxed = perf_events(agent.0.id());
+    let usage = wait_change(&mut agent.events, "relaxed", "fell_back");
+    assert!(usage < limit * 2 / 5, "{usage} bytes");
+    let relaxed = perf_events(agent.pid());
     assert!(
         relaxed < escalated && relaxed - watched_only == escalated - relaxed,
         "{watched_only} perf events watched only, {escalated} escalated, {relaxed} relaxed"
@@ -505,18 +521,15 @@ fn a_container_past_escalate_at_gets_the_uprobes_until_it_falls_back_and_its_pos
 
     // Escalated again; 16 MiB on line 8 since; then killed holding it.
     task.step("fill 88");
-    log.wait_for(EVENT, escalated_line);
-    assert_eq!(perf_events(agent.0.id()), escalated);
+    wait_change(&mut agent.events, "escalated", "limit");
+    assert_eq!(perf_events(agent.pid()), escalated);
     assert_eq!(
         metric(&listen, &format!("alloctrace_escalations_total{labels}")),
         Some(2.0)
     );
     task.step("grow 16");
     task.send("hog");
-    let killed = log.wait_for(EVENT, |l| {
-        l.starts_with(&format!("alloctrace: OOM kill of pid {pid} "))
-    });
-    let path = PathBuf::from(killed.rsplit(": ").next().unwrap());
+    let path = agent.events.wait_wrote("oom_record", "json", Some(pid));
     let record: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let escalation = &record["escalation"];
     assert!(
@@ -553,9 +566,7 @@ fn a_container_past_escalate_at_gets_the_uprobes_until_it_falls_back_and_its_pos
         "allocated before the escalation: {record:#}"
     );
     drop(task);
-    // SAFETY: signalling the child we spawned and have not reaped.
-    unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) };
-    assert!(agent.0.wait().unwrap().success(), "{}", log.seen.join("\n"));
+    agent.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -564,19 +575,16 @@ fn an_agent_with_no_escalation_loads_no_uprobe_program() {
     require_root();
     let dir = temp_dir("agent-no-escalation");
     let dir_arg = dir.to_string_lossy().into_owned();
-    let (agent, log, _listen) = start_agent(&[
+    let agent = start_agent(&[
         "--listen",
         "127.0.0.1:0",
         "--dir",
         &dir_arg,
         "--no-escalation",
     ]);
-    let mut agent = Reaped(agent);
     // Its tracepoint programs are there (prog_type 5): the count is of the agent's programs.
-    assert!(programs_of_type(agent.0.id(), 5) > 0);
-    assert_eq!(programs_of_type(agent.0.id(), 2), 0);
-    // SAFETY: signalling the child we spawned and have not reaped.
-    unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) };
-    assert!(agent.0.wait().unwrap().success(), "{}", log.seen.join("\n"));
+    assert!(programs_of_type(agent.pid(), 5) > 0);
+    assert_eq!(programs_of_type(agent.pid(), 2), 0);
+    agent.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -63,7 +63,7 @@ fn the_agent_stays_bounded_as_containers_come_and_go_and_leaves_nothing_behind_w
     let image = docker::python_image(&pyenv_prefix("3.12"), "3.12");
     let dir = temp_dir("agent-soak");
     let dir_arg = dir.to_string_lossy().into_owned();
-    let (mut agent, mut log, listen) = start_agent(&[
+    let mut agent = start_agent(&[
         "--listen",
         "127.0.0.1:0",
         "--dir",
@@ -73,7 +73,7 @@ fn the_agent_stays_bounded_as_containers_come_and_go_and_leaves_nothing_behind_w
         "--max-stacks",
         &MAX_STACKS.to_string(),
     ]);
-    let agent_pid = agent.id();
+    let (agent_pid, listen) = (agent.pid(), agent.listen.clone());
 
     let mut after_wave: Vec<u64> = Vec::new();
     for wave in 0..WAVES {
@@ -87,19 +87,14 @@ fn the_agent_stays_bounded_as_containers_come_and_go_and_leaves_nothing_behind_w
             .collect();
         // Let go once watched: the agent reads each one's Python frames from then on.
         for (task, _) in &mut tasks {
-            let pid = task.pid;
-            log.wait_for_any(EVENT, |l| {
-                l.contains("watching Python 3.12") && l.ends_with(&format!(" pid {pid}"))
-            });
+            agent.events.wait_python_frames(task.pid);
             task.go();
         }
         for (task, hog) in &mut tasks {
             if *hog {
-                let pid = task.pid;
-                let killed = log.wait_for_any(EVENT, |l| {
-                    l.starts_with(&format!("alloctrace: OOM kill of pid {pid} "))
-                });
-                let path = killed.rsplit(": ").next().unwrap();
+                let path = agent
+                    .events
+                    .wait_wrote("oom_record", "json", Some(task.pid));
                 let record: serde_json::Value =
                     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
                 let through_hog =
@@ -170,8 +165,8 @@ fn the_agent_stays_bounded_as_containers_come_and_go_and_leaves_nothing_behind_w
     // SAFETY: pidfd_open takes a pid and flags; the helper is alive (listed as a child just now).
     let helper_fd = unsafe { libc::syscall(libc::SYS_pidfd_open, helper as libc::pid_t, 0) };
     assert!(helper_fd >= 0, "pidfd_open of the helper {helper}");
-    agent.kill().unwrap();
-    agent.wait().unwrap();
+    agent.process.0.kill().unwrap();
+    agent.process.0.wait().unwrap();
     wait_until(STARTUP, "the agent's helper never exited", || {
         let mut poll = libc::pollfd {
             fd: helper_fd as i32,

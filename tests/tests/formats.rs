@@ -490,12 +490,12 @@ fn formats_text_tracebacks_read_a_containers_source_through_its_root() {
     assert_eq!(line, "waiting\n");
     let pid = docker::container_pid(&name);
     let report = temp("container.txt");
-    let tracer = start_tracing_pid(&["leaks", "--top", "0", "--color", "always"], pid, &report);
+    let tracing = start_tracing_pid(&["leaks", "--top", "0", "--color", "always"], pid, &report);
     writeln!(container.stdin.as_mut().unwrap(), "go").unwrap();
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "ready\n");
-    interrupt(tracer);
+    interrupt(tracing);
     drop(container.stdin.take());
     container.wait().unwrap();
     let text = std::fs::read_to_string(&report).unwrap();
@@ -540,24 +540,8 @@ fn formats_oom_writes_a_flame_graph_per_kill_into_a_directory() {
             "-o",
         ])
         .arg(&dir)
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (notices, tracer_says) = std::sync::mpsc::channel();
-    let stderr = BufReader::new(tracer.stderr.take().unwrap());
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = notices.send(line);
-        }
-    });
-    let wait_for = |what: &dyn Fn(&str) -> bool| loop {
-        let line = tracer_says
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .expect("the tracer went silent");
-        if what(&line) {
-            return line;
-        }
-    };
     ready.wait_ready();
     // It waits for a line, then allocates 1 MiB a step into its 64 MiB limit.
     let workload = "import sys\nsys.stdin.readline()\nheld = []\nwhile True:\n    held.append(bytes(1 << 20))  # grows\n";
@@ -587,14 +571,15 @@ fn formats_oom_writes_a_flame_graph_per_kill_into_a_directory() {
         Some(137),
         "the container should be OOM-killed"
     );
-    let wrote = wait_for(&|line| {
-        line.starts_with("alloctrace: wrote ") && line.contains(&format!("-pid{pid}.svg"))
-    });
+    let path = ready.wait_wrote("oom_record", "flamegraph", Some(pid));
     // SAFETY: signalling the child we spawned and have not reaped.
     unsafe { libc::kill(tracer.id() as libc::pid_t, libc::SIGINT) };
     assert!(tracer.wait().unwrap().success());
-    let path = PathBuf::from(wrote.strip_prefix("alloctrace: wrote ").unwrap());
-    assert_eq!(path.parent(), Some(dir.as_path()), "{wrote}");
+    assert_eq!(path.parent(), Some(dir.as_path()), "{path:?}");
+    assert!(
+        path.to_string_lossy().ends_with(&format!("-pid{pid}.svg")),
+        "{path:?}"
+    );
     let svg = std::fs::read_to_string(&path).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     let options = roxmltree::ParsingOptions {

@@ -16,7 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use alloctrace_tests::{alloctrace, assert_tracer_rss_bounded, require_root, workload};
+use alloctrace_tests::{
+    alloctrace, assert_tracer_rss_bounded, ready::alloctrace_with_ready_fd, require_root, workload,
+};
 use serde_json::Value;
 
 /// Children the storm keeps alive at once, and how long each lives: a storm for a 2-core machine.
@@ -182,7 +184,7 @@ fn fork_storm(end: End) {
     };
     let log = Scratch::new(&format!("{name}.log"));
     let report_path = Scratch::new(&format!("{name}.json"));
-    let mut tracer = Command::new(alloctrace());
+    let (mut tracer, mut ready) = alloctrace_with_ready_fd();
     tracer.args(["leaks", "--format", "json", "--top", "0", "-o"]);
     tracer.arg(&report_path.0);
     if let End::Duration = end {
@@ -204,15 +206,14 @@ fn fork_storm(end: End) {
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "ready\n", "the storm did not start");
     let stdout = drain(out);
+    // The storm's parent, the command: traced from the start.
+    let parent = ready.wait_ready()["pids"][0].clone();
     if let End::Interrupt = end {
-        // Interrupted in full storm: once a few rounds of children have been held, attached and continued.
-        let started = Instant::now();
-        while read_log(&log).held.values().filter(|&&h| h).count() < 3 * ALIVE {
-            assert!(
-                started.elapsed() < HANG,
-                "the storm's children are not running"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        // Interrupted in full storm: once alloctrace has said a few rounds of children attached.
+        for _ in 0..3 * ALIVE {
+            ready.wait_event("a child of the storm attached", |line| {
+                line["attached"].is_u64() && line["attached"] != parent
+            });
         }
         // SAFETY: alloctrace is our child, not yet waited for.
         assert_eq!(

@@ -357,12 +357,14 @@ fn cpython_in_a_container_with_its_own_libc_and_libpython() {
     let id = docker::container_id(&name);
     let report =
         std::env::temp_dir().join(format!("alloctrace-container-{}.json", std::process::id()));
-    let tracer = start_tracing_pid(&["leaks", "--format", "json", "--top", "0"], pid, &report);
+    let mut tracing = start_tracing_pid(&["leaks", "--format", "json", "--top", "0"], pid, &report);
+    // The trace says, as the agent does, whose Python frames it reads.
+    assert_eq!(tracing.events.wait_python_frames(pid), "3.12");
     writeln!(container.stdin.as_mut().unwrap(), "go").unwrap();
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "ready\n");
-    interrupt(tracer);
+    interrupt(tracing);
     drop(container.stdin.take());
     container.wait().unwrap();
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();

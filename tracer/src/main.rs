@@ -1,6 +1,6 @@
 //! The `alloctrace` command: parses arguments, runs the subcommand, prints any error as one line and exits 2.
 
-use std::{io::Write, process::ExitCode};
+use std::{io::Write, path::Path, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser as _, error::ErrorKind};
 
@@ -10,8 +10,8 @@ use tracer::{
     cli::{Cli, Command, LargeArgs, LeaksArgs, OutputArgs, TargetArgs},
     logging,
     model::Trace,
-    os,
-    output::{self, Report, escape::Escaped},
+    os::{self, FileKind},
+    output::{self, Format, Report, escape::Escaped},
     report::{
         large::{self, LargeOptions},
         leaks::{self, LeaksOptions},
@@ -81,10 +81,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if args.target.is_empty() {
                 log::info!("watching for OOM kills on this host; Ctrl-C or SIGTERM stops");
             }
+            let file = args.output.output.as_deref();
             let mut sink = |record: &OomRecord| -> anyhow::Result<()> {
                 if let Some(out) = out.as_mut() {
                     output::write_oom(record, format, color, out)?;
-                    return Ok(out.flush()?);
+                    out.flush()?;
+                    // Appended to the one file -o names: said as written, as a file per kill is.
+                    if let Some(path) = file {
+                        say_wrote(path, FileKind::OomRecord, format, Some(record.victim.pid));
+                    }
+                    return Ok(());
                 }
                 let dir = dir.as_deref().expect("a directory when there is no output");
                 let path = output::oom_path(dir, record, format);
@@ -93,6 +99,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 file.flush()
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 log::info!("wrote {}", path.display());
+                say_wrote(&path, FileKind::OomRecord, format, Some(record.victim.pid));
                 Ok(())
             };
             let traced = trace::run(&args.target.config(), Some(&mut sink)).await?;
@@ -133,9 +140,19 @@ async fn traced(
     let report = build(&traced.trace, system::max_rss_bytes());
     let written =
         output::write(&report, output.format, output.color(), &mut out).and_then(|()| out.flush());
+    if let (Ok(()), Some(path)) = (&written, output.output.as_deref()) {
+        say_wrote(path, FileKind::Report, output.format, None);
+    }
     traced.stop_unfinished_command();
     traced.finish();
     Ok(written?)
+}
+
+/// Says on `--ready-fd` that `path` is written; a reader gone is said on stderr, and the run goes on.
+fn say_wrote(path: &Path, kind: FileKind, format: Format, pid: Option<u32>) {
+    if let Err(err) = os::say_wrote(path, kind, format.name(), pid) {
+        log::warn!("cannot write to --ready-fd: {err}");
+    }
 }
 
 /// Help and version as clap prints them; a usage error as `alloctrace: error: …` on its first line, then

@@ -1,6 +1,8 @@
 //! Thin, safe wrappers over OS facilities: signals, the `--ready-fd` descriptor, pidfds, and paths resolved
 //! inside a process's root. SIGINT (Ctrl-C), SIGTERM (`timeout`, systemd, `kubectl delete`) and SIGHUP (a closed
-//! terminal) all mean "stop and report", never "die without a report".
+//! terminal) all mean "stop and report", never "die without a report". The `--ready-fd` protocol's lines (one
+//! JSON object each, its first key naming the event) are all defined here, so that their shapes are pinned by one
+//! test and documented in one place (README).
 
 use std::{
     fs::{File, OpenOptions},
@@ -205,6 +207,113 @@ struct Attached {
     attached: u32,
 }
 
+/// A line `--ready-fd` receives for each process whose Python frames are read from now on.
+#[derive(Serialize)]
+struct PythonFrames<'a> {
+    python_frames: u32,
+    /// The interpreter's version, major.minor: `3.12`.
+    version: &'a str,
+    /// The parent whose interpreter a forked child inherited; absent for a process found by its own exec or at
+    /// the start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forked_by: Option<u32>,
+}
+
+/// A container's memory cgroup as an escalation line gives it: the reading the agent's decision was made on.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct MemoryReading {
+    pub usage_bytes: u64,
+    /// `None` (JSON `null`) for a container without a limit.
+    pub limit_bytes: Option<u64>,
+    /// Growth over the agent's window, per second; negative when it shrank.
+    pub growth_bytes_per_second: i64,
+}
+
+/// Why a container's processes got the allocator uprobes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscalationCause {
+    /// Past `--escalate-at` percent of its memory limit.
+    Limit,
+    /// Growing faster than `--escalate-rate`.
+    Rate,
+    /// Processes of a container escalated before, which had not had them yet (new, or under the cap before).
+    Joined,
+}
+
+/// Why a container's processes lost the allocator uprobes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelaxCause {
+    /// Below `--escalate-at` by the hysteresis, growing slowly, and escalated long enough.
+    FellBack,
+    /// No memory cgroup reading any more: its processes are gone.
+    Gone,
+}
+
+/// What a change of a container's tier names: its id, its name when known, and the processes it concerns.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ContainerChange<Cause> {
+    /// The container's full id: the line's first key.
+    #[serde(skip)]
+    pub id: String,
+    pub name: Option<String>,
+    pub why: Cause,
+    pub pids: Vec<u32>,
+    /// The reading that decided it; absent for [`EscalationCause::Joined`], which no reading decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryReading>,
+}
+
+/// A line `--ready-fd` receives when the agent escalates a container: `pids` got the allocator uprobes.
+#[derive(Serialize)]
+struct Escalated<'a> {
+    escalated: &'a str,
+    #[serde(flatten)]
+    change: &'a ContainerChange<EscalationCause>,
+}
+
+/// A line `--ready-fd` receives when an escalated container relaxes: `pids` lost the allocator uprobes.
+#[derive(Serialize)]
+struct Relaxed<'a> {
+    relaxed: &'a str,
+    #[serde(flatten)]
+    change: &'a ContainerChange<RelaxCause>,
+}
+
+/// A line `--ready-fd` receives, once per escalation, when processes of an escalated container stay in the
+/// watch tier because `--max-escalated` processes have the uprobes.
+#[derive(Serialize)]
+struct Capped<'a> {
+    capped: &'a str,
+    name: Option<&'a str>,
+    pids: &'a [u32],
+    max_escalated: usize,
+}
+
+/// What kind of file a `wrote` line names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    /// A trace's report (`leaks`, `large`, `-o FILE`), complete.
+    Report,
+    /// An OOM kill's record: `oom`'s file per kill or its `-o FILE` with the record appended, or the agent's
+    /// post-mortem and its flame graph.
+    OomRecord,
+}
+
+/// A line `--ready-fd` receives for each file alloctrace has written, once it is complete on disk.
+#[derive(Serialize)]
+struct Wrote<'a> {
+    wrote: &'a Path,
+    kind: FileKind,
+    /// The output format's name (`json`, `flamegraph`, …), as `--format` takes it.
+    format: &'a str,
+    /// The OOM victim's pid, for an OOM record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
+}
+
 /// Writes `line` as one JSON line to the `--ready-fd` descriptor, if one was claimed. A reader that has gone, or
 /// that does not read (its pipe full), gets no more lines, and is not an error for the trace: the error is
 /// returned for the caller to say.
@@ -232,7 +341,62 @@ pub fn say_attached(pid: u32) -> io::Result<()> {
     say(&Attached { attached: pid })
 }
 
-/// Closes the `--ready-fd` descriptor: its reader sees the end of the trace.
+/// Says on the `--ready-fd` descriptor that `pid`'s Python frames are read from now on, with its interpreter's
+/// `version`; `forked_by` the parent it inherited them from, for a forked child.
+pub fn say_python_frames(pid: u32, version: &str, forked_by: Option<u32>) -> io::Result<()> {
+    say(&PythonFrames {
+        python_frames: pid,
+        version,
+        forked_by,
+    })
+}
+
+/// Says on the `--ready-fd` descriptor that a container's processes got the allocator uprobes.
+pub fn say_escalated(change: &ContainerChange<EscalationCause>) -> io::Result<()> {
+    say(&Escalated {
+        escalated: &change.id,
+        change,
+    })
+}
+
+/// Says on the `--ready-fd` descriptor that an escalated container's processes lost the allocator uprobes.
+pub fn say_relaxed(change: &ContainerChange<RelaxCause>) -> io::Result<()> {
+    say(&Relaxed {
+        relaxed: &change.id,
+        change,
+    })
+}
+
+/// Says on the `--ready-fd` descriptor that processes `pids` of escalated container `id` stay in the watch tier:
+/// `max_escalated` processes have the uprobes already.
+pub fn say_capped(
+    id: &str,
+    name: Option<&str>,
+    pids: &[u32],
+    max_escalated: usize,
+) -> io::Result<()> {
+    say(&Capped {
+        capped: id,
+        name,
+        pids,
+        max_escalated,
+    })
+}
+
+/// Says on the `--ready-fd` descriptor that `path` has been written, complete: a file of `kind` in `format`,
+/// about OOM victim `pid` for an OOM record.
+pub fn say_wrote(path: &Path, kind: FileKind, format: &str, pid: Option<u32>) -> io::Result<()> {
+    // A reader in another directory finds the file all the same.
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    say(&Wrote {
+        wrote: &path,
+        kind,
+        format,
+        pid,
+    })
+}
+
+/// Closes the `--ready-fd` descriptor: its reader sees the end of the trace, every file said written.
 pub fn close_ready_fd() {
     READY.lock().unwrap_or_else(|e| e.into_inner()).take();
 }
@@ -285,7 +449,7 @@ mod tests {
     use std::io::Read as _;
 
     #[test]
-    fn the_ready_and_attached_lines_go_to_the_claimed_descriptor_until_closed() {
+    fn every_kind_of_line_goes_to_the_claimed_descriptor_in_its_shape_until_closed() {
         let mut fds = [0; 2];
         // SAFETY: pipe2 fills the two-element array.
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
@@ -303,6 +467,49 @@ mod tests {
         drop(shared);
         say_ready(&Ready::tracing(&[7, 8])).unwrap();
         say_attached(9).unwrap();
+        say_python_frames(9, "3.12", None).unwrap();
+        say_python_frames(11, "3.12", Some(9)).unwrap();
+        let memory = MemoryReading {
+            usage_bytes: 92_274_688,
+            limit_bytes: Some(167_772_160),
+            growth_bytes_per_second: -1024,
+        };
+        say_escalated(&ContainerChange {
+            id: "c0ffee".to_owned(),
+            name: Some("etl".to_owned()),
+            why: EscalationCause::Limit,
+            pids: vec![9, 11],
+            memory: Some(memory),
+        })
+        .unwrap();
+        say_escalated(&ContainerChange {
+            id: "c0ffee".to_owned(),
+            name: Some("etl".to_owned()),
+            why: EscalationCause::Joined,
+            pids: vec![12],
+            memory: None,
+        })
+        .unwrap();
+        say_capped("c0ffee", Some("etl"), &[13], 8).unwrap();
+        say_relaxed(&ContainerChange {
+            id: "beef".to_owned(),
+            name: None,
+            why: RelaxCause::Gone,
+            pids: vec![],
+            memory: Some(MemoryReading {
+                limit_bytes: None,
+                ..memory
+            }),
+        })
+        .unwrap();
+        say_wrote(
+            Path::new("/var/lib/alloctrace/oom-1-etl-9.json"),
+            FileKind::OomRecord,
+            "json",
+            Some(9),
+        )
+        .unwrap();
+        say_wrote(Path::new("report.html"), FileKind::Report, "html", None).unwrap();
         close_ready_fd();
         // Closed: nothing more is said, and the reader sees the end.
         say_attached(10).unwrap();
@@ -311,10 +518,23 @@ mod tests {
         unsafe { File::from_raw_fd(fds[0]) }
             .read_to_string(&mut read)
             .unwrap();
-        assert_eq!(
-            read,
-            "{\"ready\":true,\"mode\":\"tracing\",\"pids\":[7,8]}\n{\"attached\":9}\n"
-        );
+        let report = std::env::current_dir().unwrap().join("report.html");
+        let expected = [
+            r#"{"ready":true,"mode":"tracing","pids":[7,8]}"#.to_owned(),
+            r#"{"attached":9}"#.to_owned(),
+            r#"{"python_frames":9,"version":"3.12"}"#.to_owned(),
+            r#"{"python_frames":11,"version":"3.12","forked_by":9}"#.to_owned(),
+            r#"{"escalated":"c0ffee","name":"etl","why":"limit","pids":[9,11],"memory":{"usage_bytes":92274688,"limit_bytes":167772160,"growth_bytes_per_second":-1024}}"#.to_owned(),
+            r#"{"escalated":"c0ffee","name":"etl","why":"joined","pids":[12]}"#.to_owned(),
+            r#"{"capped":"c0ffee","name":"etl","pids":[13],"max_escalated":8}"#.to_owned(),
+            r#"{"relaxed":"beef","name":null,"why":"gone","pids":[],"memory":{"usage_bytes":92274688,"limit_bytes":null,"growth_bytes_per_second":-1024}}"#.to_owned(),
+            r#"{"wrote":"/var/lib/alloctrace/oom-1-etl-9.json","kind":"oom_record","format":"json","pid":9}"#.to_owned(),
+            format!(
+                r#"{{"wrote":"{}","kind":"report","format":"html"}}"#,
+                report.display()
+            ),
+        ];
+        assert_eq!(read, expected.map(|line| line + "\n").concat());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! memory limit, or growing fast, is escalated to the exact tier: its biggest processes get the allocator
 //! uprobes until it falls back ([`escalation`]), and an escalated victim's post-mortem names what they saw. It
 //! says one line on stderr per notable event: ready, a container seen, an escalation and its end, an OOM kill,
-//! events lost.
+//! events lost; and, on `--ready-fd`, a JSON line for each that a supervisor or test waits on (ready, an
+//! escalation and its end, each post-mortem file written).
 
 pub mod escalation;
 pub mod heap;
@@ -25,8 +26,8 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    os,
-    output::{flamegraph, profile::Profile},
+    os::{self, EscalationCause, FileKind, RelaxCause},
+    output::{Format, flamegraph, profile::Profile},
     procs::container::Container,
     report::oom::OomRecord,
     trace::{self, Escalate, TraceConfig, Watch, WatchTick},
@@ -189,6 +190,8 @@ impl Escalations {
         now: Instant,
     ) {
         let mut lines: Vec<String> = Vec::new();
+        // The tick's `--ready-fd` lines, said with its log lines.
+        let mut signals: Vec<Box<dyn FnOnce() -> std::io::Result<()>>> = Vec::new();
         let containers: HashMap<&str, &Container> = tick
             .processes
             .iter()
@@ -240,15 +243,21 @@ impl Escalations {
             let pids = relaxed
                 .remove(change.container.as_str())
                 .unwrap_or_default();
+            let container = containers.get(change.container.as_str()).copied();
             lines.push(format!(
                 "relaxed container {}: {}; pids {}",
-                label(
-                    containers.get(change.container.as_str()).copied(),
-                    &change.container
-                ),
+                label(container, &change.container),
                 describe(change),
                 list(&pids)
             ));
+            // The policy relaxes a container it was given no reading of as gone, and only such a one.
+            let why = if by_container.contains_key(&change.container) {
+                RelaxCause::FellBack
+            } else {
+                RelaxCause::Gone
+            };
+            let said = said_change(container, change, why, pids);
+            signals.push(Box::new(move || os::say_relaxed(&said)));
         }
         let mut attached: HashMap<&str, Vec<u32>> = HashMap::new();
         for (container, pids) in &assignment.attach {
@@ -276,9 +285,9 @@ impl Escalations {
             let pids = attached
                 .remove(change.container.as_str())
                 .unwrap_or_default();
-            let why = match trigger {
-                Trigger::Limit => "past --escalate-at",
-                Trigger::Rate => "growing faster than --escalate-rate",
+            let (why, cause) = match trigger {
+                Trigger::Limit => ("past --escalate-at", EscalationCause::Limit),
+                Trigger::Rate => ("growing faster than --escalate-rate", EscalationCause::Rate),
             };
             lines.push(format!(
                 "escalated container {} ({why}): {}; pids {}",
@@ -286,30 +295,56 @@ impl Escalations {
                 describe(change),
                 list(&pids)
             ));
+            let said = said_change(container, change, cause, pids);
+            signals.push(Box::new(move || os::say_escalated(&said)));
         }
         // Processes that joined a container escalated before.
         let mut joined: Vec<(&str, Vec<u32>)> = attached.into_iter().collect();
         joined.sort();
         for (id, pids) in joined {
+            let container = containers.get(id).copied();
             lines.push(format!(
                 "escalated container {}: more processes; pids {}",
-                label(containers.get(id).copied(), id),
+                label(container, id),
                 list(&pids)
             ));
+            let said = os::ContainerChange {
+                id: id.to_owned(),
+                name: container.and_then(|c| c.name.clone()),
+                why: EscalationCause::Joined,
+                pids,
+                memory: None,
+            };
+            signals.push(Box::new(move || os::say_escalated(&said)));
         }
         for (id, pids) in &assignment.capped {
             if self.capped_said.insert(id.clone()) {
+                let container = containers.get(id.as_str()).copied();
                 lines.push(format!(
                     "capped container {}: pids {} stay in the watch tier: {} processes have the uprobes (--max-escalated)",
-                    label(containers.get(id.as_str()).copied(), id),
+                    label(container, id),
                     list(pids),
                     self.max_processes
                 ));
+                let (id, name, pids) = (
+                    id.clone(),
+                    container.and_then(|c| c.name.clone()),
+                    pids.clone(),
+                );
+                let max = self.max_processes;
+                signals.push(Box::new(move || {
+                    os::say_capped(&id, name.as_deref(), &pids, max)
+                }));
             }
         }
         lock(metrics).set_escalated_processes(count);
         for line in lines {
             log::info!("{line}");
+        }
+        for signal in signals {
+            if let Err(err) = signal() {
+                log::warn!("cannot write to --ready-fd: {err}");
+            }
         }
     }
 }
@@ -320,6 +355,27 @@ fn label(container: Option<&Container>, id: &str) -> String {
     match container.and_then(|c| c.name.as_deref()) {
         Some(name) => format!("{name} ({short})"),
         None => short,
+    }
+}
+
+/// A container's change as its `--ready-fd` line gives it.
+fn said_change<Cause>(
+    container: Option<&Container>,
+    change: &Change,
+    why: Cause,
+    pids: Vec<u32>,
+) -> os::ContainerChange<Cause> {
+    let reading = &change.reading;
+    os::ContainerChange {
+        id: change.container.clone(),
+        name: container.and_then(|c| c.name.clone()),
+        why,
+        pids,
+        memory: Some(os::MemoryReading {
+            usage_bytes: reading.usage,
+            limit_bytes: reading.limit,
+            growth_bytes_per_second: reading.rate.round() as i64,
+        }),
     }
 }
 
@@ -375,17 +431,32 @@ fn write_post_mortem(dir: &Path, record: &OomRecord) -> anyhow::Result<PathBuf> 
         })
         .collect();
     let name = format!("oom-{time}-{container}-{}", record.victim.pid);
-    write_whole(&dir.join(format!("{name}.svg")), |file| {
+    let graph = dir.join(format!("{name}.svg"));
+    write_whole(&graph, |file| {
         flamegraph::write_svg(&Profile::from_oom(record), file)?;
         Ok(())
     })?;
+    say_wrote(&graph, Format::Flamegraph, record);
     let path = dir.join(format!("{name}.json"));
     write_whole(&path, |file| {
         serde_json::to_writer_pretty(&mut *file, record)?;
         file.write_all(b"\n")?;
         Ok(())
     })?;
+    say_wrote(&path, Format::Json, record);
     Ok(path)
+}
+
+/// Says on `--ready-fd` that a post-mortem file of `record` is in place.
+fn say_wrote(path: &Path, format: Format, record: &OomRecord) {
+    if let Err(err) = os::say_wrote(
+        path,
+        FileKind::OomRecord,
+        format.name(),
+        Some(record.victim.pid),
+    ) {
+        log::warn!("cannot write to --ready-fd: {err}");
+    }
 }
 
 /// Writes `path` through a temporary file beside it, renamed into place once `write` is done and synced.

@@ -161,6 +161,9 @@ impl Traced {
     /// output sees its end when alloctrace exits), waits for this process to have exited, then closes the rest:
     /// the last references, and the wait, are its own. This process exits at once.
     pub fn finish(self) {
+        // Everything is written: a reader of --ready-fd sees its end now, not when the probes are down (nor
+        // when the child below, which would inherit the descriptor, exits).
+        crate::os::close_ready_fd();
         // On libc: rustix has neither fork nor close_range.
         // SAFETY: fork in a process with threads: the child only calls getppid, close_range, nanosleep and
         // _exit, all async-signal-safe, and touches no memory but its stack.
@@ -551,8 +554,6 @@ async fn session(
         report_ooms(&mut state, &targets, &sampling, window, &mut oom_sink)?;
         state.forget_gone(&mut targets);
     }
-    // The trace has ended: a reader of --ready-fd sees its end now, not when the probes are down.
-    crate::os::close_ready_fd();
     // Nothing is attached to from here on: new processes are no longer held. A process held just before that is
     // announced within microseconds (the record goes out before the stop): the flush after the pause handles it.
     targets.probes.hold_new_processes(false)?;

@@ -22,6 +22,7 @@ use crate::{
     },
     python::runtime::{self, Reader},
 };
+use tracer_common::PyProcess;
 
 use super::{
     accounting::{Discovery, State, lock},
@@ -131,13 +132,18 @@ impl Targets {
             Some(interpreter) => {
                 self.python_pending.remove(&pid);
                 self.probes.python_settled(pid);
+                // Looked for again before the record that settled it was handled: its frames are walked
+                // already, and said once. An exec forgets the reader, so a new image is looked at afresh.
+                if lock(&state.pythons).contains_key(&pid) {
+                    return;
+                }
                 let config = interpreter.bpf_config();
                 let info = interpreter.info.clone();
                 // The reader before the kernel walks the frames: the first stack walked is named with it, on
                 // the ring reader's thread, however soon it comes.
                 lock(&state.pythons).insert(pid, Reader::new(pid, interpreter));
                 match config {
-                    Some(config) => match self.probes.add_python(pid, &config) {
+                    Some(config) => match self.add_python(pid, &config, &info.version, None) {
                         Err(err) => warn(format_args!("no Python frames for pid {pid}: {err:#}")),
                         // The agent says so (the trace says which processes it traces): its Python
                         // frames are read from now on.
@@ -162,6 +168,22 @@ impl Targets {
             }
             None => self.probes.python_settled(pid),
         }
+    }
+
+    /// Has the kernel walk `pid`'s Python frames from now on, and says so on `--ready-fd` (in both tiers: a
+    /// script or test waits for it before the process allocates what it wants named by its Python line).
+    fn add_python(
+        &mut self,
+        pid: u32,
+        config: &PyProcess,
+        version: &str,
+        forked_by: Option<u32>,
+    ) -> anyhow::Result<()> {
+        self.probes.add_python(pid, config)?;
+        if let Err(err) = crate::os::say_python_frames(pid, version, forked_by) {
+            warn(format_args!("cannot write to --ready-fd: {err}"));
+        }
+        Ok(())
     }
 
     /// Retries detection for the processes still pending, and gives up on those whose window has passed: after
@@ -336,7 +358,9 @@ impl Targets {
             // The reader before the kernel walks the frames, as for an exec'd interpreter.
             lock(&state.pythons).insert(child, Reader::new(child, interpreter));
             if let Some(config) = config
-                && self.probes.add_python(child, &config).is_ok()
+                && self
+                    .add_python(child, &config, &version, Some(parent))
+                    .is_ok()
                 && self.watching
             {
                 // As for an exec'd interpreter: the agent says whose frames it reads from now on.
