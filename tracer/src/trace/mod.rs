@@ -447,6 +447,11 @@ async fn session(
     let mut history_ticks = 0u64;
     let mut watch_timer = tokio::time::interval(WATCH_TICK);
     let mut stacks_unheld = false;
+    // When the last target seen to end ended: the window ends there once none is left, not when alloctrace
+    // is done reading what they did (which a loaded machine can make seconds later: a leak whose blocks were
+    // born up to the exit would look as if it had stopped growing a quarter of the window before the end).
+    let mut last_exit_ns = None;
+    let mut child_held_at_exit = false;
     // With --comm, processes may still come, and without targets alloctrace only watches: only the duration
     // or Ctrl-C end the trace then.
     let waits_for_more = !config.comms.is_empty()
@@ -503,6 +508,7 @@ async fn session(
                 targets.attach_pending_allocators(&mut state);
             }
             Some(pid) = exits.recv() => {
+                last_exit_ns = Some(system::monotonic_ns());
                 flush(&mut reader, &mut targets, &mut state).await;
                 targets.exited.entry(pid).or_insert(Exit::Exited);
                 targets.probes.detach(pid);
@@ -531,6 +537,8 @@ async fn session(
                     bail!("cannot run {}: {err}", config.command[0].to_string_lossy());
                 }
                 ChildEvent::Exiting(release) => {
+                    last_exit_ns = Some(system::monotonic_ns());
+                    child_held_at_exit = true;
                     // Held at its exit with its memory still mapped: name what it allocated last.
                     flush(&mut reader, &mut targets, &mut state).await;
                     if let Some(pid) = child_pid {
@@ -539,6 +547,10 @@ async fn session(
                     drop(release);
                 }
                 ChildEvent::Exited(exit) => {
+                    // Not held at its exit (killed before it could stop there): it ended now.
+                    if !child_held_at_exit {
+                        last_exit_ns = Some(system::monotonic_ns());
+                    }
                     flush(&mut reader, &mut targets, &mut state).await;
                     if let Some(pid) = child_pid {
                         targets.exited.insert(pid, exit);
@@ -554,6 +566,11 @@ async fn session(
         report_ooms(&mut state, &targets, &sampling, window, &mut oom_sink)?;
         state.forget_gone(&mut targets);
     }
+    // Ended by the last target's exit, or else now (the duration, a stop signal).
+    let ended_ns = match last_exit_ns {
+        Some(exit_ns) if !waits_for_more && targets.running() == 0 => exit_ns,
+        _ => system::monotonic_ns(),
+    };
     // Nothing is attached to from here on: new processes are no longer held. A process held just before that is
     // announced within microseconds (the record goes out before the stop): the flush after the pause handles it.
     targets.probes.hold_new_processes(false)?;
@@ -561,7 +578,7 @@ async fn session(
     flush(&mut reader, &mut targets, &mut state).await;
     targets.probes.all_held_released();
     drop(reader);
-    let end_ns = system::monotonic_ns().max(start_ns);
+    let end_ns = ended_ns.max(start_ns);
     report_ooms(
         &mut state,
         &targets,
