@@ -56,6 +56,10 @@ pub const MAX_UNWOUND_FRAMES: usize = tracer_common::MAX_STACK_DEPTH;
 /// dropped, and counted as evicted.
 pub const MAX_FRAME_RULES: usize = 1 << 16;
 
+/// The most bytes of call frame instructions (an FDE's and its CIE's) evaluated for a [`FrameRule`]; the
+/// code of a longer FDE is taken as not covered ([`FrameRule::Unknown`]).
+pub const MAX_FRAME_RULE_CFI_BYTES: usize = 64 << 10;
+
 /// Bytes of a section, shared by the framehop modules made from them in every process that maps the object.
 #[derive(Clone, Debug, Default)]
 pub struct SectionBytes(Arc<[u8]>);
@@ -211,11 +215,15 @@ impl UnwindSections {
                         // Its CIE may lie anywhere, off the walk: its instructions are checked here too.
                         let fde = partial.parse(EhFrame::cie_from_offset)?;
                         let cie = fde.cie();
-                        fdes.push(FdeSpan {
-                            start: fde.initial_address(),
-                            end: fde.end_address(),
-                            offset: fde.offset(),
-                        });
+                        // A frame rule evaluates the FDE's instructions and its CIE's: bounded, so that no
+                        // object can make one take long (real ones are a few hundred bytes).
+                        if fde.entry_len() + cie.entry_len() <= MAX_FRAME_RULE_CFI_BYTES {
+                            fdes.push(FdeSpan {
+                                start: fde.initial_address(),
+                                end: fde.end_address(),
+                                offset: fde.offset(),
+                            });
+                        }
                         forward_only(cie.instructions(&section, &bases), cie.encoding())?
                             && forward_only(fde.instructions(&section, &bases), cie.encoding())?
                     }
@@ -731,6 +739,12 @@ mod tests {
             UnwindSections::default().frame_rule(0x1000),
             FrameRule::Unknown
         );
+        // Nor does an FDE of more instructions than a rule may evaluate (nops after its rule).
+        let mut long = vec![DEF_CFA, frame_pointer, 16];
+        long.resize(MAX_FRAME_RULE_CFI_BYTES, 0);
+        let long = sections_with(eh_frame_with_instructions(&long));
+        assert!(long.has_cfi());
+        assert_eq!(long.frame_rule(0x1008), FrameRule::Unknown);
     }
 
     #[test]
