@@ -80,16 +80,24 @@ static COMPILING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Like [`workload`], with another C compiler (`musl-gcc` for a program on musl's allocator).
 pub fn workload_built_by(name: &str, compiler: &str) -> PathBuf {
-    build_workload(name, compiler, "-O0")
+    build_workload(name, compiler, "-O0", &["-O0", "-fno-omit-frame-pointer"])
 }
 
 /// Like [`workload`], optimized (`-O1 -g`, with frame pointers): functions are laid out and inlined as in a
 /// release build, and its DWARF still names every line.
 pub fn optimized_workload(name: &str) -> PathBuf {
-    build_workload(name, "cc", "-O1")
+    build_workload(name, "cc", "-O1", &["-O1", "-fno-omit-frame-pointer"])
 }
 
-fn build_workload(name: &str, compiler: &str, optimization: &str) -> PathBuf {
+/// Like [`workload`], built as distributions build their packages: `-O2 -fomit-frame-pointer` (gcc's default
+/// on x86-64), so that `rbp` is one more register and the frame-pointer walk finds noise past the first frame.
+pub fn workload_without_frame_pointers(name: &str) -> PathBuf {
+    build_workload(name, "cc", "-O2-nofp", &["-O2", "-fomit-frame-pointer"])
+}
+
+/// Builds `tests/workloads/NAME.c` with `compiler` and `flags` (and `-g -pthread`), once per test run, into
+/// `NAME-COMPILERTAG-PID` (its first 15 bytes are the process's name).
+fn build_workload(name: &str, compiler: &str, tag: &str, flags: &[&str]) -> PathBuf {
     let _building = COMPILING.lock().unwrap_or_else(|e| e.into_inner());
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
@@ -98,19 +106,11 @@ fn build_workload(name: &str, compiler: &str, optimization: &str) -> PathBuf {
         dir
     });
     let source = workspace().join(format!("tests/workloads/{name}.c"));
-    let binary = dir.join(format!(
-        "{name}-{compiler}{optimization}-{}",
-        std::process::id()
-    ));
+    let binary = dir.join(format!("{name}-{compiler}{tag}-{}", std::process::id()));
     if !binary.exists() {
         let out = Command::new(compiler)
-            .args([
-                optimization,
-                "-g",
-                "-fno-omit-frame-pointer",
-                "-pthread",
-                "-o",
-            ])
+            .args(flags)
+            .args(["-g", "-pthread", "-o"])
             .arg(&binary)
             .arg(&source)
             .output()

@@ -2,12 +2,15 @@
 //! window of the user stack, which alloctrace unwinds with the modules' `.eh_frame`. An application function
 //! that calls libc's `sbrk` or `mmap` is named in its stack (the frame-pointer walk stops inside libc), with
 //! its exact bytes; two callers of the same wrapper are two sites; and a Python process keeps its Python
-//! frames, merged into a native stack that now reaches the interpreter's entry point.
+//! frames, merged into a native stack that now reaches the interpreter's entry point. Allocator calls keep the
+//! kernel's frame-pointer walk, cut where the CFI says a frame keeps no frame pointer: the noise past it
+//! neither splits a site nor names callers that never called.
 
 use serde_json::Value;
 
 use alloctrace_tests::{
-    live, optimized_workload, pyenv_prefix, require_root, sites_through, trace_json, workspace,
+    live, optimized_workload, pyenv_prefix, require_root, sites_through, trace_json,
+    workload_without_frame_pointers, workspace,
 };
 
 const MIB: u64 = 1 << 20;
@@ -98,5 +101,67 @@ fn unwind_keeps_python_frames_merged_into_the_native_stack() {
         names[first_python..].contains(&"Py_RunMain"),
         "the native stack reaches Py_RunMain: {names:?}"
     );
+    assert_eq!(report["lost"]["events"], 0, "{report:#}");
+}
+
+/// The frame that ends a stack cut at a function without a frame pointer.
+const NOT_WALKED: &str = "(outer frames not walked: the last frame keeps no frame pointer)";
+
+#[test]
+fn unwind_cuts_the_walk_at_a_function_without_a_frame_pointer() {
+    require_root();
+    let program = workload_without_frame_pointers("nofp");
+    let report = trace_json(&["leaks", "--top", "1000"], &[program.as_os_str()]);
+    // `allocate` is called 3,000 times from one caller with 100 bytes and 2,000 times from another with 1,000,
+    // and keeps every block. Its frame pointer is not its own: the walk past it read what its callers left in
+    // rbp, which made two sites named after functions that never called.
+    let sites: Vec<&Value> = sites_through(&report, "allocate")
+        .into_iter()
+        .filter(|s| s["kind"] == "malloc")
+        .collect();
+    assert_eq!(
+        sites.len(),
+        1,
+        "one malloc site through allocate: {report:#}"
+    );
+    let site = sites[0];
+    assert_eq!(live(site), (3000 * 100 + 2000 * 1000, 5000), "{site:#}");
+    assert_eq!(site["total_count"], 5000, "{site:#}");
+    assert_eq!(functions(site), ["allocate", NOT_WALKED], "{site:#}");
+    let marker = &site["stack"][1];
+    assert!(
+        marker["module"].is_null() && marker["offset"].is_null() && marker["lang"] == "native",
+        "{marker:#}"
+    );
+    assert_eq!(report["lost"]["events"], 0, "{report:#}");
+    assert_eq!(report["complete"], true, "{report:#}");
+}
+
+#[test]
+fn unwind_walks_code_with_frame_pointers_to_the_first_function_without() {
+    require_root();
+    // The same program built with frame pointers: each caller is its own site, walked through `main` up to
+    // glibc's `__libc_start_call_main`, which keeps none.
+    let program = optimized_workload("nofp");
+    let report = trace_json(&["leaks", "--top", "1000"], &[program.as_os_str()]);
+    for (caller, bytes, count) in [
+        ("from_first", 3000 * 100, 3000),
+        ("from_second", 2000 * 1000, 2000),
+    ] {
+        let sites = sites_through(&report, caller);
+        assert_eq!(sites.len(), 1, "one site through {caller}: {report:#}");
+        let site = sites[0];
+        assert_eq!(live(site), (bytes, count), "{site:#}");
+        let stack = functions(site);
+        assert_eq!(stack.len(), 5, "{site:#}");
+        assert_eq!(stack[..3], ["allocate", caller, "main"], "{site:#}");
+        assert!(
+            site["stack"][3]["module"]
+                .as_str()
+                .is_some_and(|m| m.contains("libc.so")),
+            "main is called from libc: {site:#}"
+        );
+        assert_eq!(stack[4], NOT_WALKED, "{site:#}");
+    }
     assert_eq!(report["lost"]["events"], 0, "{report:#}");
 }

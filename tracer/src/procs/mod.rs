@@ -139,9 +139,30 @@ impl Frame {
         Self::native(Some(function), None, None)
     }
 
+    /// Ends a native stack cut where the kernel's frame-pointer walk stopped being one: the last frame's
+    /// function keeps no frame pointer, so its callers are not known (see [`Registry::symbolize`]).
+    pub fn outer_frames_not_walked() -> Self {
+        Self::native(
+            Some("(outer frames not walked: the last frame keeps no frame pointer)".to_owned()),
+            None,
+            None,
+        )
+    }
+
     pub fn is_python(&self) -> bool {
         self.lang == "python"
     }
+}
+
+/// Which frames of a native stack the kernel's frame-pointer walk found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Walk {
+    /// All past the first (past a system call's guessed caller).
+    FramePointer,
+    /// Those from this index on: an unwind completed by the walk.
+    From(usize),
+    /// None: the first frame alone (Python frames name the callers), or a stack unwound with the CFI.
+    None,
 }
 
 /// What a report says about a process.
@@ -458,10 +479,12 @@ impl Registry {
             })
         });
         self.unwinding = unwinding;
+        let unwound_frames = unwound.frames.len();
         if unwound.end != unwind::UnwindEnd::Complete
             && unwind::complete_from_walk(&mut unwound.frames, walk)
         {
             unwound.end = unwind::UnwindEnd::Complete;
+            unwound.walked_from = Some(unwound_frames);
         }
         unwound
     }
@@ -477,11 +500,21 @@ impl Registry {
 
     /// Names the frames of a user stack. At an allocator's return the first frame is the exact return address
     /// into its caller; at a system call it is inside the libc wrapper, and `guessed_caller` says the second is
-    /// the word that was on top of the stack, kept only if it points into executable code. Later frames come
-    /// from the frame-pointer chain, which code built without frame pointers fills with noise: the stack ends
-    /// at the first frame that is not in executable code. The snapshot of the address space is refreshed once
-    /// when a frame falls outside it (a library loaded since).
-    pub fn symbolize(&mut self, pid: u32, frames: &[u64], guessed_caller: bool) -> Vec<Frame> {
+    /// the word that was on top of the stack, kept only if it points into executable code. `walk` says which
+    /// frames come from the kernel's frame-pointer walk. The stack ends at the first frame that is not in
+    /// executable code, and, past the walk's start, at the first frame whose function keeps no frame pointer
+    /// there (its CFI says so, [`unwind::FrameRule`]): what the walk found past it is whatever that code left in
+    /// `rbp`, noise that differs from call to call and would split one call site into many, or name callers
+    /// that never called. Such a stack ends in [`Frame::outer_frames_not_walked`], never silently short.
+    /// The snapshot of the address space is refreshed once when a frame falls outside it (a library loaded
+    /// since).
+    pub fn symbolize(
+        &mut self,
+        pid: u32,
+        frames: &[u64],
+        guessed_caller: bool,
+        walk: Walk,
+    ) -> Vec<Frame> {
         let outside = |maps: Option<&Maps>, ip: u64| maps.and_then(|m| m.find(ip)).is_none();
         if frames.iter().any(|&ip| outside(self.maps(pid), ip)) {
             self.refresh(pid);
@@ -493,9 +526,18 @@ impl Registry {
                 .is_some_and(|m| m.executable)
         };
         let mut frames = frames.to_vec();
-        if guessed_caller && frames.len() > 1 && !executable(self, frames[1]) {
+        let mut guessed_caller = guessed_caller && frames.len() > 1;
+        if guessed_caller && !executable(self, frames[1]) {
             frames.remove(1);
+            guessed_caller = false;
         }
+        // The first frame whose function decides whether the walk's next frame is its caller: at a system
+        // call the guessed caller's (the wrapper leaves the caller's frame pointer as it found it).
+        let judged_from = match walk {
+            Walk::FramePointer => Some(usize::from(guessed_caller)),
+            Walk::From(first_walked) => first_walked.checked_sub(1),
+            Walk::None => None,
+        };
         let mut named = Vec::with_capacity(frames.len());
         for (depth, &ip) in frames.iter().enumerate() {
             let mapping = self.maps(pid).and_then(|m| m.find(ip)).cloned();
@@ -504,8 +546,53 @@ impl Registry {
                 break;
             }
             named.push(self.name_frame(pid, ip, mapping.as_ref()));
+            let (Some(mapping), Some(judged_from)) = (&mapping, judged_from) else {
+                continue;
+            };
+            if depth < judged_from {
+                continue;
+            }
+            match self.frame_rule(pid, ip, depth == 0, mapping) {
+                unwind::FrameRule::NoFramePointer => {
+                    named.push(Frame::outer_frames_not_walked());
+                    break;
+                }
+                unwind::FrameRule::Outermost => break,
+                unwind::FrameRule::FramePointer | unwind::FrameRule::Unknown => {}
+            }
         }
         named
+    }
+
+    /// What the CFI says of the frame pointer at frame `ip` of `pid`, in `mapping`: the innermost frame is
+    /// where the thread is (a return probe's first frame is where the caller resumes), any other a return
+    /// address, looked up at its call (the byte before).
+    fn frame_rule(
+        &mut self,
+        pid: u32,
+        ip: u64,
+        innermost: bool,
+        mapping: &Mapping,
+    ) -> unwind::FrameRule {
+        let lookup = if innermost { ip } else { ip.wrapping_sub(1) };
+        if !mapping.executable || !(mapping.start..mapping.end).contains(&lookup) {
+            return unwind::FrameRule::Unknown;
+        }
+        let Some(key) = self.object_key(pid, mapping) else {
+            return unwind::FrameRule::Unknown;
+        };
+        let Some(address) = self.module(pid, mapping).and_then(|module| {
+            module.address_of_file_offset(lookup - mapping.start + mapping.file_offset)
+        }) else {
+            return unwind::FrameRule::Unknown;
+        };
+        let open_path = open_path(pid, mapping);
+        let name = mapping.path.clone();
+        self.unwinding.frame_rule(
+            key,
+            Box::new(move || module::open_object(&open_path, &name).ok()),
+            address,
+        )
     }
 
     /// Names the frame at `ip`: its function from the symbol table, and where its file and line can be read

@@ -6,12 +6,16 @@
 //!
 //! Only what unwinding needs is read of an object: its section headers and names, and the bytes of `.eh_frame`,
 //! within a budget per file ([`MAX_UNWIND_READ_BYTES`]). `.eh_frame_hdr` is not used: its table could lead the
-//! unwinder to entries the check of the CFI never walked (`UnwindSections::expressions_terminate`), so
+//! unwinder to entries the check of the CFI never walked (`UnwindSections::checked_fdes`), so
 //! framehop indexes `.eh_frame` by the same walk. `.text` is located but not read:
 //! framehop reads instructions only for Mach-O and PE objects, whose CFI does not cover prologues. The
 //! sections are cached per file as the registry's objects are (device, inode and build id, an [`ObjectKey`]:
 //! a file that reuses a gone file's inode is read afresh) and shared by every process that maps it; the cache
 //! is bounded in entries and bytes and counts what it evicts.
+//!
+//! The same CFI says where the kernel's frame-pointer walk can be trusted ([`FrameRule`]): the walk's next
+//! frame is read through `rbp`, which is a frame pointer only where a function's CFA is `rbp + 16`. The answer
+//! is cached per object and address.
 
 use std::{
     collections::HashMap,
@@ -48,6 +52,14 @@ pub const MAX_UNWIND_PROCESSES: usize = 1024;
 /// The most frames one unwind yields: as many as a stack record of the kernel's holds.
 pub const MAX_UNWOUND_FRAMES: usize = tracer_common::MAX_STACK_DEPTH;
 
+/// The most answers of [`Unwinding::frame_rule`] kept (per object and address); past it they are all
+/// dropped, and counted as evicted.
+pub const MAX_FRAME_RULES: usize = 1 << 16;
+
+/// The most bytes of call frame instructions (an FDE's and its CIE's) evaluated for a [`FrameRule`]; the
+/// code of a longer FDE is taken as not covered ([`FrameRule::Unknown`]).
+pub const MAX_FRAME_RULE_CFI_BYTES: usize = 64 << 10;
+
 /// Bytes of a section, shared by the framehop modules made from them in every process that maps the object.
 #[derive(Clone, Debug, Default)]
 pub struct SectionBytes(Arc<[u8]>);
@@ -67,10 +79,35 @@ struct Section {
     bytes: SectionBytes,
 }
 
-/// What framehop needs of an ELF object to unwind through its code.
+/// Where one FDE's code lies (object addresses), and the FDE's offset in `.eh_frame`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FdeSpan {
+    start: u64,
+    end: u64,
+    offset: usize,
+}
+
+/// What the CFI says of the frame-pointer register at one address of an object's code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameRule {
+    /// The frame pointer is this function's (x86-64: CFA = `rbp + 16`; aarch64: CFA from `x29`): the
+    /// frame-pointer walk finds its caller.
+    FramePointer,
+    /// The frame pointer is not this function's: what it holds, and so every frame the walk finds past this
+    /// one, is whatever the code left there.
+    NoFramePointer,
+    /// The return address is undefined: the outermost frame (`_start`, a thread's start).
+    Outermost,
+    /// No CFI covers the address (or the object has none): the walk is taken as it is.
+    Unknown,
+}
+
+/// What framehop needs of an ELF object to unwind through its code, and where each FDE of its CFI lies.
 #[derive(Clone, Debug, Default)]
 pub struct UnwindSections {
     eh_frame: Option<Section>,
+    /// The FDEs of `eh_frame`, by start address: found when the CFI is checked, for [`FrameRule`]s.
+    fdes: Vec<FdeSpan>,
     /// Where `.text` and `.got` are: CFI may give addresses relative to them.
     text: Option<Range<u64>>,
     got: Option<Range<u64>>,
@@ -113,34 +150,38 @@ impl UnwindSections {
             eh_frame: with_bytes(b".eh_frame"),
             text: place(b".text").map(|(_, address)| address),
             got: place(b".got").map(|(_, address)| address),
+            fdes: Vec::new(),
         };
-        if !sections.expressions_terminate() {
-            sections.eh_frame = None;
+        match sections.checked_fdes() {
+            Some(fdes) => sections.fdes = fdes,
+            None => sections.eh_frame = None,
         }
         Ok(sections)
     }
 
-    /// Whether every DWARF expression of the CFI only branches forward. framehop evaluates the expressions a
+    /// Whether every DWARF expression of the CFI only branches forward (see [`Self::checked_fdes`]).
+    #[cfg(test)]
+    fn expressions_terminate(&self) -> bool {
+        self.checked_fdes().is_some()
+    }
+
+    /// The FDEs of the CFI sorted by address, or `None` when it is refused: unless every DWARF expression of
+    /// the CFI only branches forward. framehop evaluates the expressions a
     /// rule needs with gimli, which bounds neither the steps nor the stack of an evaluation: an object whose
     /// CFI holds a `DW_OP_skip` back to itself (or a loop pushing values) would hold the tracer forever or
     /// exhaust its memory. Without a backward branch an evaluation ends within its expression's length. The
     /// walk is the one framehop indexes `.eh_frame` by (it is given no `.eh_frame_hdr`), and each FDE's CIE is
     /// checked wherever it lies. An object whose CFI does not parse is refused too. Checked once per file,
     /// when it is read.
-    fn expressions_terminate(&self) -> bool {
+    fn checked_fdes(&self) -> Option<Vec<FdeSpan>> {
         use gimli::{
-            BaseAddresses, CallFrameInstruction, CieOrFde, EhFrame, LittleEndian, Operation,
-            UnwindSection as _,
+            CallFrameInstruction, CieOrFde, EhFrame, LittleEndian, Operation, UnwindSection as _,
         };
         let Some(eh_frame) = &self.eh_frame else {
-            return true;
+            return Some(Vec::new());
         };
         let section = EhFrame::new(&eh_frame.bytes[..], LittleEndian);
-        let start = |range: &Option<Range<u64>>| range.as_ref().map_or(0, |r| r.start);
-        let bases = BaseAddresses::default()
-            .set_eh_frame(eh_frame.address.start)
-            .set_text(start(&self.text))
-            .set_got(start(&self.got));
+        let bases = self.bases();
         let forward_only = |mut instructions: gimli::CallFrameInstructionIter<'_, _>,
                             encoding: gimli::Encoding|
          -> gimli::Result<bool> {
@@ -162,7 +203,8 @@ impl UnwindSections {
             }
             Ok(true)
         };
-        let check = || -> gimli::Result<bool> {
+        let check = || -> gimli::Result<Option<Vec<FdeSpan>>> {
+            let mut fdes = Vec::new();
             let mut entries = section.entries(&bases);
             while let Some(entry) = entries.next()? {
                 let terminates = match entry {
@@ -173,17 +215,80 @@ impl UnwindSections {
                         // Its CIE may lie anywhere, off the walk: its instructions are checked here too.
                         let fde = partial.parse(EhFrame::cie_from_offset)?;
                         let cie = fde.cie();
+                        // A frame rule evaluates the FDE's instructions and its CIE's: bounded, so that no
+                        // object can make one take long (real ones are a few hundred bytes).
+                        if fde.entry_len() + cie.entry_len() <= MAX_FRAME_RULE_CFI_BYTES {
+                            fdes.push(FdeSpan {
+                                start: fde.initial_address(),
+                                end: fde.end_address(),
+                                offset: fde.offset(),
+                            });
+                        }
                         forward_only(cie.instructions(&section, &bases), cie.encoding())?
                             && forward_only(fde.instructions(&section, &bases), cie.encoding())?
                     }
                 };
                 if !terminates {
-                    return Ok(false);
+                    return Ok(None);
                 }
             }
-            Ok(true)
+            fdes.sort_unstable_by_key(|f| f.start);
+            Ok(Some(fdes))
         };
-        check().unwrap_or(false)
+        check().ok().flatten()
+    }
+
+    /// The base addresses the CFI's pointers are relative to.
+    fn bases(&self) -> gimli::BaseAddresses {
+        let start = |range: &Option<Range<u64>>| range.as_ref().map_or(0, |r| r.start);
+        gimli::BaseAddresses::default()
+            .set_eh_frame(self.eh_frame.as_ref().map_or(0, |s| s.address.start))
+            .set_text(start(&self.text))
+            .set_got(start(&self.got))
+    }
+
+    /// What the CFI says of the frame pointer at `address` (an object address; a return address's caller is
+    /// looked up at the call, one byte before it). Reads only the one FDE that covers it.
+    pub fn frame_rule(&self, address: u64) -> FrameRule {
+        use gimli::{
+            CfaRule, EhFrame, EhFrameOffset, LittleEndian, RegisterRule, UnwindSection as _,
+        };
+        let Some(eh_frame) = &self.eh_frame else {
+            return FrameRule::Unknown;
+        };
+        // FDEs do not overlap in an object a linker made; in one that was made otherwise, the last to start
+        // before the address is asked.
+        let at = self.fdes.partition_point(|f| f.start <= address);
+        let Some(span) = at.checked_sub(1).map(|at| self.fdes[at]) else {
+            return FrameRule::Unknown;
+        };
+        if address >= span.end {
+            return FrameRule::Unknown;
+        }
+        let section = EhFrame::new(&eh_frame.bytes[..], LittleEndian);
+        let bases = self.bases();
+        let rule = || -> gimli::Result<FrameRule> {
+            let fde = section.fde_from_offset(
+                &bases,
+                EhFrameOffset(span.offset),
+                EhFrame::cie_from_offset,
+            )?;
+            let mut context = gimli::UnwindContext::new();
+            let row = fde.unwind_info_for_address(&section, &bases, &mut context, address)?;
+            let return_address = fde.cie().return_address_register();
+            if row.register(return_address) == Some(RegisterRule::Undefined) {
+                return Ok(FrameRule::Outermost);
+            }
+            Ok(match *row.cfa() {
+                CfaRule::RegisterAndOffset { register, offset }
+                    if is_frame_pointer(register, offset) =>
+                {
+                    FrameRule::FramePointer
+                }
+                _ => FrameRule::NoFramePointer,
+            })
+        };
+        rule().unwrap_or(FrameRule::Unknown)
     }
 
     /// Reads the unwind sections of an opened object (see [`super::module::open_object`]), within
@@ -200,7 +305,7 @@ impl UnwindSections {
     /// Bytes it takes in memory.
     pub fn heap_bytes(&self) -> usize {
         let bytes = |s: &Option<Section>| s.as_ref().map_or(0, |s| s.bytes.len());
-        size_of::<Self>() + bytes(&self.eh_frame)
+        size_of::<Self>() + bytes(&self.eh_frame) + self.fdes.capacity() * size_of::<FdeSpan>()
     }
 
     /// The framehop module of this object, mapped at `base` (the process address of the object's address 0)
@@ -255,6 +360,9 @@ pub enum UnwindEnd {
 pub struct Unwound {
     pub frames: Vec<u64>,
     pub end: UnwindEnd,
+    /// Where the frames of the kernel's frame-pointer walk begin, when they completed the unwind
+    /// ([`complete_from_walk`]).
+    pub walked_from: Option<usize>,
 }
 
 /// `frames` after the kernel's frame-pointer walk where the unwind ran out of window: when the last unwound
@@ -312,6 +420,8 @@ pub struct Unwinding {
     uses: u64,
     evicted: u64,
     rules: framehop::CacheNative<MayAllocateDuringUnwind>,
+    /// What the CFI says of the frame pointer, per object and address (see [`Unwinding::frame_rule`]).
+    frame_rules: HashMap<(ObjectKey, u64), FrameRule>,
 }
 
 impl Default for Unwinding {
@@ -323,12 +433,42 @@ impl Default for Unwinding {
             uses: 0,
             evicted: 0,
             rules: framehop::CacheNative::new(),
+            frame_rules: HashMap::new(),
         }
     }
 }
 
 impl Unwinding {
-    /// Objects evicted to stay within [`MAX_UNWIND_OBJECTS`] and [`MAX_UNWIND_BYTES`].
+    /// What the CFI of `file` says of the frame pointer at its address `address` (see
+    /// [`UnwindSections::frame_rule`]), its sections read through `open` when they are not cached. Asked once
+    /// per object and address: stacks come back to the same return addresses.
+    pub fn frame_rule(
+        &mut self,
+        key: ObjectKey,
+        open: Box<dyn FnOnce() -> Option<File>>,
+        address: u64,
+    ) -> FrameRule {
+        let asked = (key, address);
+        if let Some(&rule) = self.frame_rules.get(&asked) {
+            return rule;
+        }
+        let rule = self
+            .sections(asked.0.clone(), open)
+            .map_or(FrameRule::Unknown, |sections| sections.frame_rule(address));
+        // An object that could not be opened now is asked again next time, as `sections` does.
+        if !self.objects.contains_key(&asked.0) {
+            return rule;
+        }
+        if self.frame_rules.len() >= MAX_FRAME_RULES {
+            self.evicted += self.frame_rules.len() as u64;
+            self.frame_rules.clear();
+        }
+        self.frame_rules.insert(asked, rule);
+        rule
+    }
+
+    /// Objects evicted to stay within [`MAX_UNWIND_OBJECTS`] and [`MAX_UNWIND_BYTES`], and answers of
+    /// [`Unwinding::frame_rule`] dropped past [`MAX_FRAME_RULES`].
     pub fn evicted(&self) -> u64 {
         self.evicted
     }
@@ -394,7 +534,11 @@ impl Unwinding {
             }
         };
         self.processes.insert(pid, process);
-        Unwound { frames, end }
+        Unwound {
+            frames,
+            end,
+            walked_from: None,
+        }
     }
 
     /// The unwind sections of the object `key`, read through `open` when they are not cached.
@@ -450,6 +594,19 @@ impl Unwinding {
     }
 }
 
+/// Whether a CFA of `register + offset` says the frame pointer is the function's own: on x86-64 `rbp + 16`
+/// (the saved `rbp` at `rbp`, the return address above it), on aarch64 `x29` plus the frame record's place
+/// (the saved `x29` and `x30` at `x29`, whatever the frame's size).
+#[cfg(target_arch = "x86_64")]
+fn is_frame_pointer(register: gimli::Register, offset: i64) -> bool {
+    register == gimli::X86_64::RBP && offset == 16
+}
+
+#[cfg(target_arch = "aarch64")]
+fn is_frame_pointer(register: gimli::Register, offset: i64) -> bool {
+    register == gimli::AArch64::X29 && offset >= 16
+}
+
 /// framehop's registers at the start of an unwind: x86-64 starts from `ip`, `sp` and `bp`; aarch64 from `lr`,
 /// `sp` and `fp` (its first frame's return address may still be in `lr`).
 #[cfg(target_arch = "x86_64")]
@@ -495,6 +652,14 @@ mod tests {
     /// `.eh_frame` of one CIE (code alignment 1, data alignment -8, return address in register 16) and one
     /// FDE for 0x1000..0x1010 whose only rule is a CFA expression of `expression`.
     fn eh_frame_with_cfa_expression(expression: &[u8]) -> Vec<u8> {
+        // DW_CFA_def_cfa_expression
+        let mut instructions = vec![0x0f, expression.len() as u8];
+        instructions.extend(expression);
+        eh_frame_with_instructions(&instructions)
+    }
+
+    /// `.eh_frame` as above, whose FDE's call frame instructions are `instructions`.
+    fn eh_frame_with_instructions(instructions: &[u8]) -> Vec<u8> {
         let mut cie = vec![0, 0, 0, 0, 1, b'z', b'R', 0, 1, 0x78, 16, 1, 0x1b];
         while !(cie.len() + 4).is_multiple_of(8) {
             cie.push(0); // DW_CFA_nop
@@ -508,9 +673,7 @@ mod tests {
         fde.extend(pc_begin.to_le_bytes());
         fde.extend(0x10u32.to_le_bytes());
         fde.push(0); // no augmentation data
-        fde.push(0x0f); // DW_CFA_def_cfa_expression
-        fde.push(expression.len() as u8);
-        fde.extend(expression);
+        fde.extend(instructions);
         while !(fde.len() + 4).is_multiple_of(8) {
             fde.push(0);
         }
@@ -521,13 +684,67 @@ mod tests {
     }
 
     fn sections_with(eh_frame: Vec<u8>) -> UnwindSections {
-        UnwindSections {
+        let mut sections = UnwindSections {
             eh_frame: Some(Section {
                 address: 0x2000..0x2000 + eh_frame.len() as u64,
                 bytes: SectionBytes(eh_frame.into()),
             }),
             ..Default::default()
-        }
+        };
+        sections.fdes = sections.checked_fdes().unwrap_or_default();
+        sections
+    }
+
+    #[test]
+    fn the_cfi_says_where_the_frame_pointer_is_the_functions_own() {
+        const DEF_CFA: u8 = 0x0c;
+        const ADVANCE_LOC_4: u8 = 0x44;
+        const UNDEFINED: u8 = 0x07;
+        #[cfg(target_arch = "x86_64")]
+        let (frame_pointer, stack_pointer) = (6, 7);
+        #[cfg(target_arch = "aarch64")]
+        let (frame_pointer, stack_pointer) = (29, 31);
+        // The shape of a prologue: CFA = sp + 8 at the entry, the frame pointer's own from 0x1004 on.
+        let prologue = sections_with(eh_frame_with_instructions(&[
+            DEF_CFA,
+            stack_pointer,
+            8,
+            ADVANCE_LOC_4,
+            DEF_CFA,
+            frame_pointer,
+            16,
+        ]));
+        assert_eq!(prologue.fdes.len(), 1);
+        assert_eq!(prologue.frame_rule(0x1000), FrameRule::NoFramePointer);
+        assert_eq!(prologue.frame_rule(0x1003), FrameRule::NoFramePointer);
+        assert_eq!(prologue.frame_rule(0x1004), FrameRule::FramePointer);
+        assert_eq!(prologue.frame_rule(0x100f), FrameRule::FramePointer);
+        // Outside every FDE: the walk is taken as it is.
+        assert_eq!(prologue.frame_rule(0x0fff), FrameRule::Unknown);
+        assert_eq!(prologue.frame_rule(0x1010), FrameRule::Unknown);
+        // Code built without frame pointers: CFA = sp + 16 all through.
+        let omitted = sections_with(eh_frame_with_instructions(&[DEF_CFA, stack_pointer, 16]));
+        assert_eq!(omitted.frame_rule(0x1008), FrameRule::NoFramePointer);
+        // `_start`: the return address is undefined, the stack ends there.
+        let start = sections_with(eh_frame_with_instructions(&[
+            DEF_CFA,
+            stack_pointer,
+            8,
+            UNDEFINED,
+            16,
+        ]));
+        assert_eq!(start.frame_rule(0x1000), FrameRule::Outermost);
+        // An object without CFI says nothing.
+        assert_eq!(
+            UnwindSections::default().frame_rule(0x1000),
+            FrameRule::Unknown
+        );
+        // Nor does an FDE of more instructions than a rule may evaluate (nops after its rule).
+        let mut long = vec![DEF_CFA, frame_pointer, 16];
+        long.resize(MAX_FRAME_RULE_CFI_BYTES, 0);
+        let long = sections_with(eh_frame_with_instructions(&long));
+        assert!(long.has_cfi());
+        assert_eq!(long.frame_rule(0x1008), FrameRule::Unknown);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::{
     model::history::History,
     probes::Probes,
     procs::{
-        Frame, Registry,
+        Frame, Registry, Walk,
         unwind::{self, UnwindEnd},
     },
     python::runtime::{self, Reader},
@@ -131,7 +131,13 @@ impl State {
                 }
                 // Named now, while the process that sent it is alive: its blocks may outlive it.
                 let pid = header.pid;
-                let native = self.registry.symbolize(pid, &frames, guessed_caller);
+                // Where Python frames name the callers, the kernel sent the first frame alone.
+                let walk = if python.frames.is_empty() {
+                    Walk::FramePointer
+                } else {
+                    Walk::None
+                };
+                let native = self.registry.symbolize(pid, &frames, guessed_caller, walk);
                 let python =
                     early.unwrap_or_else(|| name_python(&mut lock(&self.pythons), pid, &python));
                 self.keep_stack(stack_id, native, python);
@@ -249,7 +255,8 @@ impl State {
             if self.stacks.len() >= self.max_stacks || self.stack_bytes >= STACK_MEMORY {
                 return;
             }
-            let mut native = self.registry.symbolize(pid, &unwound.frames, false);
+            let walk = unwound.walked_from.map_or(Walk::None, Walk::From);
+            let mut native = self.registry.symbolize(pid, &unwound.frames, false, walk);
             if unwound.end == UnwindEnd::WindowEnded {
                 native.push(Frame::outer_frames_not_unwound());
             }
