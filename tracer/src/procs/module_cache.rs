@@ -35,11 +35,30 @@ const ENTRY_BYTES: usize = 64;
 /// What a cached object is known by. Device and inode alone can name another file later: a deleted file's
 /// inode is reused, and so are the anonymous devices of overlay mounts as containers come and go; the build
 /// id tells such a newcomer from the object cached for its predecessor. The cache of unwind sections
-/// ([`super::unwind`]) is keyed alike.
+/// ([`super::unwind`]) is keyed by the content alone ([`ObjectKey::content`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ObjectKey {
     pub file: FileId,
     pub build_id: Option<BuildId>,
+}
+
+impl ObjectKey {
+    /// What tells the object's content from another's: its build id where it has one, else its file. Every
+    /// container of an image maps the same libc and libpython, each through an overlay mount of its own (another
+    /// device): one object by build id, which what depends only on the content (unwind sections) shares.
+    pub fn content(&self) -> ContentKey {
+        match &self.build_id {
+            Some(build_id) => ContentKey::BuildId(build_id.clone()),
+            None => ContentKey::File(self.file),
+        }
+    }
+}
+
+/// An object's content, as [`ObjectKey::content`] names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ContentKey {
+    BuildId(BuildId),
+    File(FileId),
 }
 
 struct Entry {

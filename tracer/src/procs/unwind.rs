@@ -9,9 +9,10 @@
 //! unwinder to entries the check of the CFI never walked (`UnwindSections::checked_fdes`), so
 //! framehop indexes `.eh_frame` by the same walk. `.text` is located but not read:
 //! framehop reads instructions only for Mach-O and PE objects, whose CFI does not cover prologues. The
-//! sections are cached per file as the registry's objects are (device, inode and build id, an [`ObjectKey`]:
-//! a file that reuses a gone file's inode is read afresh) and shared by every process that maps it; the cache
-//! is bounded in entries and bytes and counts what it evicts.
+//! sections are cached by content ([`ObjectKey::content`]: the build id, else device and inode, so a file that
+//! reuses a gone file's inode is read afresh, and one library in a hundred containers of an image is read once)
+//! and shared by every process that maps it; the cache is bounded in entries and bytes and counts what it
+//! evicts.
 //!
 //! The same CFI says where the kernel's frame-pointer walk can be trusted ([`FrameRule`]): the walk's next
 //! frame is read through `rbp`, which is a frame pointer only where a function's CFA is `rbp + 16`. The answer
@@ -33,7 +34,10 @@ use object::{
     read::elf::{FileHeader as _, SectionHeader as _},
 };
 
-use super::{module::BoundedFile, module_cache::ObjectKey};
+use super::{
+    module::BoundedFile,
+    module_cache::{ContentKey, ObjectKey},
+};
 
 /// The most bytes read from one object to unwind through it: its section headers and names, and `.eh_frame`. libpython's `.eh_frame` is about 300 KiB and libLLVM's about 6 MiB; more is refused.
 pub const MAX_UNWIND_READ_BYTES: u64 = 32 << 20;
@@ -414,14 +418,15 @@ struct ProcessUnwinder {
 /// the rules found are only reused by the same unwinder) until its address space is read again
 /// ([`Unwinding::forget`]).
 pub struct Unwinding {
-    objects: HashMap<ObjectKey, Entry>,
+    /// By content: the same library in many containers is read once.
+    objects: HashMap<ContentKey, Entry>,
     processes: HashMap<u32, ProcessUnwinder>,
     bytes: usize,
     uses: u64,
     evicted: u64,
     rules: framehop::CacheNative<MayAllocateDuringUnwind>,
     /// What the CFI says of the frame pointer, per object and address (see [`Unwinding::frame_rule`]).
-    frame_rules: HashMap<(ObjectKey, u64), FrameRule>,
+    frame_rules: HashMap<(ContentKey, u64), FrameRule>,
 }
 
 impl Default for Unwinding {
@@ -448,12 +453,12 @@ impl Unwinding {
         open: Box<dyn FnOnce() -> Option<File>>,
         address: u64,
     ) -> FrameRule {
-        let asked = (key, address);
+        let asked = (key.content(), address);
         if let Some(&rule) = self.frame_rules.get(&asked) {
             return rule;
         }
         let rule = self
-            .sections(asked.0.clone(), open)
+            .sections(&key, open)
             .map_or(FrameRule::Unknown, |sections| sections.frame_rule(address));
         // An object that could not be opened now is asked again next time, as `sections` does.
         if !self.objects.contains_key(&asked.0) {
@@ -515,7 +520,7 @@ impl Unwinding {
                 && let Some(module) = module_at(lookup)
             {
                 added.push(module.code.clone());
-                if let Some(sections) = self.sections(module.key, module.open) {
+                if let Some(sections) = self.sections(&module.key, module.open) {
                     unwinder.add_module(sections.module(&module.name, module.code, module.base));
                 }
             }
@@ -544,9 +549,10 @@ impl Unwinding {
     /// The unwind sections of the object `key`, read through `open` when they are not cached.
     fn sections(
         &mut self,
-        key: ObjectKey,
+        key: &ObjectKey,
         open: Box<dyn FnOnce() -> Option<File>>,
     ) -> Option<Arc<UnwindSections>> {
+        let key = key.content();
         self.uses += 1;
         if let Some(entry) = self.objects.get_mut(&key) {
             entry.last_used = self.uses;
@@ -884,7 +890,7 @@ mod tests {
     }
 
     #[test]
-    fn a_file_that_reuses_an_inode_with_another_build_id_is_read_afresh() {
+    fn sections_are_read_once_per_build_id_and_afresh_for_a_reused_inode() {
         let key = |build_id: &[u8]| ObjectKey {
             file: FileId {
                 dev_major: 0,
@@ -903,17 +909,24 @@ mod tests {
             })
         };
         let mut unwinding = Unwinding::default();
-        let first = unwinding.sections(key(&[1; 20]), open()).unwrap();
+        let first = unwinding.sections(&key(&[1; 20]), open()).unwrap();
         assert!(Arc::ptr_eq(
             &first,
             &unwinding
-                .sections(key(&[1; 20]), Box::new(|| panic!("cached")))
+                .sections(&key(&[1; 20]), Box::new(|| panic!("cached")))
                 .unwrap()
         ));
         // An overlay's device and inode, reused by another container's file: not the first one's sections.
-        let newcomer = unwinding.sections(key(&[2; 20]), open()).unwrap();
+        let newcomer = unwinding.sections(&key(&[2; 20]), open()).unwrap();
         assert!(!Arc::ptr_eq(&first, &newcomer));
         assert_eq!((opened.get(), unwinding.objects.len()), (2, 2));
+        // The first one's build id in another container (another overlay device): its sections, not read again.
+        let mut elsewhere = key(&[1; 20]);
+        elsewhere.file.dev_minor = 78;
+        let shared = unwinding
+            .sections(&elsewhere, Box::new(|| panic!("shared by content")))
+            .unwrap();
+        assert!(Arc::ptr_eq(&first, &shared));
     }
 
     #[test]
