@@ -73,6 +73,8 @@ pub enum Event {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CodeCopy {
     pub header: EventHeader,
+    /// The code object's address.
+    pub code: u64,
     pub objects: Vec<(u64, Vec<u8>)>,
 }
 
@@ -217,6 +219,7 @@ impl TryFrom<&[u8]> for Event {
                 };
                 Self::Code(Box::new(CodeCopy {
                     header,
+                    code: e.code,
                     objects: [
                         copied(e.code, &e.code_bytes, e.code_len),
                         copied(e.filename, &e.filename_bytes, e.filename_len),

@@ -43,9 +43,9 @@ pub const MAX_READ: usize = MAX_LINE_TABLE_BYTES;
 /// tables. When full, the cache is emptied and code objects are read again as frames need them.
 pub const MAX_CACHED_CODE_BYTES: usize = 32 << 20;
 
-/// The most bytes of the kernel's copies of code objects (see [`Reader::remember`]) kept per process: a few
-/// thousand code objects. When full, the oldest half goes: those of stacks named long ago.
-pub const MAX_COPIED_BYTES: usize = 16 << 20;
+/// The most bytes of the kernel's copies of code objects' first bytes (see [`Reader::remember`]) kept per
+/// process: some twenty thousand code objects. When full, the oldest half goes: those of stacks named long ago.
+pub const MAX_COPIED_BYTES: usize = 4 << 20;
 
 /// Ends a name cut at [`MAX_NAME_BYTES`].
 pub const TRUNCATED_MARK: &str = "…(truncated)";
@@ -364,10 +364,11 @@ impl Reader {
         }
     }
 
-    /// Keeps the kernel's copy of a code object and of the objects that name it, taken while a frame of it
-    /// ran: read instead of the process's memory from now on, where the object may since have been freed (a
-    /// module's code object, once its import is done) or its address reused. A newer copy of an address
-    /// replaces the older one: copies come in the order of the stacks that use them.
+    /// Takes the kernel's copy of a code object and of the objects that name it, made while a frame of it ran:
+    /// the code object is read from them at once, into the cache of code objects, whatever the process has
+    /// done with them since (a module's code object is freed once its import is done, and its address reused).
+    /// Only the code object's own first bytes are kept past this: a later look-up checks against them that the
+    /// code object cached for the address is still the one the frames name.
     pub fn remember(&mut self, copy: &CodeCopy) {
         for (address, bytes) in &copy.objects {
             self.copies_made += 1;
@@ -377,6 +378,12 @@ impl Reader {
                 .insert(*address, (self.copies_made, bytes.clone()))
             {
                 self.copied_bytes -= old.len();
+            }
+        }
+        let _ = self.code(copy.code);
+        for (address, _) in copy.objects.iter().filter(|(a, _)| *a != copy.code) {
+            if let Some((_, bytes)) = self.copies.remove(address) {
+                self.copied_bytes -= bytes.len();
             }
         }
         if self.copied_bytes > MAX_COPIED_BYTES {
@@ -898,6 +905,7 @@ mod tests {
         ];
         reader.remember(&CodeCopy {
             header: EventHeader::default(),
+            code,
             objects: whole.iter().map(|&(a, len)| copied(a, len)).collect(),
         });
         // Freed, and its memory reused by an object of another kind: the copy still names it.
@@ -920,7 +928,7 @@ mod tests {
     }
 
     #[test]
-    fn a_name_longer_than_its_copy_is_cut_and_marked_once_unmapped() {
+    fn a_name_longer_than_its_copy_is_cut_and_marked_once_freed() {
         let o = Offsets::for_version(3, 12).unwrap();
         let page = 4096;
         // SAFETY: a fresh anonymous mapping, written only within its length, unmapped below.
@@ -941,22 +949,37 @@ mod tests {
         bytes[o.unicode_length as usize..][..8].copy_from_slice(&1000u64.to_ne_bytes());
         bytes[o.unicode_state as usize..][..4].copy_from_slice(&state.to_ne_bytes());
         bytes[o.unicode_ascii_data as usize..][..1000].fill(b'd');
-        let string = address as u64;
-        let mut reader = FakeObjects::new().reader(0);
-        reader.remember(&CodeCopy {
+        let filename = address as u64;
+        let mut objects = FakeObjects::new();
+        let code_type = objects.object(8, |_| {});
+        let name = objects.ascii("<module>");
+        let code = objects.code(code_type, filename, name, 1, 0);
+        let mut reader = objects.reader(code_type);
+        let copy = CodeCopy {
             header: EventHeader::default(),
-            objects: vec![copied(string, o.unicode_ascii_data as usize + 100)],
-        });
-        // While the process holds it, the whole name is read from its memory.
-        let read = reader.string(string).unwrap();
-        assert_eq!((read.value, read.truncated), ("d".repeat(1000), false));
+            code,
+            objects: vec![
+                copied(code, code_header_len(&o).unwrap() as usize),
+                copied(filename, o.unicode_compact_data as usize + 100),
+            ],
+        };
+        // Freed before its copy is read: what the copy holds of it, cut and marked.
         // SAFETY: the mapping made above, no longer used.
         assert_eq!(unsafe { libc::munmap(address, page) }, 0);
-        let read = reader.string(string).unwrap();
+        reader.remember(&copy);
+        let frame = reader
+            .frame(&PyFrame {
+                code,
+                instr: 0,
+                globals: 0,
+            })
+            .unwrap();
+        let cut = "d".repeat(o.unicode_compact_data as usize + 100 - o.unicode_ascii_data as usize);
         assert_eq!(
-            (read.value, read.truncated),
-            (format!("{}{TRUNCATED_MARK}", "d".repeat(100)), true)
+            (frame.function.as_deref(), frame.file),
+            (Some("<module>"), Some(format!("{cut}{TRUNCATED_MARK}")))
         );
+        assert_eq!(reader.truncated_names(), 1);
     }
 
     #[test]
