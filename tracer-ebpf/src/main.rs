@@ -244,6 +244,7 @@ static FORK_CHILD_PID_OFFSET: u32 = 20;
 /// Offsets in the `syscalls:*` records: the first argument of an entry, and the return value of an exit.
 const SYSCALL_ARG0: usize = 16;
 const SYSCALL_RET: usize = 16;
+const MAP_PRIVATE: u64 = 0x02;
 const MAP_ANONYMOUS: u64 = 0x20;
 const PROT_READ: u64 = 0x1;
 const PROT_WRITE: u64 = 0x2;
@@ -1454,7 +1455,11 @@ pub fn mmap_enter(ctx: TracePointContext) -> u32 {
     let func = if flags & MAP_ANONYMOUS == 0 {
         // A loader maps a library's writable segment last, after its code and constants: where a shared
         // libpython is first complete enough to be recognised, and before any of its code has run.
-        if target & PYTHON_PENDING == 0 || prot & PROT_WRITE == 0 || !holding_for_python() {
+        if target & PYTHON_PENDING == 0
+            || prot & PROT_WRITE == 0
+            || flags & MAP_PRIVATE == 0
+            || !holding_for_python()
+        {
             return 0;
         }
         LIBRARY_MAPPING
@@ -1786,8 +1791,10 @@ fn holding_for_python() -> bool {
     on != 0 && holding()
 }
 
-/// Announces that a process whose interpreter is looked for has mapped a library, and stops it until
-/// userspace has looked (only once sure userspace hears of it: a lost record would leave it stopped).
+/// Stops a process whose interpreter is looked for, which has mapped a library, and announces it: userspace
+/// looks, then continues it. The stop is sent first, so that userspace's `SIGCONT`, however soon, comes after
+/// it; when the record cannot be written (userspace would never hear of it), a `SIGCONT` discards the pending
+/// stop.
 #[inline(always)]
 fn hold_for_python() {
     let event = LibraryMappedEvent {
@@ -1795,13 +1802,15 @@ fn hold_for_python() {
         held: 1,
         _pad: 0,
     };
-    if output_now(&event) {
-        // SAFETY: a plain helper; the signal reaches the current process on its way back to user mode.
-        unsafe { bpf_send_signal(SIGSTOP) };
+    // SAFETY (both): a plain helper; the signal reaches the current process on its way back to user mode.
+    unsafe { bpf_send_signal(SIGSTOP) };
+    if !output_now(&event) {
+        unsafe { bpf_send_signal(SIGCONT) };
     }
 }
 
 const SIGSTOP: u32 = 19;
+const SIGCONT: u32 = 18;
 
 #[cfg(not(test))]
 #[panic_handler]

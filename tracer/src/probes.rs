@@ -119,6 +119,9 @@ const PREALLOCATED_LIVE_BLOCKS: u32 = 1 << 18;
 /// The eBPF object `build.rs` built from `tracer-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
+/// A map update's flag: only an element that exists is updated.
+const BPF_EXIST: u64 = 2;
+
 /// What the programs are loaded with.
 pub struct LoadOptions {
     /// Bytes of the ring buffer (a power of two).
@@ -482,7 +485,9 @@ impl Probes {
             return;
         };
         let flags = if on { flags | flag } else { flags & !flag };
-        let _ = targets.insert(pid, flags, 0);
+        // Only while it is there: an entry the kernel removed meanwhile (the process exited) must not come
+        // back, to hold at its exec an unrelated process that reuses the pid.
+        let _ = targets.insert(pid, flags, BPF_EXIST);
     }
 
     fn mark_target(&mut self, pid: u32, flags: u8) -> anyhow::Result<()> {

@@ -58,12 +58,15 @@ impl History {
         p.points.push((at_ns, live_bytes));
     }
 
-    /// Records a last sample, whatever the stride: the value at the trace's end.
+    /// Records a last sample, whatever the stride: the value at the trace's end. Samples taken after that end
+    /// (the trace ends when its last target exits, and was read for a while after) go, so that time only moves
+    /// forward.
     pub fn record_last(&mut self, at_ns: u64, pid: u32, live_bytes: u64) {
         let p = self.processes.entry(pid).or_insert(Points {
             stride: 1,
             ..Points::default()
         });
+        p.points.retain(|&(at, _)| at <= at_ns);
         p.points.push((at_ns, live_bytes));
     }
 
@@ -111,6 +114,20 @@ mod tests {
             .map(|s| (s.seconds, s.live_bytes))
             .collect();
         assert_eq!(points, [(0.0, 10), (1.0, 30), (1.5, 40)]);
+    }
+
+    #[test]
+    fn samples_taken_after_the_end_go_with_the_last_one() {
+        let mut h = History::default();
+        h.record(1_000_000_000, 7, 10);
+        h.record(3_000_000_000, 7, 30);
+        h.record_last(2_000_000_000, 7, 20);
+        let points: Vec<(f64, u64)> = h.by_process(1_000_000_000)[0]
+            .samples
+            .iter()
+            .map(|s| (s.seconds, s.live_bytes))
+            .collect();
+        assert_eq!(points, [(0.0, 10), (1.0, 20)]);
     }
 
     #[test]

@@ -291,8 +291,9 @@ impl Profile {
 
     /// Reads the GNU build id of each native module the stacks name, inside the root of a process that maps
     /// it (`/proc/PID/root`, resolved as that process resolves it: a container's own files are read, its
-    /// absolute symlinks included) and then at the path itself. Modules that cannot be read, or have no build
-    /// id, are left out: pprof then names them by path only.
+    /// absolute symlinks included), and at the path itself for a process on the host: a container's module
+    /// once its process is gone is not the host's file of the same path. Modules that cannot be read, or have
+    /// no build id, are left out: pprof then names them by path only.
     pub fn read_build_ids(&mut self) {
         for sample in &self.samples {
             for module in sample.frames.iter().filter_map(|f| f.module.as_deref()) {
@@ -303,7 +304,12 @@ impl Profile {
                 let in_root = os::open_root(sample.labels.pid)
                     .ok()
                     .and_then(|root| module::read_build_id_in_root(&root, path, module));
-                if let Some(id) = in_root.or_else(|| module::read_build_id(path, module)) {
+                let on_host = || {
+                    (sample.labels.container_id.is_none())
+                        .then(|| module::read_build_id(path, module))
+                        .flatten()
+                };
+                if let Some(id) = in_root.or_else(on_host) {
                     self.build_ids.insert(module.to_owned(), hex(&id));
                 }
             }

@@ -255,10 +255,22 @@ impl Process {
     }
 
     /// A new snapshot of the address space: a file it maps now may reuse the device and inode of one it
-    /// mapped before.
+    /// mapped before, so only the build ids of files still mapped by the same path are kept. Those are kept: a
+    /// process read again while it loads, then gone before its stacks are named, could no longer say them.
     fn set_maps(&mut self, maps: Maps) {
+        let still_mapped: std::collections::HashSet<(FileId, &str)> = maps
+            .mappings
+            .iter()
+            .filter_map(|m| Some((m.file?, m.path.as_str())))
+            .collect();
+        let old = &self.maps;
+        self.build_ids.retain(|file, _| {
+            old.mappings
+                .iter()
+                .filter(|m| m.file == Some(*file))
+                .all(|m| still_mapped.contains(&(*file, m.path.as_str())))
+        });
         self.maps = maps;
-        self.build_ids.clear();
     }
 }
 

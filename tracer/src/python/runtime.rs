@@ -10,11 +10,7 @@
 //! [`MAX_NAME_BYTES`] and marked with [`TRUNCATED_MARK`] when cut, line tables up to [`MAX_LINE_TABLE_BYTES`],
 //! and each cut is counted, so that a 1 MB `co_filename` neither costs a megabyte nor loses its frame.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    io,
-    sync::Arc,
-};
+use std::{collections::HashMap, io, sync::Arc};
 
 use serde::Serialize;
 use tracer_common::{CODE_HEADER_BYTES, PY_FRAME_READ_MAX, PY_NO_OFFSET, PyFrame, PyProcess};
@@ -43,9 +39,13 @@ pub const MAX_READ: usize = MAX_LINE_TABLE_BYTES;
 /// tables. When full, the cache is emptied and code objects are read again as frames need them.
 pub const MAX_CACHED_CODE_BYTES: usize = 32 << 20;
 
-/// The most bytes of the kernel's copies of code objects' first bytes (see [`Reader::remember`]) kept per
-/// process: some twenty thousand code objects. When full, the oldest half goes: those of stacks named long ago.
-pub const MAX_COPIED_BYTES: usize = 4 << 20;
+/// The most code objects whose header the kernel copied is remembered per process (see [`Reader::remember`]),
+/// 40 bytes each. When full, the older half goes: those of stacks named long ago.
+pub const MAX_COPIED_HEADERS: usize = 1 << 16;
+
+/// How much of an object's start is compared with the kernel's copy before the rest of it is read from the
+/// process: its header (type, size or length, hash) and more.
+const COPY_CHECK_BYTES: usize = 64;
 
 /// Ends a name cut at [`MAX_NAME_BYTES`].
 pub const TRUNCATED_MARK: &str = "…(truncated)";
@@ -316,6 +316,7 @@ impl Code {
 }
 
 /// What a code object's header says, read on every look-up.
+#[derive(Clone)]
 struct CodeHeader {
     identity: [u64; 3],
     line_table: u64,
@@ -333,12 +334,14 @@ pub struct Reader {
     truncated_names: u64,
     truncated_line_tables: u64,
     unreadable_frames: u64,
-    /// The kernel's copies of objects that name code objects, by address, each with when it came (see
-    /// [`Reader::remember`]); read before the process's memory.
-    copies: BTreeMap<u64, (u64, Vec<u8>)>,
-    /// What [`Reader::copies`] holds, and how many copies came so far.
-    copied_bytes: usize,
-    copies_made: u64,
+    /// The kernel's copy being read by [`Reader::remember`]: the code object and the objects that name it,
+    /// each `(address, bytes from its start)`. Empty otherwise.
+    copy: Vec<(u64, Vec<u8>)>,
+    /// What the kernel's copies said of each code object's header, by address, with the order they came in:
+    /// what a frame names is checked against it rather than against the process's memory, where the code object
+    /// may since have been freed and another made at its address (see [`Reader::remember`]).
+    copied_headers: HashMap<u64, (u64, CodeHeader)>,
+    headers_copied: u64,
 }
 
 /// A string or bytes object's content, possibly cut.
@@ -358,64 +361,73 @@ impl Reader {
             truncated_names: 0,
             truncated_line_tables: 0,
             unreadable_frames: 0,
-            copies: BTreeMap::new(),
-            copied_bytes: 0,
-            copies_made: 0,
+            copy: Vec::new(),
+            copied_headers: HashMap::new(),
+            headers_copied: 0,
         }
     }
 
-    /// Takes the kernel's copy of a code object and of the objects that name it, made while a frame of it ran:
-    /// the code object is read from them at once, into the cache of code objects, whatever the process has
-    /// done with them since (a module's code object is freed once its import is done, and its address reused).
-    /// Only the code object's own first bytes are kept past this: a later look-up checks against them that the
-    /// code object cached for the address is still the one the frames name.
+    /// Takes the kernel's copy of a code object and of the objects that name it, made while a frame of it ran
+    /// (and sent before the stacks that name it): the code object is read from it at once into the cache of
+    /// code objects, whatever the process has done with it since (a module's code object is freed once its
+    /// import is done, and its address reused). What the copy said of its header is kept: a frame that names the
+    /// address is checked against it, not against what the process holds there now.
     pub fn remember(&mut self, copy: &CodeCopy) {
-        for (address, bytes) in &copy.objects {
-            self.copies_made += 1;
-            self.copied_bytes += bytes.len();
-            if let Some((_, old)) = self
-                .copies
-                .insert(*address, (self.copies_made, bytes.clone()))
-            {
-                self.copied_bytes -= old.len();
+        self.copy.clone_from(&copy.objects);
+        if let Some(header) = self.read_code_header(copy.code) {
+            if self.copied_headers.len() >= MAX_COPIED_HEADERS {
+                // The newer half stays: the older ones' stacks were named long ago.
+                let newer = self.headers_copied - MAX_COPIED_HEADERS as u64 / 2;
+                self.copied_headers.retain(|_, (order, _)| *order > newer);
             }
+            self.headers_copied += 1;
+            self.copied_headers
+                .insert(copy.code, (self.headers_copied, header));
+            let _ = self.code(copy.code);
         }
-        let _ = self.code(copy.code);
-        for (address, _) in copy.objects.iter().filter(|(a, _)| *a != copy.code) {
-            if let Some((_, bytes)) = self.copies.remove(address) {
-                self.copied_bytes -= bytes.len();
-            }
-        }
-        if self.copied_bytes > MAX_COPIED_BYTES {
-            let median = self.copies_made - self.copies.len() as u64 / 2;
-            self.copies.retain(|_, (made, _)| *made >= median);
-            self.copied_bytes = self.copies.values().map(|(_, b)| b.len()).sum();
-        }
+        self.copy.clear();
     }
 
-    /// The `len` bytes at `address`: from a copy that holds them all, else from the process's memory.
+    /// The `len` bytes at `address`: from the copy being read when it holds them all, else from the process.
     fn read(&self, address: u64, len: usize) -> io::Result<Vec<u8>> {
-        match self.copied_from(address) {
-            Some(copied) if copied.len() >= len => Ok(copied[..len].to_vec()),
-            _ => read_memory(self.pid, address, len),
+        match self.copied(address, len) {
+            Some(copied) => Ok(copied.to_vec()),
+            None => read_memory(self.pid, address, len),
         }
     }
 
-    /// At most `len` bytes at `address`, and whether fewer: all of them from a copy or the process's memory,
-    /// else what a copy holds of them (the process has freed the rest).
+    /// At most `len` bytes at `address`, and whether fewer. The copy being read holds the start of the
+    /// longest names and line tables only: the rest is read from the process while the object there still
+    /// starts as the copy does; else (freed, or its memory reused) what the copy holds, cut.
     fn read_at_most(&self, address: u64, len: usize) -> Option<(Vec<u8>, bool)> {
-        if let Ok(bytes) = self.read(address, len) {
-            return Some((bytes, false));
+        if let Some(copied) = self.copied(address, len) {
+            return Some((copied.to_vec(), false));
         }
-        let copied = self.copied_from(address)?;
-        Some((copied.to_vec(), true))
+        let Some((base, bytes)) = self
+            .copy
+            .iter()
+            .find(|(base, bytes)| (*base..*base + bytes.len() as u64).contains(&address))
+        else {
+            return read_memory(self.pid, address, len)
+                .ok()
+                .map(|bytes| (bytes, false));
+        };
+        let check = bytes.len().min(COPY_CHECK_BYTES);
+        let unchanged =
+            read_memory(self.pid, *base, check).is_ok_and(|live| live == bytes[..check]);
+        if unchanged && let Ok(live) = read_memory(self.pid, address, len) {
+            return Some((live, false));
+        }
+        let from = usize::try_from(address - base).ok()?;
+        Some((bytes[from..].to_vec(), true))
     }
 
-    /// What the copy that holds `address` holds from there on.
-    fn copied_from(&self, address: u64) -> Option<&[u8]> {
-        let (&start, (_, bytes)) = self.copies.range(..=address).next_back()?;
-        let from = usize::try_from(address - start).ok()?;
-        bytes.get(from..).filter(|rest| !rest.is_empty())
+    /// The `len` bytes at `address`, when one object of the copy being read holds them all.
+    fn copied(&self, address: u64, len: usize) -> Option<&[u8]> {
+        self.copy.iter().find_map(|(base, bytes)| {
+            let from = usize::try_from(address.checked_sub(*base)?).ok()?;
+            bytes.get(from..from.checked_add(len)?)
+        })
     }
 
     /// Names cut at [`MAX_NAME_BYTES`], once per code object read (a code object is read once, and again only
@@ -536,8 +548,16 @@ impl Reader {
         Some(code)
     }
 
-    /// The fields of a code object's header, if it is one.
+    /// The fields of a code object's header, if it is one: as the kernel's copy of it said, if it copied one.
     fn code_header(&self, address: u64) -> Option<CodeHeader> {
+        if let Some((_, header)) = self.copied_headers.get(&address) {
+            return Some(header.clone());
+        }
+        self.read_code_header(address)
+    }
+
+    /// The fields of a code object's header, read from the copy being read or the process.
+    fn read_code_header(&self, address: u64) -> Option<CodeHeader> {
         let o = self.interpreter.offsets.as_ref()?;
         let len = code_header_len(o)?;
         let header = self.read(address, len as usize).ok()?;
@@ -903,16 +923,17 @@ mod tests {
             (filename, string_len("/dags/etl.py")),
             (name, string_len("<module>")),
         ];
-        reader.remember(&CodeCopy {
+        let copy = CodeCopy {
             header: EventHeader::default(),
             code,
             objects: whole.iter().map(|&(a, len)| copied(a, len)).collect(),
-        });
-        // Freed, and its memory reused by an object of another kind: the copy still names it.
+        };
+        // Freed before the copy is read, and its memory reused by objects of another kind: named from the copy.
         for (address, len) in whole {
             // SAFETY: the fake objects are at least this long, and held by `objects`.
             unsafe { std::ptr::write_bytes(address as *mut u8, 0xa5, len) };
         }
+        reader.remember(&copy);
         let frame = reader
             .frame(&PyFrame {
                 code,

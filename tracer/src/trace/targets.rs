@@ -122,8 +122,9 @@ impl Targets {
             return;
         }
         // Watched, a process is not held at exec: its frames are read the sooner the better, and what else is
-        // known of it (its container's name) is read after.
-        if self.watching {
+        // known of it (its container's name) is read after. Looked at again while it loads (each library it
+        // maps stops it), only its address space is read: what else is known of it was read at its exec.
+        if self.watching || self.python_pending.contains_key(&pid) {
             state.registry.refresh_maps(pid);
         } else {
             state.registry.refresh(pid);
@@ -330,11 +331,7 @@ impl Targets {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
         let allocator = allocator::for_command(&mut state.registry, &exe)?;
         state.registry.refresh(pid);
-        if let Some(maps) = state.registry.maps(pid).cloned() {
-            for mapping in maps.mappings.iter().filter(|m| m.executable) {
-                let _ = state.registry.module(pid, mapping);
-            }
-        }
+        read_objects(state, pid);
         self.attach(pid, allocator)?;
         self.track(pid)
     }
@@ -431,6 +428,7 @@ impl Targets {
                     if self.python_pending.contains_key(&pid) {
                         self.detect_python(state, pid, true);
                     }
+                    read_objects(state, pid);
                     let result = self.attach(pid, allocator).and_then(|()| self.track(pid));
                     if let Err(err) = result {
                         self.untraced += 1;
@@ -449,6 +447,17 @@ impl Targets {
     }
 }
 
+/// Reads the objects `pid` maps now (in its last snapshot), while it is certainly alive: a process in another
+/// mount namespace is read through its own `map_files`, which go with it, and it may exit before its first stack
+/// is named. Cached by file, they name its stacks whenever they come.
+fn read_objects(state: &mut State, pid: u32) {
+    if let Some(maps) = state.registry.maps(pid).cloned() {
+        for mapping in maps.mappings.iter().filter(|m| m.executable) {
+            let _ = state.registry.module(pid, mapping);
+        }
+    }
+}
+
 /// Attaches to a process that is already running.
 pub(super) fn attach_running(
     targets: &mut Targets,
@@ -463,6 +472,7 @@ pub(super) fn attach_running(
         .with_context(|| format!("cannot find the allocator of pid {pid}"))?;
     // Python frames first: attaching announces the process as traced.
     targets.detect_python(state, pid, false);
+    read_objects(state, pid);
     if let Err(err) = targets.attach(pid, allocator) {
         if has_exited(&fd) {
             bail!("process {pid} exited before probes were attached");

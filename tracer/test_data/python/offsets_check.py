@@ -265,8 +265,9 @@ def compare_stacks(c, label, native, py_frames, top_is_running):
                       0 <= lasti < len(code.co_code))
         else:
             c.expect(where, lasti, py.f_lasti)
-        c.expect("%s: frame %d (%s) globals" % (label, index, code.co_name),
-                 ptr(frame + o["frame_globals"]), id(py.f_globals))
+        if o["frame_globals"] is not None:
+            c.expect("%s: frame %d (%s) globals" % (label, index, code.co_name),
+                     ptr(frame + o["frame_globals"]), id(py.f_globals))
         if o["frame_owner"] is not None:
             c.expect("%s: frame %d owner" % (label, index), u8(frame + o["frame_owner"]), FRAME_OWNED_BY_THREAD)
     if sys.version_info[:2] >= (3, 12):
