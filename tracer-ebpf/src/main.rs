@@ -1722,11 +1722,7 @@ pub fn fork_child_start(ctx: TracePointContext) -> u32 {
         held: u32::from(hold),
         _pad: 0,
     };
-    // Stopped only once userspace is sure to hear of it.
-    if output_now(&event) && hold {
-        // SAFETY: a plain helper; the signal reaches this process on its way back to user mode.
-        unsafe { bpf_send_signal(SIGSTOP) };
-    }
+    announce(&event, hold);
     0
 }
 
@@ -1768,11 +1764,7 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
         held: u32::from(hold),
         _pad: 0,
     };
-    // Stopped only once userspace is sure to hear of it (a lost record would leave it stopped for good).
-    if output_now(&event) && hold {
-        // SAFETY: a plain helper; the signal reaches the current process on its way back to user mode.
-        unsafe { bpf_send_signal(SIGSTOP) };
-    }
+    announce(&event, hold);
     0
 }
 
@@ -1792,9 +1784,7 @@ fn holding_for_python() -> bool {
 }
 
 /// Stops a process whose interpreter is looked for, which has mapped a library, and announces it: userspace
-/// looks, then continues it. The stop is sent first, so that userspace's `SIGCONT`, however soon, comes after
-/// it; when the record cannot be written (userspace would never hear of it), a `SIGCONT` discards the pending
-/// stop.
+/// looks, then continues it.
 #[inline(always)]
 fn hold_for_python() {
     let event = LibraryMappedEvent {
@@ -1802,9 +1792,20 @@ fn hold_for_python() {
         held: 1,
         _pad: 0,
     };
-    // SAFETY (both): a plain helper; the signal reaches the current process on its way back to user mode.
-    unsafe { bpf_send_signal(SIGSTOP) };
-    if !output_now(&event) {
+    announce(&event, true);
+}
+
+/// Writes a record userspace must act on at once, and with `hold` stops the current process until userspace
+/// continues it. The stop is sent first, so that userspace's `SIGCONT`, however soon it comes, follows it; when
+/// the record cannot be written (userspace would never hear of it, and the process would stay stopped for good),
+/// a `SIGCONT` discards the pending stop.
+#[inline(always)]
+fn announce<T>(event: &T, hold: bool) {
+    if hold {
+        // SAFETY (both): a plain helper; the signal reaches the current process on its way back to user mode.
+        unsafe { bpf_send_signal(SIGSTOP) };
+    }
+    if !output_now(event) && hold {
         unsafe { bpf_send_signal(SIGCONT) };
     }
 }
